@@ -1,0 +1,99 @@
+"""The ``maskport`` command line. Thin: parse, call the API, print. Errors -> one line, exit code 2."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import MaskportError
+
+
+def _friendly(fn):
+    """Turn maskport's typed errors (and a few common OS errors) into one line on stderr and exit 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        ctx = click.get_current_context()
+        debug = ctx.find_root().params.get("debug", False)
+        try:
+            return fn(*args, **kwargs)
+        except MaskportError as exc:
+            if debug:
+                raise
+            msg = str(exc)
+            click.echo(f"error: {msg}", err=True)
+            sys.exit(exc.exit_code)
+        except (OSError, KeyboardInterrupt) as exc:
+            if debug:
+                raise
+            click.echo(f"error: {type(exc).__name__}: {exc}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="maskport")
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+def main(debug: bool) -> None:
+    """Turn segmentation-MLLM training checkpoints into verified, deployable HuggingFace models."""
+
+
+@main.group()
+def convert() -> None:
+    """Convert checkpoints into HF export folders."""
+
+
+@convert.command("mmengine-to-hf")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--base", type=click.Path(path_type=Path), help="Base MLLM folder (e.g. Qwen2.5-VL-3B-Instruct).")
+@click.option("--sam2", type=click.Path(path_type=Path), help="Meta's SAM2 checkpoint (e.g. sam2_hiera_large.pt).")
+@click.option("-o", "--out", type=click.Path(path_type=Path), help="Output folder (must not exist).")
+@click.option("--family", help="Model family (default: detected from the checkpoint's keys).")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), help="Output dtype (default: the training dtype).")
+@click.option("--max-shard-size", default="2GB", show_default=True, help="Largest shard, e.g. 2GB, 500MB.")
+@click.option("--sam2-config", type=click.Path(path_type=Path),
+              help="JSON of Meta's SAM2 model config, for a non-official SAM2 (default: detected from shapes, "
+                   "or <sam2>.config.json beside the checkpoint).")
+@click.option("--lora-alpha", type=float, help="LoRA alpha (default: from the checkpoint's training config).")
+@click.option("--lora-r", type=int, help="LoRA rank, checked against the tensors.")
+@click.option("--special-tokens", help="Comma-separated special tokens added in training (default: from the config).")
+@click.option("--dry-run", is_flag=True, help="Plan and check coverage; write nothing.")
+@click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
+@click.option("--report-json", is_flag=True, help="With --dry-run: print the full plan as JSON.")
+@click.option("--allow-unsafe-pickle", is_flag=True,
+              help="DANGEROUS: unpickle with full pickle (runs code from the file). Only for files you trust.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@_friendly
+def convert_mmengine_to_hf_cmd(checkpoint, base, sam2, out, family, dtype, max_shard_size, sam2_config, lora_alpha,
+                               lora_r, special_tokens, dry_run, overwrite, report_json, allow_unsafe_pickle,
+                               no_progress):
+    """Convert an mmengine/xtuner training CHECKPOINT (iter_N.pth, or a DeepSpeed ZeRO-1/2 folder)."""
+    from .convert.api import convert_mmengine_to_hf
+
+    res = convert_mmengine_to_hf(
+        checkpoint, base=base, sam2=sam2, out=out, family=family, dtype=dtype, max_shard_size=max_shard_size,
+        sam2_config=sam2_config, lora_r=lora_r, lora_alpha=lora_alpha,
+        special_tokens=special_tokens.split(",") if special_tokens else None, dry_run=dry_run,
+        overwrite=overwrite, allow_unsafe_pickle=allow_unsafe_pickle, progress=not no_progress,
+    )
+    if report_json:
+        click.echo(json.dumps(res.report, indent=2))
+        return
+    click.echo(f"family: {res.family}")
+    click.echo(res.summary)
+    for n in res.notes:
+        click.echo(f"note: {n}")
+    if dry_run:
+        click.echo("dry run: plan is complete (every source tensor accounted for); nothing written")
+    else:
+        click.echo(f"wrote {res.out_dir} ({len(res.report['shards'])} shard(s), {res.report['seconds']} s)")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

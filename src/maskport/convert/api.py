@@ -1,0 +1,223 @@
+"""``convert_mmengine_to_hf``: the Python API behind ``maskport convert mmengine-to-hf``."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__
+from ..errors import MaskportError, MissingInput
+from ..mappings import ConvertOptions, detect_family, get_family
+from .plan import Plan, build_plan
+from .report import coverage, format_table, plan_entries
+from .sources import open_training_checkpoint
+from .training_config import TrainingConfig
+from .writer import parse_size, write_shards
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}
+
+
+@dataclass
+class ConversionResult:
+    family: str
+    plan: Plan
+    out_dir: Path | None
+    report: dict[str, Any]
+    summary: str
+    notes: list[str] = field(default_factory=list)
+
+
+def _training_dtype(source) -> torch.dtype:
+    counts: dict[torch.dtype, int] = {}
+    for k in source.keys():
+        info = source.info(k)
+        if info.dtype.is_floating_point:
+            counts[info.dtype] = counts.get(info.dtype, 0) + info.nbytes
+    return max(counts, key=counts.get) if counts else torch.bfloat16
+
+
+def convert_mmengine_to_hf(
+    ckpt: str | Path,
+    *,
+    base: str | Path | None,
+    sam2: str | Path | None,
+    out: str | Path | None,
+    family: str | None = None,
+    dtype: str | None = None,
+    max_shard_size: str | int = "2GB",
+    sam2_config: str | Path | None = None,
+    lora_r: int | None = None,
+    lora_alpha: float | None = None,
+    use_rslora: bool | None = None,
+    special_tokens: list[str] | None = None,
+    dry_run: bool = False,
+    overwrite: bool = False,
+    allow_unsafe_pickle: bool = False,
+    progress: bool = True,
+    log=print,
+) -> ConversionResult:
+    """Convert a training checkpoint (mmengine ``.pth`` or DeepSpeed ZeRO-1/2 folder) into an HF folder.
+
+    Steps:
+    1. open the checkpoint (``weights_only`` with the allowlist; memory-mapped) and read its training config
+       as data;
+    2. pick the family (``family=`` or by the checkpoint's keys) and let it open the base folder and SAM2
+       checkpoint, check they belong to it, and build rules + the export config;
+    3. plan from shapes alone and validate coverage (raises before anything is written);
+    4. unless ``dry_run``: stream the tensors into sharded safetensors in a temporary folder beside ``out``,
+       write config, modeling code, tokenizer, ``conversion_report.json`` and a model card, then rename the
+       temporary folder to ``out``.
+    """
+    t0 = time.time()
+    if not dry_run and out is None:
+        raise MissingInput("-o/--out is required (or use --dry-run)")
+    out_dir = Path(out) if out is not None else None
+    if out_dir is not None and out_dir.exists() and not dry_run and not overwrite:
+        raise MissingInput(f"output folder {out_dir} already exists; pass --overwrite to replace it")
+    if dtype is not None and dtype not in DTYPES:
+        raise MissingInput(f"--dtype {dtype!r} is not one of {', '.join(sorted(DTYPES))}")
+    try:
+        shard_bytes = parse_size(max_shard_size)
+    except ValueError as exc:
+        raise MissingInput(str(exc)) from None
+
+    # 1. the training checkpoint
+    tc = open_training_checkpoint(ckpt, allow_unsafe_pickle=allow_unsafe_pickle)
+    cfg = TrainingConfig.from_text(tc.config_text)
+
+    # 2. the family
+    fam = get_family(family) if family else detect_family(tc)
+    if family and not fam.claims(tc):
+        from ..errors import WrongFamily
+
+        raise WrongFamily(f"{ckpt}: this checkpoint's keys do not look like family {fam.name} "
+                          f"(keys like {', '.join(sorted(tc.source.keys())[:3])})")
+    options = ConvertOptions(base=Path(base) if base else None, sam2=Path(sam2) if sam2 else None,
+                             sam2_config=Path(sam2_config) if sam2_config else None, lora_r=lora_r,
+                             lora_alpha=lora_alpha, use_rslora=use_rslora, special_tokens=special_tokens,
+                             allow_unsafe_pickle=allow_unsafe_pickle)
+    prepared = fam.prepare(tc, cfg, options)
+    out_dtype = DTYPES[dtype] if dtype else _training_dtype(tc.source)
+
+    # 3. plan and validate
+    plan = build_plan(prepared.rules, prepared.sources, ctx=prepared.ctx, out_dtype=out_dtype,
+                      expected=prepared.expected)
+    summary = format_table(plan)
+    targets, drops = plan_entries(plan)
+    report: dict[str, Any] = {
+        "maskport_version": __version__,
+        "family": fam.name,
+        "mapping_version": fam.mapping_version,
+        "inputs": {
+            "checkpoint": {"path": str(ckpt), "format": tc.format},
+            "base": {"path": str(base)},
+            "sam2": {"path": str(sam2)},
+        },
+        "settings": {**prepared.settings, "dtype": str(out_dtype).replace("torch.", ""),
+                     "max_shard_size": shard_bytes},
+        "training_config_found": dict(cfg.found_in),
+        "notes": prepared.notes,
+        "coverage": coverage(plan),
+        "targets": targets,
+        "dropped": drops,
+    }
+    if dry_run:
+        return ConversionResult(fam.name, plan, None, report, summary, prepared.notes)
+
+    # 4. stream into a temporary folder, then rename into place
+    assert out_dir is not None
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.maskport-partial-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        report["inputs"]["checkpoint"]["sha256"] = tc.sha256()
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=plan.total_bytes(), unit="B", unit_scale=True, unit_divisor=1024,
+                       desc="writing tensors", file=sys.stderr)
+        shards = write_shards(plan, tmp, max_shard_size=shard_bytes,
+                              metadata={"maskport_family": fam.name, "maskport_version": __version__},
+                              progress=bar.update if bar else None)
+        if bar:
+            bar.close()
+        report["shards"] = [{"file": s.filename, "bytes": (tmp / s.filename).stat().st_size, "sha256": s.sha256,
+                             "tensors": sum(len(ps.step.targets) for ps in s.steps)} for s in shards]
+        report["files"] = prepared.write_files(tmp)
+        report["seconds"] = round(time.time() - t0, 3)
+        (tmp / "conversion_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        (tmp / "README.md").write_text(_model_card(report))
+        if out_dir.exists():  # --overwrite
+            trash = out_dir.parent / f".{out_dir.name}.maskport-old-{os.getpid()}"
+            out_dir.rename(trash)
+            tmp.rename(out_dir)
+            shutil.rmtree(trash)
+        else:
+            tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        for s in prepared.sources.values():
+            s.close()
+    return ConversionResult(fam.name, plan, out_dir, report, summary, prepared.notes)
+
+
+def _model_card(report: dict) -> str:
+    ck = report["inputs"]["checkpoint"]
+    cov = report["coverage"]
+    rows = "\n".join(f"| {n} | {c['tensors']} | {c['used']} | {c['dropped']} | {c['unaccounted']} |"
+                     for n, c in cov["sources"].items())
+    shards = "\n".join(f"| {s['file']} | {s['bytes']} | `{s['sha256']}` |" for s in report.get("shards", []))
+    return f"""---
+library_name: transformers
+tags: [maskport, segmentation, {report['family']}]
+---
+# Converted with maskport {report['maskport_version']}
+
+- family: `{report['family']}` (mapping version {report['mapping_version']})
+- source checkpoint: `{Path(ck['path']).name}` ({ck['format']}), sha256 `{ck.get('sha256', 'n/a')}`
+- base model: `{report['inputs']['base']['path']}`; SAM2: `{report['inputs']['sam2']['path']}`
+- dtype: {report['settings']['dtype']}; LoRA: {report['settings'].get('lora')}
+
+## Use
+
+```python
+from transformers import AutoModel, AutoTokenizer
+from PIL import Image
+model = AutoModel.from_pretrained("<this folder>", trust_remote_code=True).eval()
+tok = AutoTokenizer.from_pretrained("<this folder>")
+out = model.predict_forward(image=Image.open("img.png").convert("RGB"),
+                            text="<image>Please segment the object.", tokenizer=tok)
+out["prediction"], out["prediction_masks"]  # str, [bool array (1, H, W) per [SEG]]
+```
+
+## Coverage
+
+Every source tensor is used or dropped with a reason; every target tensor is produced once
+(`conversion_report.json` lists each one).
+
+| source | tensors | used | dropped | unaccounted |
+|---|---|---|---|---|
+{rows}
+
+Targets: {cov['targets']}. Ops: {cov['ops']}.
+
+## Shards
+
+| file | bytes | sha256 |
+|---|---|---|
+{shards}
+"""

@@ -1,0 +1,330 @@
+"""Declarative mapping rules: which source tensors become which target tensors, and how.
+
+A family's mapping table is a list of these rules (see ``maskport/mappings/``). Patterns name a source
+and a key with placeholders: ``"ckpt:mllm.model.layers.{i}.{proj}.lora_A.default.weight"``.
+
+- ``{name}`` matches one dotted segment (``[^.]+``);
+- ``{rest}`` (or any placeholder whose name starts with ``rest``) matches one or more segments (``.+``).
+
+Every rule has a *primary* pattern that is matched against the keys of its source; each match binds the
+placeholders, which then fill the rule's other patterns (its other inputs and its targets). The engine
+(:mod:`maskport.convert.plan`) expands rules into steps, checks coverage and shapes, and streams them.
+
+Rule kinds:
+- :class:`Rename`: one source tensor becomes one target tensor, unchanged.
+- :class:`Take`: like ``Rename``, and *supersedes* other source tensors (peft ``modules_to_save``: the
+  trained copy replaces the base tensor, which is then accounted for as superseded, not silently ignored).
+- :class:`LoraMerge`: ``base + (alpha / r) * B @ A`` in float32.
+- :class:`Split` / :class:`Concat` / :class:`Reshape`: layout changes.
+- :class:`Drop`: a source tensor deliberately not exported, with the reason.
+- :class:`CopyRest`: every tensor of a source that no earlier rule claimed, renamed by a pattern. It runs
+  after all other rules, so a table reads "these tensors are special; everything else is copied".
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Callable, Iterator, Sequence
+
+from . import ops
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A tensor of a named source."""
+
+    source: str
+    key: str
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.key}"
+
+
+def parse_ref(pattern: str) -> tuple[str, str]:
+    if ":" not in pattern:
+        raise ValueError(f"pattern {pattern!r} must name its source, e.g. 'base:{pattern}'")
+    source, key = pattern.split(":", 1)
+    return source, key
+
+
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+@lru_cache(maxsize=None)
+def compile_pattern(key_pattern: str) -> re.Pattern:
+    out, pos, seen = [], 0, set()
+    for m in _PLACEHOLDER.finditer(key_pattern):
+        out.append(re.escape(key_pattern[pos:m.start()]))
+        name = m.group(1)
+        if name in seen:
+            out.append(f"(?P={name})")
+        else:
+            seen.add(name)
+            out.append(f"(?P<{name}>.+)" if name.startswith("rest") else f"(?P<{name}>[^.]+)")
+        pos = m.end()
+    out.append(re.escape(key_pattern[pos:]))
+    return re.compile("^" + "".join(out) + "$")
+
+
+def fill(pattern: str, bindings: dict[str, str]) -> str:
+    try:
+        return pattern.format(**bindings)
+    except KeyError as exc:
+        raise ValueError(f"pattern {pattern!r} uses placeholder {exc} that its primary pattern does not bind") from exc
+
+
+@dataclass
+class Step:
+    """One unit of work: read ``inputs``, compute, produce ``targets`` (none for a drop)."""
+
+    rule: "Rule"
+    targets: tuple[str, ...]
+    inputs: tuple[Ref, ...]
+    compute: Callable[[list], list] | None
+    shapes: Callable[[list], list] | None
+    op: str
+    superseded: tuple[Ref, ...] = ()
+    reason: str | None = None
+
+
+class Rule:
+    """Base class. Subclasses set ``primary`` and implement :meth:`make_step`."""
+
+    primary: str
+    optional: bool = False
+    note: str = ""
+
+    def describe(self) -> str:
+        return f"{type(self).__name__}({self.primary})"
+
+    def expand(self, keys_of: Callable[[str], Sequence[str]], ctx: Any) -> Iterator[Step]:
+        source, key_pattern = parse_ref(self.primary)
+        rx = compile_pattern(key_pattern)
+        for key in keys_of(source):
+            m = rx.match(key)
+            if m:
+                yield self.make_step(m.groupdict(), ctx)
+
+    def make_step(self, b: dict[str, str], ctx: Any) -> Step:
+        raise NotImplementedError
+
+
+def _ref(pattern: str, b: dict[str, str]) -> Ref:
+    s, k = parse_ref(pattern)
+    return Ref(s, fill(k, b))
+
+
+@dataclass(frozen=True)
+class Rename(Rule):
+    target: str
+    source: str
+    optional: bool = False
+    note: str = ""
+
+    @property
+    def primary(self) -> str:  # type: ignore[override]
+        return self.source
+
+    def make_step(self, b, ctx):
+        return Step(self, (fill(self.target, b),), (_ref(self.source, b),), ops.identity, ops.identity_shapes,
+                    "rename")
+
+
+@dataclass(frozen=True)
+class Take(Rule):
+    """The source tensor becomes the target, superseding ``replaces`` (which must exist, and is not read)."""
+
+    target: str
+    source: str
+    replaces: tuple[str, ...] = ()
+    why: str = "modules_to_save: the trained copy replaces the base tensor"
+    optional: bool = False
+
+    @property
+    def primary(self) -> str:  # type: ignore[override]
+        return self.source
+
+    def make_step(self, b, ctx):
+        return Step(self, (fill(self.target, b),), (_ref(self.source, b),), ops.identity, ops.identity_shapes,
+                    "take", superseded=tuple(_ref(r, b) for r in self.replaces), reason=self.why)
+
+
+@dataclass(frozen=True)
+class LoraMerge(Rule):
+    """``target = base + scaling * B @ A`` with ``scaling = ctx.lora_scaling`` (alpha / r)."""
+
+    target: str
+    base: str
+    a: str
+    b: str
+    optional: bool = False
+
+    @property
+    def primary(self) -> str:  # type: ignore[override]
+        return self.a
+
+    def make_step(self, bnd, ctx):
+        scaling = getattr(ctx, "lora_scaling", None)
+
+        def compute(xs, scaling=scaling):
+            if scaling is None:
+                raise RuntimeError("LoRA scaling unknown")
+            return [ops.lora_merge(xs[0], xs[1], xs[2], scaling)]
+
+        return Step(self, (fill(self.target, bnd),), (_ref(self.base, bnd), _ref(self.a, bnd), _ref(self.b, bnd)),
+                    compute, ops.lora_merge_shapes, f"lora_merge(scaling={scaling})")
+
+
+@dataclass(frozen=True)
+class Split(Rule):
+    """One source tensor split along ``dim`` into ``targets``; ``sizes(shape, ctx)`` gives the piece sizes."""
+
+    targets: tuple[str, ...]
+    source: str
+    dim: int
+    sizes: Callable[[tuple[int, ...], Any], Sequence[int]] | None = None  # None: equal pieces
+    optional: bool = False
+
+    @property
+    def primary(self) -> str:  # type: ignore[override]
+        return self.source
+
+    def _sizes(self, shape, ctx):
+        if self.sizes is not None:
+            return list(self.sizes(tuple(shape), ctx))
+        n = len(self.targets)
+        if shape[self.dim] % n:
+            raise ValueError(f"dim {self.dim} of {tuple(shape)} does not split into {n} equal parts")
+        return [shape[self.dim] // n] * n
+
+    def make_step(self, b, ctx):
+        return Step(self, tuple(fill(t, b) for t in self.targets), (_ref(self.source, b),),
+                    lambda xs: ops.split(xs[0], self._sizes(xs[0].shape, ctx), self.dim),
+                    lambda shapes: ops.split_shapes(shapes[0], self._sizes(shapes[0], ctx), self.dim),
+                    f"split(dim={self.dim})")
+
+
+@dataclass(frozen=True)
+class Concat(Rule):
+    """Several source tensors concatenated along ``dim``; the first source is the primary pattern."""
+
+    target: str
+    sources: tuple[str, ...]
+    dim: int
+    optional: bool = False
+
+    @property
+    def primary(self) -> str:  # type: ignore[override]
+        return self.sources[0]
+
+    def make_step(self, b, ctx):
+        return Step(self, (fill(self.target, b),), tuple(_ref(s, b) for s in self.sources),
+                    lambda xs: [ops.concat(xs, self.dim)], lambda shapes: [ops.concat_shapes(shapes, self.dim)],
+                    f"concat(dim={self.dim})")
+
+
+@dataclass(frozen=True)
+class Reshape(Rule):
+    target: str
+    source: str
+    shape: Callable[[tuple[int, ...]], tuple[int, ...]]
+    optional: bool = False
+
+    @property
+    def primary(self) -> str:  # type: ignore[override]
+        return self.source
+
+    def make_step(self, b, ctx):
+        return Step(self, (fill(self.target, b),), (_ref(self.source, b),),
+                    lambda xs: [ops.reshape(xs[0], self.shape(tuple(xs[0].shape)))],
+                    lambda shapes: [ops.reshape_shapes(shapes[0], self.shape(tuple(shapes[0])))], "reshape")
+
+
+@dataclass(frozen=True)
+class Drop(Rule):
+    """Source tensors deliberately left out of the export; ``reason`` goes into the report."""
+
+    source: str
+    reason: str
+    optional: bool = False
+
+    @property
+    def primary(self) -> str:  # type: ignore[override]
+        return self.source
+
+    def make_step(self, b, ctx):
+        return Step(self, (), (), None, None, "drop", superseded=(_ref(self.source, b),), reason=self.reason)
+
+
+@dataclass(frozen=True)
+class CopyRest(Rule):
+    """Every not-yet-claimed tensor of ``source`` matching it becomes ``target`` (runs after other rules)."""
+
+    target: str
+    source: str
+    optional: bool = False
+
+    @property
+    def primary(self) -> str:  # type: ignore[override]
+        return self.source
+
+    def make_step(self, b, ctx):
+        return Step(self, (fill(self.target, b),), (_ref(self.source, b),), ops.identity, ops.identity_shapes,
+                    "copy")
+
+
+def prefixed(prefix: str, rules: Sequence[Rule], *, source: str | None = None) -> list[Rule]:
+    """The same rules with ``prefix`` put before every target (and optionally another source name).
+
+    Used to embed a shared sub-table (e.g. SAM2's Meta -> HF table) under a model's submodule name.
+    """
+    import dataclasses
+
+    out: list[Rule] = []
+    for r in rules:
+        changes: dict[str, Any] = {}
+        if hasattr(r, "target"):
+            changes["target"] = prefix + r.target
+        if hasattr(r, "targets"):
+            changes["targets"] = tuple(prefix + t for t in r.targets)
+        if source is not None:
+            for f in ("source", "base", "a", "b"):
+                if hasattr(r, f) and isinstance(getattr(r, f), str):
+                    changes[f] = source + ":" + parse_ref(getattr(r, f))[1]
+            if hasattr(r, "sources"):
+                changes["sources"] = tuple(source + ":" + parse_ref(s)[1] for s in r.sources)
+            if hasattr(r, "replaces"):
+                changes["replaces"] = tuple(source + ":" + parse_ref(s)[1] for s in r.replaces)
+        out.append(dataclasses.replace(r, **changes))
+    return out
+
+
+def source_prefixed(prefix: str, rules: Sequence[Rule]) -> list[Rule]:
+    """The same rules reading keys under ``prefix`` in their sources (e.g. a mask decoder saved under
+    ``grounding_encoder.sam2_model.`` in a training checkpoint)."""
+    import dataclasses
+
+    def re_(p: str) -> str:
+        s, k = parse_ref(p)
+        return f"{s}:{prefix}{k}"
+
+    out: list[Rule] = []
+    for r in rules:
+        changes: dict[str, Any] = {}
+        for f in ("source", "base", "a", "b"):
+            if hasattr(r, f) and isinstance(getattr(r, f), str):
+                changes[f] = re_(getattr(r, f))
+        if hasattr(r, "sources"):
+            changes["sources"] = tuple(re_(s) for s in r.sources)
+        if hasattr(r, "replaces"):
+            changes["replaces"] = tuple(re_(s) for s in r.replaces)
+        out.append(dataclasses.replace(r, **changes))
+    return out
+
+
+def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
+    """peft's LoRA scaling: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r

@@ -1,0 +1,132 @@
+"""Load torch pickles (``.pth``/``.pt``/``.bin``) without executing arbitrary code.
+
+Training checkpoints written by mmengine carry more than tensors: ``message_hub`` holds mmengine
+``HistoryBuffer`` objects and numpy arrays/scalars. ``torch.load(weights_only=True)`` refuses them, and
+mmengine's own loader fails the same way on torch >= 2.6. We never need those objects' behaviour, only
+the tensors and the plain-data ``meta``, so:
+
+1. ``HistoryBuffer`` is replaced by an inert stub class that only stores its pickled state;
+2. numpy's reconstruction helpers, ``ndarray``, ``dtype`` and scalar types are allowlisted under both the
+   numpy 1 (``numpy.core``) and numpy 2 (``numpy._core``) module names;
+3. everything else goes through torch's restricted unpickler; a global outside the allowlist raises
+   :class:`~maskport.errors.UnsafeCheckpoint` naming it.
+
+Full pickle (which runs whatever code the file names) is only available through
+``allow_unsafe_pickle=True`` (CLI: ``--allow-unsafe-pickle``), and says so loudly on stderr.
+"""
+
+from __future__ import annotations
+
+import pickle
+import sys
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import UnreadableFile, UnsafeCheckpoint
+
+
+class HistoryBufferStub:
+    """Inert stand-in for ``mmengine.logging.HistoryBuffer``: keeps the pickled state as data."""
+
+    def __setstate__(self, state: Any) -> None:
+        self.__dict__["state"] = state
+
+    def __repr__(self) -> str:  # pragma: no cover - cosmetic
+        return "HistoryBufferStub(...)"
+
+
+def _numpy_allowlist() -> list:
+    import numpy as np
+
+    try:
+        from numpy._core import multiarray as _ma  # numpy >= 2
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core import multiarray as _ma
+
+    entries: list = []
+    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        entries.append((_ma._reconstruct, f"{mod}._reconstruct"))
+        entries.append((_ma.scalar, f"{mod}.scalar"))
+    entries += [np.ndarray, np.dtype]
+    # dtype classes (numpy >= 1.25 pickles some dtypes through numpy.dtypes.*DType)
+    for name in dir(np.dtypes):
+        obj = getattr(np.dtypes, name)
+        if isinstance(obj, type) and name.endswith("DType"):
+            entries.append((obj, f"numpy.dtypes.{name}"))
+    return entries
+
+
+def allowlist() -> list:
+    """The globals that :func:`safe_torch_load` lets a pickle name (besides torch's own defaults)."""
+    return [
+        (HistoryBufferStub, "mmengine.logging.history_buffer.HistoryBuffer"),
+        *_numpy_allowlist(),
+    ]
+
+
+def _is_zip(path: Path) -> bool:
+    try:
+        return zipfile.is_zipfile(path)
+    except OSError:
+        return False
+
+
+def safe_torch_load(path: str | Path, *, mmap: bool = True, allow_unsafe_pickle: bool = False) -> Any:
+    """Load a torch pickle with ``weights_only=True`` and the allowlist above.
+
+    Steps:
+    1. check the file exists and is readable;
+    2. memory-map it when it is in torch's zip format (tensors are then read on demand, not at load);
+    3. unpickle with torch's restricted unpickler; a refused global becomes :class:`UnsafeCheckpoint`.
+
+    Args:
+        path: the file.
+        mmap: memory-map tensor storages (only for zip-format files; legacy files are read whole).
+        allow_unsafe_pickle: unpickle with full pickle. This executes any code the file names: only for
+            files you trust. A warning is printed on stderr every time.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UnreadableFile(f"{path}: not a file")
+    use_mmap = mmap and _is_zip(path)
+    if allow_unsafe_pickle:
+        print(
+            f"WARNING: --allow-unsafe-pickle: unpickling {path} with FULL pickle; "
+            "this runs any code the file contains. Use only on files you trust.",
+            file=sys.stderr,
+        )
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False, mmap=use_mmap)  # deliberate opt-in
+        except Exception as exc:  # noqa: BLE001 - re-raised typed
+            raise UnreadableFile(f"{path}: cannot be unpickled even with full pickle: {exc}") from exc
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # numpy.core aliases
+            with torch.serialization.safe_globals(allowlist()):
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=use_mmap)
+    except pickle.UnpicklingError as exc:
+        msg = str(exc)
+        if "weights_only" in msg or "Unsupported global" in msg or "GLOBAL" in msg:
+            unsafe = _unsafe_globals(path)
+            names = ", ".join(unsafe) if unsafe else msg.splitlines()[0]
+            raise UnsafeCheckpoint(
+                f"{path}: refusing to unpickle objects outside the allowlist ({names}). "
+                "If you trust this file, rerun with --allow-unsafe-pickle (runs code from the file)."
+            ) from exc
+        raise UnreadableFile(f"{path}: not a readable torch checkpoint ({msg.splitlines()[0]})") from exc
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UnreadableFile(f"{path}: not a readable torch checkpoint ({first})") from exc
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    allowed = {name for entry in allowlist() if isinstance(entry, tuple) for name in [entry[1]]}
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # noqa: BLE001 - best effort for the message only
+        return []
+    return sorted(g for g in found if g not in allowed)

@@ -1,0 +1,351 @@
+"""Family ``sa2va-qwen2_5-vl``: Sa2VA fine-tuned on a Qwen2.5-VL base with SAM2.
+
+Sources:
+- ``ckpt``: the training checkpoint (trainable subset only): LoRA of the LLM under the peft prefix, the
+  ``modules_to_save`` copies of ``embed_tokens``/``lm_head``, SAM2's mask decoder, ``text_hidden_fcs``;
+- ``base``: the base MLLM folder (e.g. Qwen/Qwen2.5-VL-3B-Instruct), keys normalised to transformers'
+  native layout (``model.language_model.*``, ``model.visual.*``, ``lm_head.*``);
+- ``sam2``: Meta's SAM2 checkpoint (``sam2_hiera_large.pt``).
+
+Target: ``Sa2VAQwenModel`` (``maskport/export/sa2va_qwen2_5_vl``): ``mllm.*`` (transformers'
+``Qwen2_5_VLForConditionalGeneration``), ``sam2.*`` (transformers' ``Sam2Model``), ``text_hidden_fcs.*``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..convert.rules import CopyRest, Drop, LoraMerge, Rename, Take, lora_scaling
+from ..convert.sources import (RenamedSource, TensorSource, TrainingCheckpoint, open_hf_folder,
+                               open_sam2_checkpoint)
+from ..convert.training_config import Opaque, TrainingConfig
+from ..errors import MissingInput, ShapeMismatch, UnreadableFile, WrongFamily
+from . import sam2_meta_to_hf as sam2map
+from .registry import ConvertOptions, Prepared, register
+
+NAME = "sa2va-qwen2_5-vl"
+MAPPING_VERSION = "1"
+
+PEFT = "ckpt:mllm.model.base_model.model."     # peft wraps Qwen2_5_VLForConditionalGeneration
+LINEAR = "model.language_model.layers.{i}.{block}.{proj}"  # every LoRA-trained linear of the LLM
+DEFAULT_SPECIAL_TOKENS = ["[SEG]", "<p>", "</p>", "<vp>", "</vp>"]
+EXPORT_FILES = ("configuration_sa2va_qwen.py", "modeling_sa2va_qwen.py")
+
+
+def rules() -> list:
+    """The mapping table, top to bottom. Targets are keys of ``Sa2VAQwenModel``."""
+    return [
+        # 1. LoRA-trained linears of the LLM: base weight + (alpha / r) * B @ A, in float32
+        LoraMerge(target="mllm." + LINEAR + ".weight",
+                  base="base:" + LINEAR + ".weight",
+                  a=PEFT + LINEAR + ".lora_A.default.weight",
+                  b=PEFT + LINEAR + ".lora_B.default.weight"),
+        # 2. modules_to_save: the trained copies replace the base tensors (and set the vocabulary size)
+        Take(target="mllm.model.language_model.embed_tokens.weight",
+             source=PEFT + "model.language_model.embed_tokens.modules_to_save.default.weight",
+             replaces=("base:model.language_model.embed_tokens.weight",), optional=True),
+        Take(target="mllm.lm_head.weight",
+             source=PEFT + "lm_head.modules_to_save.default.weight",
+             replaces=("base:lm_head.weight",), optional=True),
+        #    older (v1) checkpoints keep full trained copies directly under the peft prefix
+        Take(target="mllm.model.language_model.embed_tokens.weight",
+             source=PEFT + "model.language_model.embed_tokens.weight",
+             replaces=("base:model.language_model.embed_tokens.weight",),
+             why="trained full copy (v1 checkpoint) replaces the base tensor", optional=True),
+        Take(target="mllm.lm_head.weight", source=PEFT + "lm_head.weight", replaces=("base:lm_head.weight",),
+             why="trained full copy (v1 checkpoint) replaces the base tensor", optional=True),
+        #    frozen copies that some savers (DeepSpeed's module states) keep beside modules_to_save
+        Drop(PEFT + "{rest}.original_module.weight",
+             reason="frozen pre-training copy kept by peft modules_to_save; superseded by the trained copy",
+             optional=True),
+        # 3. the [SEG] projection into SAM2's prompt space: Linear(C, C) -> ReLU -> Linear(C, 256) -> Dropout
+        Rename(target="text_hidden_fcs.{rest}", source="ckpt:text_hidden_fcs.{rest}"),
+        # 4. SAM2: Meta's keys -> transformers' Sam2Model; the mask decoder from the training checkpoint
+        *sam2map.sam2_rules(target_prefix="sam2.", mask_decoder_from="ckpt:grounding_encoder.sam2_model."),
+        # 5. everything else of the base MLLM (vision tower, merger, norms, untouched linears), unchanged
+        CopyRest(target="mllm.{rest}", source="base:{rest}"),
+    ]
+
+
+# Chat templates Sa2VA trains with (xtuner's PROMPT_TEMPLATE names), as plain data.
+TEMPLATES: dict[str, dict[str, Any]] = {
+    "qwen_chat": {
+        "system": "<|im_start|>system\n{system}<|im_end|>\n",
+        "default_system": "You are a helpful assistant.",
+        "user": "<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n",
+        "suffix": "<|im_end|>",
+        "stop_words": ["<|im_end|>", "<|endoftext|>"],
+    },
+}
+
+
+@dataclass
+class Ctx:
+    lora_scaling: float | None
+
+
+def _normalise_base_keys(src: TensorSource) -> TensorSource:
+    """Saved Qwen2.5-VL folders use the legacy layout (``model.layers.*``, ``visual.*``); transformers'
+    native module tree is ``model.language_model.*`` / ``model.visual.*``. Present the native names."""
+    keys = src.keys()
+    if any(k.startswith(("model.language_model.", "model.visual.")) for k in keys):
+        return src
+    rename = {}
+    for k in keys:
+        if k.startswith("visual."):
+            rename[k] = "model." + k
+        elif k.startswith("model."):
+            rename[k] = "model.language_model." + k[len("model."):]
+        else:
+            rename[k] = k
+    return RenamedSource(src, rename, src.description + " (legacy layout, keys normalised)")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise MissingInput(f"{path} is missing") from None
+    except ValueError as exc:
+        raise UnreadableFile(f"{path}: not valid JSON ({exc})") from exc
+
+
+class Sa2VAQwen25VL:
+    name = NAME
+    mapping_version = MAPPING_VERSION
+    description = "Sa2VA on Qwen2.5-VL (LoRA + modules_to_save + SAM2 mask decoder + text_hidden_fcs)"
+
+    def claims(self, ckpt: TrainingCheckpoint) -> bool:
+        keys = ckpt.source.keys()
+        return any(k.startswith("mllm.model.base_model.model.model.language_model.") for k in keys) and any(
+            k.startswith("text_hidden_fcs.") for k in keys)
+
+    def prepare(self, ckpt: TrainingCheckpoint, cfg: TrainingConfig, options: ConvertOptions) -> Prepared:
+        from transformers import AutoTokenizer, Qwen2_5_VLConfig
+
+        from ..export.sa2va_qwen2_5_vl.configuration_sa2va_qwen import Sa2VAQwenConfig
+        from ..export.sa2va_qwen2_5_vl.modeling_sa2va_qwen import Sa2VAQwenModel
+
+        notes: list[str] = []
+        # 1. the base MLLM folder
+        if options.base is None:
+            raise MissingInput("--base is required: the base MLLM folder the run fine-tuned "
+                               f"(the training config names {cfg.base_path!r})" if cfg.base_path else
+                               "--base is required: the base MLLM folder (e.g. Qwen2.5-VL-3B-Instruct)")
+        base_dir = Path(options.base)
+        if not base_dir.is_dir():
+            raise MissingInput(f"base model folder {base_dir} does not exist")
+        base_cfg = _read_json(base_dir / "config.json")
+        if base_cfg.get("model_type") != "qwen2_5_vl":
+            raise WrongFamily(f"base folder {base_dir} holds a {base_cfg.get('model_type')!r} model; family {NAME} "
+                              "needs a Qwen2.5-VL base (e.g. Qwen/Qwen2.5-VL-3B-Instruct)")
+        base = _normalise_base_keys(open_hf_folder(base_dir, allow_unsafe_pickle=options.allow_unsafe_pickle))
+        mllm_config = Qwen2_5_VLConfig.from_pretrained(base_dir)
+
+        # 2. SAM2
+        if options.sam2 is None:
+            raise MissingInput("--sam2 is required: Meta's SAM2 checkpoint the run started from (e.g. sam2_hiera_large.pt)")
+        sam2 = open_sam2_checkpoint(options.sam2, allow_unsafe_pickle=options.allow_unsafe_pickle)
+        sam2_cfg_path = options.sam2_config
+        sidecar = Path(options.sam2).with_suffix(".config.json")
+        if sam2_cfg_path is None and sidecar.is_file():
+            sam2_cfg_path = sidecar
+            notes.append(f"SAM2 architecture read from {sidecar.name} beside the checkpoint")
+        if sam2_cfg_path is not None:
+            preset, spec = "custom", sam2map.spec_from_meta_config(_read_json(Path(sam2_cfg_path)))
+        else:
+            preset, spec = sam2map.detect_sam2_preset(sam2)
+        sam2_config = sam2map.hf_sam2_config(spec)
+
+        # 3. sizes the checkpoint implies, checked against the base before planning
+        keys = set(ckpt.source.keys())
+        hidden = mllm_config.text_config.hidden_size
+        if "text_hidden_fcs.0.weight" in keys:
+            c_in = ckpt.source.info("text_hidden_fcs.0.weight").shape[1]
+            if c_in != hidden:
+                raise ShapeMismatch(f"the checkpoint was trained on an LLM of hidden size {c_in} "
+                                    f"(text_hidden_fcs.0.weight), but the base {base_dir.name} has {hidden}: wrong --base?")
+        out_dim_key = "text_hidden_fcs.2.weight"
+        out_dim = ckpt.source.info(out_dim_key).shape[0] if out_dim_key in keys else 256
+
+        embed_keys = [k for k in keys if k.endswith("embed_tokens.modules_to_save.default.weight")
+                      or k == PEFT.split(":", 1)[1] + "model.language_model.embed_tokens.weight"]
+        vocab = ckpt.source.info(embed_keys[0]).shape[0] if embed_keys else mllm_config.text_config.vocab_size
+
+        # 4. LoRA scaling: r from the tensors, alpha from flags > training config
+        a_keys = [k for k in keys if k.endswith(".lora_A.default.weight")]
+        ranks = {ckpt.source.info(k).shape[0] for k in a_keys}
+        if len(ranks) > 1:
+            raise ShapeMismatch(f"LoRA ranks differ between layers ({sorted(ranks)}); per-layer ranks are not supported")
+        r = ranks.pop() if ranks else None
+        if r is not None and options.lora_r is not None and options.lora_r != r:
+            raise ShapeMismatch(f"--lora-r {options.lora_r} but the checkpoint's lora_A tensors have rank {r}")
+        if r is not None and cfg.lora_r is not None and cfg.lora_r != r:
+            raise ShapeMismatch(f"the training config says r={cfg.lora_r} but the lora_A tensors have rank {r}")
+        alpha = options.lora_alpha if options.lora_alpha is not None else cfg.lora_alpha
+        rslora = options.use_rslora if options.use_rslora is not None else cfg.use_rslora
+        if r is not None and alpha is None:
+            raise MissingInput("LoRA alpha is unknown: the checkpoint has no training config with lora_alpha; "
+                               "pass --lora-alpha (Sa2VA configs use 2*r, e.g. 256 for r=128)")
+        scaling = lora_scaling(alpha, r, rslora) if r is not None else None
+
+        # 5. tokenizer: the base's, plus the special tokens the run added (same order => same ids)
+        special = options.special_tokens or cfg.special_tokens or DEFAULT_SPECIAL_TOKENS
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        except Exception as exc:  # noqa: BLE001 - re-raised typed
+            raise UnreadableFile(f"{base_dir}: cannot load its tokenizer ({exc})") from exc
+        tokenizer.add_tokens(special, special_tokens=True)
+        seg_id = tokenizer.convert_tokens_to_ids("[SEG]")
+        if "[SEG]" not in special:
+            raise MissingInput(f"the special tokens {special} do not include [SEG]")
+        if seg_id >= vocab:
+            raise ShapeMismatch(f"[SEG] gets id {seg_id} but the trained embeddings have only {vocab} rows: "
+                                "the base tokenizer does not match the one used in training")
+        if len(tokenizer) != vocab:
+            notes.append(f"tokenizer has {len(tokenizer)} tokens, embeddings {vocab} rows (padded vocabulary)")
+
+        # 6. the export config
+        mllm_dict = mllm_config.to_dict()
+        mllm_dict["text_config"]["vocab_size"] = vocab
+        mllm_dict["text_config"]["tie_word_embeddings"] = False
+        mllm_dict["tie_word_embeddings"] = False
+        template = cfg.template
+        if isinstance(template, str):
+            if template not in TEMPLATES:
+                raise UnreadableFile(f"unknown chat template {template!r} in the training config; known: {sorted(TEMPLATES)}")
+            template = TEMPLATES[template]
+        elif not isinstance(template, dict):
+            template = TEMPLATES["qwen_chat"]
+            notes.append("no chat template in the training config: using qwen_chat")
+        image_processor = _image_processor_settings(base_dir, cfg)
+        from .. import __version__
+
+        config = Sa2VAQwenConfig(
+            mllm_config=mllm_dict,
+            sam2_config=sam2_config.to_dict(),
+            seg_token="[SEG]",
+            seg_token_id=seg_id,
+            special_tokens=list(special),
+            template=_plain(template),
+            image_processor=image_processor,
+            text_hidden_fcs_out_dim=out_dim,
+            maskport={"version": __version__, "family": NAME, "mapping_version": MAPPING_VERSION,
+                      "sam2_preset": preset},
+        )
+        config.architectures = ["Sa2VAQwenModel"]
+        config.auto_map = {"AutoConfig": "configuration_sa2va_qwen.Sa2VAQwenConfig",
+                           "AutoModel": "modeling_sa2va_qwen.Sa2VAQwenModel"}
+        with torch.device("meta"):
+            target_model = Sa2VAQwenModel(config)
+        expected = {k: tuple(v.shape) for k, v in target_model.state_dict().items()}
+        del target_model
+
+        def write_files(out: Path) -> list[str]:
+            written = []
+            config.save_pretrained(out)
+            written.append("config.json")
+            src_dir = Path(__file__).resolve().parent.parent / "export" / "sa2va_qwen2_5_vl"
+            for f in EXPORT_FILES:
+                shutil.copy2(src_dir / f, out / f)
+                written.append(f)
+            tokenizer.save_pretrained(out)
+            written += _tokenizer_files(out)
+            for f in ("preprocessor_config.json", "chat_template.json", "chat_template.jinja",
+                      "video_preprocessor_config.json"):
+                if (base_dir / f).is_file():
+                    shutil.copy2(base_dir / f, out / f)
+                    written.append(f)
+            _write_generation_config(base_dir, out, tokenizer, template)
+            written.append("generation_config.json")
+            return sorted(set(written))
+
+        settings = {
+            "lora": {"r": r, "alpha": alpha, "use_rslora": rslora, "scaling": scaling,
+                     "source": "flags" if options.lora_alpha is not None else cfg.found_in.get("lora")},
+            "special_tokens": special, "seg_token_id": seg_id, "vocab_size": vocab,
+            "sam2_preset": preset, "template": template, "base_model_type": "qwen2_5_vl",
+            "training_config_base_path": cfg.base_path,
+        }
+        return Prepared(sources={"ckpt": ckpt.source, "base": base, "sam2": sam2}, rules=rules(),
+                        ctx=Ctx(scaling), expected=expected, export_config=config.to_dict(),
+                        write_files=write_files, notes=notes, settings=settings)
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, Opaque):
+        return str(obj)
+    return obj
+
+
+def _tokenizer_files(out: Path) -> list[str]:
+    names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+             "vocab.json", "merges.txt", "chat_template.jinja")
+    return [n for n in names if (out / n).is_file()]
+
+
+def _image_processor_settings(base_dir: Path, cfg: TrainingConfig) -> dict:
+    """Qwen2-VL image-processor settings: the base's preprocessor config, then min/max pixels from the
+    training config when it sets them (Sa2VA trains with its own bounds)."""
+    settings: dict[str, Any] = {}
+    pp = base_dir / "preprocessor_config.json"
+    if pp.is_file():
+        raw = _read_json(pp)
+        for k in ("min_pixels", "max_pixels", "patch_size", "temporal_patch_size", "merge_size", "image_mean",
+                  "image_std"):
+            if k in raw:
+                settings[k] = raw[k]
+        size = raw.get("size")
+        if isinstance(size, dict):
+            settings.setdefault("min_pixels", size.get("shortest_edge"))
+            settings.setdefault("max_pixels", size.get("longest_edge"))
+    for key in ("min_pixels", "max_pixels"):
+        for path, val in _iter_raw(cfg.raw):
+            if path.split(".")[-1] == key and isinstance(val, int):
+                settings[key] = val
+                break
+    return {k: v for k, v in settings.items() if v is not None}
+
+
+def _iter_raw(obj: Any, path: str = ""):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            p = f"{path}.{k}" if path else str(k)
+            yield p, v
+            yield from _iter_raw(v, p)
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _iter_raw(v, f"{path}[{i}]")
+
+
+def _write_generation_config(base_dir: Path, out: Path, tokenizer, template: dict) -> None:
+    from transformers import GenerationConfig
+
+    if (base_dir / "generation_config.json").is_file():
+        gen = GenerationConfig.from_pretrained(base_dir)
+    else:
+        gen = GenerationConfig()
+    stop_ids = [tokenizer.convert_tokens_to_ids(w) for w in template.get("stop_words", [])]
+    stop_ids = [i for i in stop_ids if isinstance(i, int) and i != tokenizer.unk_token_id]
+    if stop_ids:
+        gen.eos_token_id = stop_ids if len(stop_ids) > 1 else stop_ids[0]
+    if gen.pad_token_id is None and tokenizer.pad_token_id is not None:
+        gen.pad_token_id = tokenizer.pad_token_id
+    gen.do_sample = False
+    for k in ("temperature", "top_p", "top_k", "repetition_penalty"):
+        if hasattr(gen, k):
+            setattr(gen, k, None)
+    gen.save_pretrained(out)
+
+
+register(Sa2VAQwen25VL())
