@@ -39,6 +39,15 @@ class HistoryBufferStub:
         return "HistoryBufferStub(...)"
 
 
+def _history_buffer_getattr(obj: Any, name: str) -> str:
+    """mmengine pickles HistoryBuffer's statistics methods as ``getattr(HistoryBuffer, 'mean')``. Only that
+    form is accepted (on our inert stub class or its instances), and it yields the method's name, not a
+    callable."""
+    if not (obj is HistoryBufferStub or isinstance(obj, HistoryBufferStub)) or not isinstance(name, str):
+        raise pickle.UnpicklingError("getattr is only allowed on mmengine HistoryBuffer objects")
+    return f"<HistoryBuffer.{name}>"
+
+
 def _numpy_allowlist() -> list:
     import numpy as np
 
@@ -64,6 +73,8 @@ def allowlist() -> list:
     """The globals that :func:`safe_torch_load` lets a pickle name (besides torch's own defaults)."""
     return [
         (HistoryBufferStub, "mmengine.logging.history_buffer.HistoryBuffer"),
+        (_history_buffer_getattr, "builtins.getattr"),
+        (_history_buffer_getattr, "__builtin__.getattr"),
         *_numpy_allowlist(),
     ]
 
@@ -110,21 +121,32 @@ def safe_torch_load(path: str | Path, *, mmap: bool = True, allow_unsafe_pickle:
                 return torch.load(path, map_location="cpu", weights_only=True, mmap=use_mmap)
     except pickle.UnpicklingError as exc:
         msg = str(exc)
-        if "weights_only" in msg or "Unsupported global" in msg or "GLOBAL" in msg:
+        detail = _unpickler_detail(msg)
+        if "GLOBAL" in msg or "global" in detail or "getattr is only allowed" in msg:
             unsafe = _unsafe_globals(path)
-            names = ", ".join(unsafe) if unsafe else msg.splitlines()[0]
+            names = ", ".join(unsafe) if unsafe else detail
             raise UnsafeCheckpoint(
                 f"{path}: refusing to unpickle objects outside the allowlist ({names}). "
                 "If you trust this file, rerun with --allow-unsafe-pickle (runs code from the file)."
             ) from exc
-        raise UnreadableFile(f"{path}: not a readable torch checkpoint ({msg.splitlines()[0]})") from exc
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise UnreadableFile(f"{path}: not a readable torch checkpoint ({detail})") from exc
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UnreadableFile(f"{path}: not a readable torch checkpoint ({first})") from exc
 
 
+def _unpickler_detail(msg: str) -> str:
+    """The informative line of torch's long weights_only error message."""
+    lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
+    for i, ln in enumerate(lines):
+        if ln.startswith("WeightsUnpickler error:"):
+            rest = ln[len("WeightsUnpickler error:"):].strip()
+            return rest or (lines[i + 1] if i + 1 < len(lines) else "")
+    return lines[0] if lines else "unpickling failed"
+
+
 def _unsafe_globals(path: Path) -> list[str]:
-    allowed = {name for entry in allowlist() if isinstance(entry, tuple) for name in [entry[1]]}
+    allowed = {e[1] if isinstance(e, tuple) else f"{e.__module__}.{e.__qualname__}" for e in allowlist()}
     try:
         found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception:  # noqa: BLE001 - best effort for the message only

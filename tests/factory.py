@@ -1,0 +1,1007 @@
+"""Fixture factory: a tiny Sa2VA-on-Qwen2.5-VL training run, built offline with the real libraries.
+
+What it produces (see :func:`make_sa2va_qwen_fixture`):
+
+* ``base/``      -- a tiny ``Qwen2_5_VLForConditionalGeneration`` saved with ``save_pretrained`` (bf16
+  safetensors, like the hub checkpoints), its tokenizer (a byte-level BPE with Qwen's special tokens) and
+  a ``Qwen2_5_VLProcessor`` (image processor + video processor + tokenizer + chat template).
+* ``sam2/tiny_sam2.pt`` -- a Meta-format SAM2 checkpoint ``{'model': SAM2Base.state_dict()}`` (fp32) plus
+  ``tiny_sam2.config.json`` holding the hydra-style model config used to build it.
+* ``work_dir/iter_N.pth`` -- a genuine mmengine checkpoint written by ``mmengine.runner.Runner`` +
+  ``CheckpointHook`` while training a Sa2VA-like module (LoRA on the LLM decoder, ``modules_to_save``
+  embed_tokens/lm_head, trainable SAM2 mask decoder, ``text_hidden_fcs``).  Its ``state_dict`` holds
+  only the trainable tensors, in bfloat16, under the same key names Sa2VA's ``state_dict`` override
+  produces (``mllm.model.base_model.model...lora_A.default.weight`` etc.).
+* optionally (``deepspeed=True``) ``ds_work_dir/iter_N.pth/`` -- a genuine DeepSpeed ZeRO-2 checkpoint
+  directory of the same module holding the same trained values, laid out the way mmengine's
+  ``DeepSpeedStrategy.save_checkpoint`` lays it out (tag = ``iter_N.pth``).
+
+The in-memory oracle objects returned hold exactly the values stored on disk (fp32 copies of the
+bf16-rounded tensors), so fp32 comparisons against converted exports can be exact.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import os
+import socket
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SPECIAL_TOKENS = ["[SEG]", "<p>", "</p>", "<vp>", "</vp>"]
+
+# Qwen2.5's special tokens, in Qwen's own id order (they sit after the BPE vocab, like in Qwen).
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+LORA_R = 8
+LORA_ALPHA = 16
+# LoRA on every nn.Linear of the LLM decoder, never on the vision tower (whose MLP also has
+# gate_proj/up_proj/down_proj) nor lm_head -- what Sa2VA's `target_modules=None` expands to.
+LORA_TARGET_REGEX = (
+    r"model\.language_model\.layers\.\d+\."
+    r"(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
+)
+
+IMAGE_MIN_PIXELS = 56 * 56
+IMAGE_MAX_PIXELS = 112 * 112
+
+_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif item['type'] == 'video' %}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+_WORDS = """
+the a an and or but of to in on at by for with from into over under above below near behind
+this that these those it its is are was were be been has have had do does did not no yes
+please segment describe find show mark region object image picture video frame mask sure here
+what where which who how why can could would should will may might there their they them
+cat dog person man woman child boy girl car bus truck bike bicycle horse cow sheep bird tree
+house table chair sofa bed cup bottle phone laptop book clock vase plant window door road sky
+left right top bottom middle center front back small large big little red green blue yellow
+black white brown gray orange pink purple dark light bright old new young tall short long round
+sitting standing walking running holding wearing looking eating playing lying riding carrying
+one two three four five six seven eight nine ten first second third last next other another
+answer question assistant user system you your i me my we our he she his her him
+""".split()
+
+
+# --------------------------------------------------------------------------------------------------
+# tokenizer
+# --------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def _raw_tokenizer_json() -> str:
+    """Train (deterministically) a tiny byte-level BPE and append Qwen's special tokens."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=448,
+        min_frequency=1,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[],
+    )
+    corpus = []
+    for i, w in enumerate(_WORDS):
+        corpus.append(f"{w} {_WORDS[(i * 7) % len(_WORDS)]} {w.capitalize()}, {w}.\n")
+    corpus.append("0 1 2 3 4 5 6 7 8 9 ? ! : ; ' \" ( ) [ ] < > / - _ \n")
+    tok.train_from_iterator(corpus * 3, trainer=trainer)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL_TOKENS])
+    return tok.to_str()
+
+
+def _qwen_special_ids() -> dict[str, int]:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(_raw_tokenizer_json())
+    return {t: tok.token_to_id(t) for t in QWEN_SPECIAL_TOKENS}
+
+
+def make_tiny_tokenizer(root) -> Any:
+    """Offline byte-level BPE tokenizer (~450 tokens) with Qwen's special tokens; saved in ``root``.
+
+    ``AutoTokenizer.from_pretrained(root)`` works offline afterwards.
+    """
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_raw_tokenizer_json()),
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        model_max_length=4096,
+        padding_side="right",
+        chat_template=_CHAT_TEMPLATE,
+    )
+    tok.save_pretrained(str(root))
+    return tok
+
+
+# --------------------------------------------------------------------------------------------------
+# Qwen2.5-VL
+# --------------------------------------------------------------------------------------------------
+def tiny_qwen2_5_vl_config(vocab_size: int):
+    """Tiny Qwen2.5-VL config whose special-token ids match :func:`make_tiny_tokenizer`."""
+    from transformers import Qwen2_5_VLConfig
+
+    ids = _qwen_special_ids()
+    text_config = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        hidden_act="silu",
+        max_position_embeddings=1024,
+        rms_norm_eps=1e-6,
+        use_sliding_window=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        tie_word_embeddings=False,
+    )
+    vision_config = dict(
+        depth=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        in_channels=3,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        tokens_per_second=2,
+        window_size=56,
+        out_hidden_size=64,
+        fullatt_block_indexes=[1],
+    )
+    cfg = Qwen2_5_VLConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    # the top-level ids are read by generate()/Sa2VA code too
+    cfg.bos_token_id = ids["<|endoftext|>"]
+    cfg.eos_token_id = ids["<|im_end|>"]
+    cfg.pad_token_id = ids["<|endoftext|>"]
+    return cfg
+
+
+def _make_processor(tokenizer):
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    image_processor = Qwen2VLImageProcessor(
+        min_pixels=IMAGE_MIN_PIXELS, max_pixels=IMAGE_MAX_PIXELS, patch_size=14, temporal_patch_size=2, merge_size=2
+    )
+    video_processor = Qwen2VLVideoProcessor(
+        min_pixels=IMAGE_MIN_PIXELS, max_pixels=IMAGE_MAX_PIXELS, patch_size=14, temporal_patch_size=2, merge_size=2
+    )
+    return Qwen2_5_VLProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        chat_template=_CHAT_TEMPLATE,
+    )
+
+
+def _round_bf16_(module: nn.Module, only_trainable: bool = False) -> None:
+    with torch.no_grad():
+        for p in module.parameters():
+            if only_trainable and not p.requires_grad:
+                continue
+            p.data = p.data.to(torch.bfloat16).to(torch.float32)
+
+
+def _perturb_(params, gen: torch.Generator, std: float) -> None:
+    with torch.no_grad():
+        for p in params:
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32) * std
+            p.add_(noise.to(p.dtype))
+
+
+# --------------------------------------------------------------------------------------------------
+# SAM2 (Meta)
+# --------------------------------------------------------------------------------------------------
+def tiny_meta_sam2_config(image_size: int = 256) -> dict:
+    """Hydra-style (``_target_``) Meta SAM2 model config, modelled on ``sam2/configs/sam2/sam2_hiera_t.yaml``.
+
+    Shrunk: Hiera embed_dim 16 / 1 head / stages [1, 2, 2, 1] (channels 16-32-64-128), global attention in
+    block 4, window_spec [8, 4, 8, 4]; FPN ``d_model`` 32 (so the SAM prompt/mask-decoder dim and the
+    output dim of ``text_hidden_fcs`` is 32, not 256); memory attention 1 layer, d_model 32, ffn 64;
+    memory encoder out_dim 16; num_maskmem 7.  All SAM2.0 flags of ``sam2_hiera_t`` are kept (high-res
+    features in SAM, multimask, obj scores + MLP, obj ptrs, ...).
+
+    ``image_size`` defaults to 256 instead of SAM2's native 1024: Meta's code derives every size from
+    it (prompt encoder embedding size = image_size // 16, mask input size = 4x that, RoPE ``feat_sizes``
+    of the memory attention are set to image_size // 16 here), and a 256 input keeps the frozen Hiera
+    forward cheap on CPU.  The mask decoder's internal sizes (8 heads, mlp 2048, iou head 256) are
+    hard-coded by ``SAM2Base._build_sam_heads`` and therefore real.
+    """
+    d_model = 32
+    mem_dim = 16
+    feat = image_size // 16
+    rope = lambda **kw: dict(  # noqa: E731
+        _target_="sam2.modeling.sam.transformer.RoPEAttention",
+        rope_theta=10000.0,
+        feat_sizes=[feat, feat],
+        embedding_dim=d_model,
+        num_heads=1,
+        downsample_rate=1,
+        dropout=0.1,
+        **kw,
+    )
+    return {
+        "model": {
+            "_target_": "sam2.modeling.sam2_base.SAM2Base",
+            "image_encoder": {
+                "_target_": "sam2.modeling.backbones.image_encoder.ImageEncoder",
+                "scalp": 1,
+                "trunk": {
+                    "_target_": "sam2.modeling.backbones.hieradet.Hiera",
+                    "embed_dim": 16,
+                    "num_heads": 1,
+                    "stages": [1, 2, 2, 1],
+                    "global_att_blocks": [4],
+                    "window_pos_embed_bkg_spatial_size": [4, 4],
+                    "window_spec": [8, 4, 8, 4],
+                },
+                "neck": {
+                    "_target_": "sam2.modeling.backbones.image_encoder.FpnNeck",
+                    "position_encoding": {
+                        "_target_": "sam2.modeling.position_encoding.PositionEmbeddingSine",
+                        "num_pos_feats": d_model,
+                        "normalize": True,
+                        "scale": None,
+                        "temperature": 10000,
+                    },
+                    "d_model": d_model,
+                    "backbone_channel_list": [128, 64, 32, 16],
+                    "fpn_top_down_levels": [2, 3],
+                    "fpn_interp_model": "nearest",
+                },
+            },
+            "memory_attention": {
+                "_target_": "sam2.modeling.memory_attention.MemoryAttention",
+                "d_model": d_model,
+                "pos_enc_at_input": True,
+                "layer": {
+                    "_target_": "sam2.modeling.memory_attention.MemoryAttentionLayer",
+                    "activation": "relu",
+                    "dim_feedforward": 64,
+                    "dropout": 0.1,
+                    "pos_enc_at_attn": False,
+                    "self_attention": rope(),
+                    "d_model": d_model,
+                    "pos_enc_at_cross_attn_keys": True,
+                    "pos_enc_at_cross_attn_queries": False,
+                    "cross_attention": rope(rope_k_repeat=True, kv_in_dim=mem_dim),
+                },
+                "num_layers": 1,
+            },
+            "memory_encoder": {
+                "_target_": "sam2.modeling.memory_encoder.MemoryEncoder",
+                "out_dim": mem_dim,
+                "in_dim": d_model,
+                "position_encoding": {
+                    "_target_": "sam2.modeling.position_encoding.PositionEmbeddingSine",
+                    "num_pos_feats": mem_dim,
+                    "normalize": True,
+                    "scale": None,
+                    "temperature": 10000,
+                },
+                "mask_downsampler": {
+                    "_target_": "sam2.modeling.memory_encoder.MaskDownSampler",
+                    "embed_dim": d_model,
+                    "kernel_size": 3,
+                    "stride": 2,
+                    "padding": 1,
+                },
+                "fuser": {
+                    "_target_": "sam2.modeling.memory_encoder.Fuser",
+                    "layer": {
+                        "_target_": "sam2.modeling.memory_encoder.CXBlock",
+                        "dim": d_model,
+                        "kernel_size": 7,
+                        "padding": 3,
+                        "layer_scale_init_value": 1e-6,
+                        "use_dwconv": True,
+                    },
+                    "num_layers": 1,
+                },
+            },
+            "num_maskmem": 7,
+            "image_size": image_size,
+            "sigmoid_scale_for_mem_enc": 20.0,
+            "sigmoid_bias_for_mem_enc": -10.0,
+            "use_mask_input_as_output_without_sam": True,
+            "directly_add_no_mem_embed": True,
+            "use_high_res_features_in_sam": True,
+            "multimask_output_in_sam": True,
+            "iou_prediction_use_sigmoid": True,
+            "use_obj_ptrs_in_encoder": True,
+            "add_tpos_enc_to_obj_ptrs": False,
+            "only_obj_ptrs_in_the_past_for_eval": True,
+            "pred_obj_scores": True,
+            "pred_obj_scores_mlp": True,
+            "fixed_no_obj_ptr": True,
+            "multimask_output_for_tracking": True,
+            "use_multimask_token_for_obj_ptr": True,
+            "multimask_min_pt_num": 0,
+            "multimask_max_pt_num": 1,
+            "use_mlp_for_obj_ptr_proj": True,
+            "compile_image_encoder": False,
+        }
+    }
+
+
+def build_meta_sam2(cfg: dict):
+    """Instantiate Meta's ``SAM2Base`` (and sub-modules) from a hydra-style dict; no download."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    conf = OmegaConf.create(copy.deepcopy(cfg))
+    model = instantiate(conf.model, _recursive_=True)
+    return model
+
+
+def _make_meta_sam2(cfg: dict, seed: int):
+    torch.manual_seed(seed + 1)
+    sam2 = build_meta_sam2(cfg)
+    gen = torch.Generator().manual_seed(seed + 2)
+    # Meta's init leaves many zeros/ones (norms, biases, pos embeds); make every tensor distinctive.
+    _perturb_(sam2.parameters(), gen, 0.02)
+    return sam2.float().eval()
+
+
+# --------------------------------------------------------------------------------------------------
+# the Sa2VA-like training module
+# --------------------------------------------------------------------------------------------------
+class _MLLM(nn.Module):
+    """Stand-in for Sa2VA's ``Qwen2_5_VL`` wrapper: ``.model`` is the peft-wrapped HF model."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+
+class _GroundingEncoder(nn.Module):
+    """Stand-in for Sa2VA's ``SAM2TrainRunner``: ``.sam2_model`` is Meta's SAM2Base."""
+
+    def __init__(self, sam2_model):
+        super().__init__()
+        self.sam2_model = sam2_model
+        self.hidden_dim = sam2_model.hidden_dim
+        self.img_mean = (0.485, 0.456, 0.406)
+        self.img_std = (0.229, 0.224, 0.225)
+
+    def preprocess_image(self, image: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(self.img_mean, dtype=image.dtype)[:, None, None]
+        std = torch.tensor(self.img_std, dtype=image.dtype)[:, None, None]
+        return (image / 255.0 - mean) / std
+
+    def masks_from_language(self, images: torch.Tensor, language_embd: torch.Tensor):
+        """Image features -> no-mem embedding -> SAM heads with the [SEG] embedding appended to the
+        sparse prompt (Sa2VA's ``language_embd`` extension).  Returns (masks, object score logits)."""
+        sam = self.sam2_model
+        feats = sam.forward_image(images)
+        _, vis, _, sizes = sam._prepare_backbone_features(feats)
+        high_res = [x.permute(1, 2, 0).reshape(x.size(1), x.size(2), *s) for x, s in zip(vis[:-1], sizes[:-1])]
+        B, C = vis[-1].size(1), sam.hidden_dim
+        H, W = sizes[-1]
+        pix = (vis[-1] + sam.no_mem_embed).permute(1, 2, 0).reshape(B, C, H, W)
+        sparse, dense = sam.sam_prompt_encoder(
+            points=(torch.zeros(B, 1, 2), -torch.ones(B, 1, dtype=torch.int32)), boxes=None, masks=None
+        )
+        sparse = torch.cat([sparse, language_embd[:, None].to(sparse.dtype)], dim=1)
+        multimask = sam._use_multimask(is_init_cond_frame=True, point_inputs=None)
+        low_res, ious, _, obj_logits = sam.sam_mask_decoder(
+            image_embeddings=pix,
+            image_pe=sam.sam_prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask,
+            repeat_image=False,
+            high_res_features=high_res,
+        )
+        if multimask:
+            best = torch.argmax(ious, dim=-1)
+            low_res = low_res[torch.arange(B), best]
+        else:
+            low_res = low_res[:, 0]
+        return low_res, obj_logits
+
+
+def _build_sa2va_module_class():
+    from mmengine.model import BaseModel
+
+    class TinySa2VAModel(BaseModel):
+        """Mirror of Sa2VA's ``Sa2VAModel`` attribute layout and ``state_dict`` override."""
+
+        def __init__(self, peft_model, sam2_model, seg_token_idx: int, adapter_name: str = "default"):
+            super().__init__()
+            self.mllm = _MLLM(peft_model)
+            self.grounding_encoder = _GroundingEncoder(sam2_model)
+            self.grounding_encoder.requires_grad_(False)
+            self.grounding_encoder.sam2_model.sam_mask_decoder.requires_grad_(True)
+            in_dim = peft_model.config.text_config.hidden_size
+            out_dim = self.grounding_encoder.hidden_dim
+            self.text_hidden_fcs = nn.Sequential(
+                nn.Linear(in_dim, in_dim), nn.ReLU(inplace=True), nn.Linear(in_dim, out_dim), nn.Dropout(0.0)
+            )
+            self.seg_token_idx = seg_token_idx
+            self.adapter_name = adapter_name
+
+        def init_weights(self):  # weights come from the fixture, never re-initialise (HF has init_weights)
+            pass
+
+        def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
+            full = super().state_dict(prefix=prefix, keep_vars=keep_vars)
+            peft_model = self.mllm.model
+            mts = list(getattr(peft_model, "modules_to_save", None) or [])
+            a = self.adapter_name
+            out = {}
+            mllm_prefix = prefix + "mllm."
+            for k, v in full.items():
+                if k.startswith(mllm_prefix):
+                    keep = ("lora_" in k and a in k) or any(f"{m}.modules_to_save.{a}" in k for m in mts)
+                elif k.startswith(prefix + "grounding_encoder."):
+                    keep = k.startswith(prefix + "grounding_encoder.sam2_model.sam_mask_decoder")
+                else:
+                    keep = k.startswith(prefix + "text_hidden_fcs.")
+                if keep:
+                    # Sa2VA trains in bf16: the saved trainable tensors are bfloat16
+                    out[k] = v if keep_vars else v.detach().to(torch.bfloat16)
+            if destination is not None:
+                destination.update(out)
+                return destination
+            from collections import OrderedDict
+
+            return OrderedDict(out)
+
+        def forward(self, data, data_samples=None, mode="loss"):
+            assert mode == "loss"
+            peft_model = self.mllm.model
+            out = peft_model(
+                input_ids=data["input_ids"],
+                attention_mask=data["attention_mask"],
+                labels=data["labels"],
+                pixel_values=data["pixel_values"],
+                image_grid_thw=data["image_grid_thw"],
+                output_hidden_states=True,
+            )
+            hidden = self.text_hidden_fcs(out.hidden_states[-1])
+            seg_mask = data["input_ids"] == self.seg_token_idx
+            lang = hidden[seg_mask]  # one [SEG] per sample
+            ge = self.grounding_encoder
+            images = torch.stack([ge.preprocess_image(x) for x in data["g_pixel_values"]])
+            masks, obj_logits = ge.masks_from_language(images, lang)
+            gt = data["masks"].to(masks.dtype)
+            gt = F.interpolate(gt[:, None], size=masks.shape[-2:], mode="nearest")[:, 0]
+            loss_mask = F.binary_cross_entropy_with_logits(masks, gt)
+            prob = masks.sigmoid().flatten(1)
+            g = gt.flatten(1)
+            loss_dice = (1 - (2 * (prob * g).sum(-1) + 1) / (prob.sum(-1) + g.sum(-1) + 1)).mean()
+            loss_obj = F.binary_cross_entropy_with_logits(obj_logits.flatten(), torch.ones_like(obj_logits.flatten()))
+            return {"llm_loss": out.loss, "loss_mask": loss_mask, "loss_dice": loss_dice, "loss_obj": 0.1 * loss_obj}
+
+    return TinySa2VAModel
+
+
+class _TinySegDataset(torch.utils.data.Dataset):
+    """Deterministic in-memory referring-segmentation samples (qwen_chat template, one [SEG])."""
+
+    def __init__(self, processor, seed: int, n: int = 8, sam_image_size: int = 256):
+        self.items = []
+        gen = torch.Generator().manual_seed(seed + 10)
+        tok = processor.tokenizer
+        objects = ["cat", "dog", "car", "tree", "person", "bird", "cup", "chair"]
+        for i in range(n):
+            img = (torch.rand(56, 56, 3, generator=gen) * 255).to(torch.uint8).numpy()
+            obj = objects[i % len(objects)]
+            prompt = (
+                "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
+                f"Please segment the {obj} in this image.<|im_end|>\n<|im_start|>assistant\n"
+            )
+            answer = "Sure, it is [SEG].<|im_end|>"
+            enc = processor(text=[prompt + answer], images=[img], return_tensors="pt")
+            ids = enc["input_ids"][0]
+            n_prompt = len(processor(text=[prompt], images=[img], return_tensors="pt")["input_ids"][0])
+            labels = ids.clone()
+            labels[:n_prompt] = -100
+            g_img = (torch.rand(3, sam_image_size, sam_image_size, generator=gen) * 255).float()
+            yy, xx = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+            cy, cx = torch.randint(16, 48, (2,), generator=gen).tolist()
+            mask = (((yy - cy) ** 2 + (xx - cx) ** 2) < 15**2).to(torch.uint8)
+            self.items.append(
+                dict(
+                    input_ids=ids,
+                    labels=labels,
+                    pixel_values=enc["pixel_values"],
+                    image_grid_thw=enc["image_grid_thw"],
+                    g_pixel_values=g_img,
+                    masks=mask,
+                )
+            )
+        self.pad_id = tok.pad_token_id
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def _collate(pad_id, batch):
+    L = max(len(b["input_ids"]) for b in batch)
+    ids = torch.full((len(batch), L), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), L), -100, dtype=torch.long)
+    att = torch.zeros((len(batch), L), dtype=torch.long)
+    for i, b in enumerate(batch):
+        n = len(b["input_ids"])
+        ids[i, :n] = b["input_ids"]
+        labels[i, :n] = b["labels"]
+        att[i, :n] = 1
+    data = dict(
+        input_ids=ids,
+        labels=labels,
+        attention_mask=att,
+        pixel_values=torch.cat([b["pixel_values"] for b in batch]),
+        image_grid_thw=torch.cat([b["image_grid_thw"] for b in batch]),
+        g_pixel_values=[b["g_pixel_values"] for b in batch],
+        masks=torch.stack([b["masks"] for b in batch]),
+    )
+    return dict(data=data, data_samples=None)
+
+
+def _config_text(base_dir: Path, sam2_cfg_path: Path, sam2_pt: Path, train_steps: int, seed: int) -> str:
+    return f'''\
+from mmengine.hooks import (CheckpointHook, DistSamplerSeedHook, IterTimerHook,
+                            LoggerHook, ParamSchedulerHook)
+from mmengine.optim import ConstantLR, LinearLR, OptimWrapper
+from peft import LoraConfig
+from torch.optim import AdamW
+from transformers import AutoTokenizer, Qwen2_5_VLProcessor
+
+#######################################################################
+#                          PART 1  Settings                           #
+#######################################################################
+# Model
+path = {str(base_dir)!r}
+pretrained_pth = None
+
+# Data
+template = "qwen_chat"
+max_length = 512
+
+# Scheduler & Optimizer
+batch_size = 2  # per_device
+accumulative_counts = 1
+dataloader_num_workers = 0
+max_iters = {train_steps}
+optim_type = AdamW
+lr = 1e-3
+betas = (0.9, 0.999)
+weight_decay = 0.05
+max_norm = 1  # grad clip
+
+# Save
+save_steps = {train_steps}
+save_total_limit = 2
+
+special_tokens = {SPECIAL_TOKENS!r}
+
+tokenizer = dict(
+    type=AutoTokenizer.from_pretrained,
+    pretrained_model_name_or_path=path,
+    trust_remote_code=True,
+    padding_side='right')
+
+#######################################################################
+#            PART 2  Model & Tokenizer & Image Processor              #
+#######################################################################
+model = dict(
+    type='projects.sa2va.models.Sa2VAModel',
+    training_bs=batch_size,
+    special_tokens=special_tokens,
+    pretrained_pth=pretrained_pth,
+    frozen_sam2_decoder=False,
+    arch_type='qwen',
+    mllm=dict(
+        type='projects.sa2va.models.mllm.qwenvl.Qwen2_5_VL',
+        model_path=path,
+        freeze_llm=True,
+        freeze_visual_encoder=True,
+        llm_lora=dict(
+            type=LoraConfig,
+            r={LORA_R},
+            lora_alpha={LORA_ALPHA},
+            lora_dropout=0.0,
+            bias='none',
+            task_type='CAUSAL_LM',
+            modules_to_save=['embed_tokens', 'lm_head'],
+            target_modules={LORA_TARGET_REGEX!r},
+        ),
+    ),
+    tokenizer=tokenizer,
+    grounding_encoder=dict(
+        type='projects.sa2va.models.SAM2TrainRunner',
+        cfg_path={str(sam2_cfg_path)!r},
+        ckpt_path={str(sam2_pt)!r},
+    ),
+)
+
+preprocessor = dict(
+    type=Qwen2_5_VLProcessor.from_pretrained,
+    pretrained_model_name_or_path=path,
+    trust_remote_code=True,
+)
+
+#######################################################################
+#                    PART 4  Scheduler & Optimizer                    #
+#######################################################################
+optim_wrapper = dict(
+    type=OptimWrapper,
+    optimizer=dict(type=optim_type, lr=lr, betas=betas, weight_decay=weight_decay),
+    clip_grad=dict(max_norm=max_norm, error_if_nonfinite=False),
+    accumulative_counts=accumulative_counts,
+)
+
+param_scheduler = [
+    dict(type=LinearLR, start_factor=0.5, by_epoch=False, begin=0, end=1),
+    dict(type=ConstantLR, factor=1.0, by_epoch=False, begin=1, end=max_iters),
+]
+
+train_cfg = dict(by_epoch=False, max_iters=max_iters, val_interval=max_iters + 1)
+
+#######################################################################
+#                           PART 5  Runtime                           #
+#######################################################################
+default_hooks = dict(
+    timer=dict(type=IterTimerHook),
+    logger=dict(type=LoggerHook, log_metric_by_epoch=False, interval=1),
+    param_scheduler=dict(type=ParamSchedulerHook),
+    checkpoint=dict(
+        type=CheckpointHook,
+        save_optimizer=False,
+        by_epoch=False,
+        interval=save_steps,
+        max_keep_ckpts=save_total_limit),
+    sampler_seed=dict(type=DistSamplerSeedHook),
+)
+
+env_cfg = dict(
+    cudnn_benchmark=False,
+    mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0),
+    dist_cfg=dict(backend='gloo'),
+)
+visualizer = None
+log_level = 'WARNING'
+load_from = None
+resume = False
+randomness = dict(seed={seed}, deterministic=False)
+log_processor = dict(by_epoch=False)
+'''
+
+
+# --------------------------------------------------------------------------------------------------
+# the fixture
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Sa2VAQwenFixture:
+    base_dir: Path
+    sam2_pt: Path
+    sam2_meta_config: dict
+    ckpt: Path
+    lora_r: int
+    lora_alpha: int
+    special_tokens: list
+    peft_model: Any
+    meta_sam2: Any
+    text_hidden_fcs: torch.nn.Module
+    tokenizer: Any
+    ds_ckpt: Path | None = None
+    config_path: Path | None = None  # the mmengine config file the run used (text == meta['cfg'] source)
+    processor: Any = None  # Qwen2_5_VLProcessor built from base_dir + the 5 added tokens
+    extras: dict = field(default_factory=dict)
+
+
+def _build_lora_config():
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=LORA_R,
+        lora_alpha=LORA_ALPHA,
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+        target_modules=LORA_TARGET_REGEX,
+        modules_to_save=["embed_tokens", "lm_head"],
+    )
+
+
+def make_sa2va_qwen_fixture(
+    root: Path, *, seed: int = 0, deepspeed: bool = False, train_steps: int = 2
+) -> Sa2VAQwenFixture:
+    """Build the tiny base model, SAM2 checkpoint and a genuine mmengine Sa2VA checkpoint under ``root``."""
+    import logging
+
+    from mmengine.config import Config
+    from mmengine.runner import Runner
+    from peft import get_peft_model
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    base_dir = root / "base"
+    sam2_dir = root / "sam2"
+    work_dir = root / "work_dir"
+    sam2_dir.mkdir(parents=True, exist_ok=True)
+
+    # ---- base Qwen2.5-VL ----------------------------------------------------------------------
+    base_tok = make_tiny_tokenizer(base_dir)
+    processor = _make_processor(base_tok)
+    processor.save_pretrained(str(base_dir))
+    cfg = tiny_qwen2_5_vl_config(len(base_tok))
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(cfg).float()
+    gen = torch.Generator().manual_seed(seed + 3)
+    _perturb_(model.parameters(), gen, 0.02)  # make norms/biases distinctive too
+    _round_bf16_(model)  # the oracle holds exactly the bf16 values saved below
+    model.to(torch.bfloat16).save_pretrained(str(base_dir), safe_serialization=True)
+    model.float()
+    model.eval()
+
+    # ---- Meta SAM2 -----------------------------------------------------------------------------
+    sam2_cfg = tiny_meta_sam2_config()
+    sam2 = _make_meta_sam2(sam2_cfg, seed)
+    sam2_pt = sam2_dir / "tiny_sam2.pt"
+    torch.save({"model": sam2.state_dict()}, sam2_pt)
+    sam2_cfg_path = sam2_dir / f"{sam2_pt.stem}.config.json"
+    sam2_cfg_path.write_text(json.dumps(sam2_cfg, indent=2))
+
+    # ---- Sa2VA stage-2 setup -------------------------------------------------------------------
+    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    n_new = tokenizer.add_tokens(SPECIAL_TOKENS, special_tokens=True)
+    assert n_new == len(SPECIAL_TOKENS)
+    torch.manual_seed(seed + 4)
+    model.resize_token_embeddings(len(tokenizer))
+    model.config.use_cache = False
+    model.requires_grad_(False)
+    peft_model = get_peft_model(model, _build_lora_config())
+    gen = torch.Generator().manual_seed(seed + 5)
+    # emulate a long run: LoRA B / modules_to_save copies / SAM decoder move away from their init
+    _perturb_([p for n, p in peft_model.named_parameters() if "lora_B" in n], gen, 0.05)
+    _perturb_([p for n, p in peft_model.named_parameters() if ".modules_to_save." in n], gen, 0.01)
+    _perturb_(sam2.sam_mask_decoder.parameters(), gen, 0.01)
+    train_processor = _make_processor(tokenizer)
+    seg_idx = tokenizer.convert_tokens_to_ids("[SEG]")
+
+    Sa2VA = _build_sa2va_module_class()
+    torch.manual_seed(seed + 6)
+    module = Sa2VA(peft_model, sam2, seg_idx)
+    module.train()
+
+    cfg_path = root / "sa2va_tiny_qwen25vl.py"
+    cfg_path.write_text(_config_text(base_dir, sam2_cfg_path, sam2_pt, train_steps, seed))
+    mm_cfg = Config.fromfile(str(cfg_path))
+
+    dataset = _TinySegDataset(train_processor, seed, sam_image_size=sam2_cfg["model"]["image_size"])
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=2,
+        shuffle=False,
+        num_workers=0,
+        collate_fn=functools.partial(_collate, dataset.pad_id),
+    )
+    runner = Runner(
+        model=module,
+        work_dir=str(work_dir),
+        experiment_name=f"sa2va_tiny_{uuid.uuid4().hex[:8]}",
+        train_dataloader=loader,
+        train_cfg=dict(by_epoch=False, max_iters=train_steps, val_interval=train_steps + 1),
+        optim_wrapper=dict(
+            type="OptimWrapper",
+            optimizer=dict(type="AdamW", lr=1e-3, betas=(0.9, 0.999), weight_decay=0.05),
+            clip_grad=dict(max_norm=1.0, error_if_nonfinite=False),
+        ),
+        param_scheduler=[
+            dict(type="LinearLR", start_factor=0.5, by_epoch=False, begin=0, end=1),
+            dict(type="ConstantLR", factor=1.0, by_epoch=False, begin=1, end=train_steps),
+        ],
+        default_hooks=dict(
+            logger=dict(type="LoggerHook", log_metric_by_epoch=False, interval=1),
+            checkpoint=dict(
+                type="CheckpointHook", interval=train_steps, by_epoch=False, save_optimizer=False, max_keep_ckpts=2
+            ),
+        ),
+        randomness=dict(seed=seed, deterministic=False),
+        log_level="WARNING",
+        cfg=mm_cfg,
+    )
+    runner.train()
+    # mmengine leaves FileHandlers open on the work_dir log; close ours
+    for h in list(runner.logger.handlers):
+        if isinstance(h, logging.FileHandler):
+            h.close()
+            runner.logger.removeHandler(h)
+    ckpt = work_dir / f"iter_{train_steps}.pth"
+    assert ckpt.is_file(), f"mmengine did not write {ckpt}"
+
+    # ---- oracle objects: exactly the values on disk --------------------------------------------
+    module.eval()
+    _round_bf16_(module, only_trainable=True)
+    sd = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    live = module.state_dict()
+    assert list(sd) == list(live), "checkpoint keys differ from the module's state_dict"
+    for k in sd:
+        assert torch.equal(sd[k], live[k]), f"checkpoint value of {k} differs from the in-memory module"
+    peft_model.eval()
+    for p in peft_model.parameters():
+        p.requires_grad_(False)
+    text_fcs = module.text_hidden_fcs.eval()
+    sam2.eval()
+    for p in list(sam2.parameters()) + list(text_fcs.parameters()):
+        p.requires_grad_(False)
+
+    ds_ckpt = None
+    if deepspeed:
+        ds_ckpt = _run_deepspeed_worker(root, base_dir, sam2_cfg_path, sam2_pt, ckpt, seed, train_steps)
+
+    return Sa2VAQwenFixture(
+        base_dir=base_dir,
+        sam2_pt=sam2_pt,
+        sam2_meta_config=sam2_cfg,
+        ckpt=ckpt,
+        lora_r=LORA_R,
+        lora_alpha=LORA_ALPHA,
+        special_tokens=list(SPECIAL_TOKENS),
+        peft_model=peft_model,
+        meta_sam2=sam2,
+        text_hidden_fcs=text_fcs,
+        tokenizer=tokenizer,
+        ds_ckpt=ds_ckpt,
+        config_path=cfg_path,
+        processor=train_processor,
+        extras=dict(seg_token_idx=seg_idx, work_dir=work_dir, lora_target_regex=LORA_TARGET_REGEX),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# DeepSpeed (run in a subprocess: it initialises torch.distributed and patches global state)
+# --------------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_deepspeed_worker(root, base_dir, sam2_cfg_path, sam2_pt, ckpt, seed, train_steps) -> Path:
+    ds_root = Path(root) / "ds_work_dir"
+    env = dict(os.environ)
+    env.update(
+        DS_ACCELERATOR="cpu",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(_free_port()),
+        RANK="0",
+        LOCAL_RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_WORLD_SIZE="1",
+        OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "2"),
+    )
+    repo_root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = repo_root + os.pathsep + env.get("PYTHONPATH", "")
+    args = dict(
+        ds_root=str(ds_root),
+        base_dir=str(base_dir),
+        sam2_cfg_path=str(sam2_cfg_path),
+        sam2_pt=str(sam2_pt),
+        ckpt=str(ckpt),
+        seed=seed,
+        tag=f"iter_{train_steps}.pth",
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", "import json,sys; from tests.factory import _ds_worker; _ds_worker(json.loads(sys.argv[1]))",
+         json.dumps(args)],
+        env=env,
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"DeepSpeed worker failed (rc={proc.returncode}):\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
+        )
+    out = ds_root / args["tag"]
+    assert out.is_dir(), f"DeepSpeed did not write {out}"
+    return out
+
+
+def _ds_worker(args: dict) -> None:
+    """Rebuild the training module, load the trained values of the mmengine checkpoint, wrap it in a
+    DeepSpeed ZeRO-2 (bf16) engine and save it the way mmengine's ``DeepSpeedStrategy`` does
+    (``save_checkpoint(dirname, tag=basename, client_state=extra, exclude_frozen_parameters=True)``)."""
+    import deepspeed
+    from peft import get_peft_model
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    seed = args["seed"]
+    base_dir = args["base_dir"]
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    tokenizer.add_tokens(SPECIAL_TOKENS, special_tokens=True)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(base_dir, dtype=torch.float32)
+    torch.manual_seed(seed + 4)
+    model.resize_token_embeddings(len(tokenizer))
+    model.requires_grad_(False)
+    peft_model = get_peft_model(model, _build_lora_config())
+    sam2_cfg = json.loads(Path(args["sam2_cfg_path"]).read_text())
+    sam2 = build_meta_sam2(sam2_cfg)
+    sam2.load_state_dict(torch.load(args["sam2_pt"], map_location="cpu", weights_only=True)["model"])
+    Sa2VA = _build_sa2va_module_class()
+    module = Sa2VA(peft_model, sam2, tokenizer.convert_tokens_to_ids("[SEG]"))
+    ck = torch.load(args["ckpt"], map_location="cpu", weights_only=False)
+    missing, unexpected = module.load_state_dict({k: v.float() for k, v in ck["state_dict"].items()}, strict=False)
+    assert not unexpected, unexpected
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert trainable == set(ck["state_dict"]), sorted(trainable ^ set(ck["state_dict"]))[:10]
+
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    ds_config = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": 2, "overlap_comm": False, "contiguous_gradients": False},
+        "bf16": {"enabled": True},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.05)
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
+    extra = {k: ck[k] for k in ("meta", "message_hub", "param_schedulers") if k in ck}
+    engine.save_checkpoint(
+        args["ds_root"], tag=args["tag"], client_state=extra, save_latest=False, exclude_frozen_parameters=True
+    )
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()

@@ -1,0 +1,69 @@
+"""Ops against independent computations: peft for the LoRA merge, torch/arithmetic for layout ops."""
+
+import pytest
+import torch
+
+from maskport.convert import ops
+from maskport.convert.rules import lora_scaling
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_lora_merge_matches_peft_merge_and_unload(use_rslora):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 7))
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0"], use_rslora=use_rslora, lora_dropout=0.0)
+    pm = peft.get_peft_model(model, cfg)
+    lin = pm.base_model.model[0]
+    with torch.no_grad():
+        lin.lora_B["default"].weight.normal_()
+    w = lin.base_layer.weight.detach().clone()
+    a = lin.lora_A["default"].weight.detach().clone()
+    b = lin.lora_B["default"].weight.detach().clone()
+    merged = pm.merge_and_unload()[0].weight.detach()
+    ours = ops.lora_merge(w, a, b, lora_scaling(8, 4, use_rslora))
+    torch.testing.assert_close(ours, merged, rtol=0, atol=1e-6)
+
+
+def test_lora_merge_is_computed_in_float32_from_bf16_inputs():
+    torch.manual_seed(1)
+    w, a, b = (torch.randn(s).bfloat16() for s in [(8, 16), (2, 16), (8, 2)])
+    out = ops.lora_merge(w, a, b, 2.0)
+    assert out.dtype == torch.float32
+    expected = w.double() + 2.0 * (b.double() @ a.double())
+    assert (out.double() - expected).abs().max() < 1e-5
+
+
+def test_lora_merge_shapes_reject_mismatched_rank():
+    with pytest.raises(ValueError, match="do not fit"):
+        ops.lora_merge_shapes([(8, 16), (4, 16), (8, 2)])
+
+
+def test_lora_merge_shapes_reject_wrong_in_features():
+    with pytest.raises(ValueError, match="do not fit"):
+        ops.lora_merge_shapes([(8, 16), (2, 15), (8, 2)])
+
+
+def test_split_and_concat_are_inverse_and_shapes_agree():
+    x = torch.arange(24.0).reshape(6, 4)
+    parts = ops.split(x, [2, 3, 1], dim=0)
+    assert [tuple(p.shape) for p in parts] == ops.split_shapes((6, 4), [2, 3, 1], 0)
+    assert torch.equal(ops.concat(parts, 0), x)
+    assert ops.concat_shapes([(2, 4), (3, 4), (1, 4)], 0) == (6, 4)
+    assert torch.equal(parts[1], x[2:5])
+
+
+def test_split_shapes_reject_bad_sizes():
+    with pytest.raises(ValueError):
+        ops.split_shapes((6, 4), [2, 2], 0)
+
+
+def test_concat_shapes_reject_mismatched_other_dims():
+    with pytest.raises(ValueError):
+        ops.concat_shapes([(2, 4), (2, 5)], 0)
+
+
+def test_reshape_shapes():
+    assert ops.reshape_shapes((1, 1, 8), (8,)) == (8,)
+    with pytest.raises(ValueError):
+        ops.reshape_shapes((3,), (4,))

@@ -1,0 +1,82 @@
+"""The streaming writer produces standard safetensors (read back by the safetensors library)."""
+
+import hashlib
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from maskport.convert.plan import build_plan
+from maskport.convert.rules import CopyRest, LoraMerge
+from maskport.convert.sources import StateDictSource, open_hf_folder
+from maskport.convert.writer import parse_size, write_shards
+
+
+def make_plan(dtype=torch.bfloat16):
+    torch.manual_seed(0)
+    tensors = {f"layer{i}.weight": torch.randn(64, 32) for i in range(6)}
+    tensors.update({"scalar": torch.tensor(3.0), "ids": torch.arange(5), "empty": torch.zeros(0, 4),
+                    "flag": torch.tensor([True, False])})
+    lora = {"A": torch.randn(4, 32), "B": torch.randn(64, 4)}
+    srcs = {"base": StateDictSource("base", "/b", tensors, "b"), "ck": StateDictSource("ck", "/c", lora, "c")}
+
+    class Ctx:
+        lora_scaling = 0.5
+
+    rules = [LoraMerge(target="layer0.weight", base="base:layer0.weight", a="ck:A", b="ck:B"),
+             CopyRest(target="{rest}", source="base:{rest}")]
+    return build_plan(rules, srcs, ctx=Ctx(), out_dtype=dtype), tensors, lora
+
+
+def test_single_shard_round_trip(tmp_path):
+    plan, tensors, lora = make_plan()
+    shards = write_shards(plan, tmp_path, max_shard_size=10**9)
+    assert [s.filename for s in shards] == ["model.safetensors"]
+    loaded = load_file(tmp_path / "model.safetensors")
+    assert set(loaded) == set(tensors)
+    for k, v in tensors.items():
+        if k == "layer0.weight":
+            continue
+        exp = v.to(torch.bfloat16) if v.is_floating_point() else v
+        assert loaded[k].dtype == exp.dtype and torch.equal(loaded[k], exp), k
+    merged = (tensors["layer0.weight"] + 0.5 * lora["B"] @ lora["A"]).to(torch.bfloat16)
+    assert torch.equal(loaded["layer0.weight"], merged)
+
+
+def test_sharding_index_and_sha256(tmp_path):
+    plan, tensors, _ = make_plan(torch.float32)
+    shards = write_shards(plan, tmp_path, max_shard_size=64 * 32 * 4 * 2)  # two weights per shard
+    assert len(shards) >= 3
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(tensors)
+    assert index["metadata"]["total_size"] == plan.total_bytes()
+    for s in shards:
+        assert hashlib.sha256((tmp_path / s.filename).read_bytes()).hexdigest() == s.sha256
+        with safe_open(str(tmp_path / s.filename), "pt") as f:
+            assert f.metadata()["format"] == "pt"
+    # our own reader opens the sharded folder too
+    src = open_hf_folder(tmp_path)
+    assert torch.equal(src.load("layer3.weight"), tensors["layer3.weight"])
+
+
+def test_computed_shape_differing_from_plan_is_caught(tmp_path):
+    from maskport.errors import ShapeMismatch
+
+    plan, _, _ = make_plan()
+    plan.steps[1].output_infos[0] = type(plan.steps[1].output_infos[0])((1, 2), torch.bfloat16)
+    with pytest.raises(ShapeMismatch):
+        write_shards(plan, tmp_path, max_shard_size=10**9)
+
+
+@pytest.mark.parametrize("text,expected", [("2GB", 2 * 10**9), ("500MiB", 500 << 20), ("1.5G", 1_500_000_000),
+                                           ("1024", 1024), (77, 77)])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["", "GB", "-1GB", "lots", "0"])
+def test_parse_size_rejects(bad):
+    with pytest.raises(ValueError):
+        parse_size(bad)
