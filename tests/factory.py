@@ -170,6 +170,7 @@ def tiny_qwen2_5_vl_config(vocab_size: int):
         max_position_embeddings=1024,
         rms_norm_eps=1e-6,
         use_sliding_window=False,
+        max_window_layers=2,
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
         bos_token_id=ids["<|endoftext|>"],
         eos_token_id=ids["<|im_end|>"],
@@ -478,18 +479,22 @@ def _build_sa2va_module_class():
             peft_model = self.mllm.model
             mts = list(getattr(peft_model, "modules_to_save", None) or [])
             a = self.adapter_name
-            out = {}
+            lora, mts_out, rest = {}, {}, {}
             mllm_prefix = prefix + "mllm."
             for k, v in full.items():
+                v = v if keep_vars else v.detach().to(torch.bfloat16)  # Sa2VA trains in bf16
                 if k.startswith(mllm_prefix):
-                    keep = ("lora_" in k and a in k) or any(f"{m}.modules_to_save.{a}" in k for m in mts)
+                    # xtuner's get_peft_model_state_dict: LoRA tensors first, then modules_to_save copies
+                    if "lora_" in k and a in k:
+                        lora[k] = v
+                    elif any(f"{m}.modules_to_save.{a}" in k for m in mts):
+                        mts_out[k] = v
                 elif k.startswith(prefix + "grounding_encoder."):
-                    keep = k.startswith(prefix + "grounding_encoder.sam2_model.sam_mask_decoder")
-                else:
-                    keep = k.startswith(prefix + "text_hidden_fcs.")
-                if keep:
-                    # Sa2VA trains in bf16: the saved trainable tensors are bfloat16
-                    out[k] = v if keep_vars else v.detach().to(torch.bfloat16)
+                    if k.startswith(prefix + "grounding_encoder.sam2_model.sam_mask_decoder"):
+                        rest[k] = v
+                elif k.startswith(prefix + "text_hidden_fcs."):
+                    rest[k] = v
+            out = {**lora, **mts_out, **rest}
             if destination is not None:
                 destination.update(out)
                 return destination
@@ -596,7 +601,7 @@ def _config_text(base_dir: Path, sam2_cfg_path: Path, sam2_pt: Path, train_steps
     return f'''\
 from mmengine.hooks import (CheckpointHook, DistSamplerSeedHook, IterTimerHook,
                             LoggerHook, ParamSchedulerHook)
-from mmengine.optim import ConstantLR, LinearLR, OptimWrapper
+from mmengine.optim import LinearLR, OptimWrapper
 from peft import LoraConfig
 from torch.optim import AdamW
 from transformers import AutoTokenizer, Qwen2_5_VLProcessor
@@ -686,8 +691,7 @@ optim_wrapper = dict(
 )
 
 param_scheduler = [
-    dict(type=LinearLR, start_factor=0.5, by_epoch=False, begin=0, end=1),
-    dict(type=ConstantLR, factor=1.0, by_epoch=False, begin=1, end=max_iters),
+    dict(type=LinearLR, start_factor=0.5, by_epoch=False, begin=0, end=max_iters),
 ]
 
 train_cfg = dict(by_epoch=False, max_iters=max_iters, val_interval=max_iters + 1)
@@ -720,6 +724,27 @@ resume = False
 randomness = dict(seed={seed}, deterministic=False)
 log_processor = dict(by_epoch=False)
 '''
+
+
+_PRETTY_TEXT_CACHE: dict = {}
+
+
+def _cached_pretty_config_class():
+    from mmengine.config import Config
+
+    class CachedPrettyConfig(Config):
+        """mmengine ``Config`` whose ``pretty_text`` (a yapf run, ~1.3 s, called ~5x by Runner) is
+        computed once by mmengine itself and then reused; the text is unchanged."""
+
+        @property
+        def pretty_text(self) -> str:
+            key = (self.filename, self.text, repr(self._cfg_dict))
+            if key not in _PRETTY_TEXT_CACHE:
+                _PRETTY_TEXT_CACHE.clear()
+                _PRETTY_TEXT_CACHE[key] = Config.pretty_text.fget(self)
+            return _PRETTY_TEXT_CACHE[key]
+
+    return CachedPrettyConfig
 
 
 # --------------------------------------------------------------------------------------------------
@@ -786,8 +811,9 @@ def make_sa2va_qwen_fixture(
     gen = torch.Generator().manual_seed(seed + 3)
     _perturb_(model.parameters(), gen, 0.02)  # make norms/biases distinctive too
     _round_bf16_(model)  # the oracle holds exactly the bf16 values saved below
-    model.to(torch.bfloat16).save_pretrained(str(base_dir), safe_serialization=True)
-    model.float()
+    # save a bf16 copy (a .to(bf16)/.float() round trip would also round non-persistent buffers such
+    # as the rotary inv_freq, which a from_pretrained() model recomputes in fp32)
+    copy.deepcopy(model).to(torch.bfloat16).save_pretrained(str(base_dir), safe_serialization=True)
     model.eval()
 
     # ---- Meta SAM2 -----------------------------------------------------------------------------
@@ -804,7 +830,6 @@ def make_sa2va_qwen_fixture(
     assert n_new == len(SPECIAL_TOKENS)
     torch.manual_seed(seed + 4)
     model.resize_token_embeddings(len(tokenizer))
-    model.config.use_cache = False
     model.requires_grad_(False)
     peft_model = get_peft_model(model, _build_lora_config())
     gen = torch.Generator().manual_seed(seed + 5)
@@ -820,9 +845,11 @@ def make_sa2va_qwen_fixture(
     module = Sa2VA(peft_model, sam2, seg_idx)
     module.train()
 
+    _CachedPrettyConfig = _cached_pretty_config_class()
     cfg_path = root / "sa2va_tiny_qwen25vl.py"
     cfg_path.write_text(_config_text(base_dir, sam2_cfg_path, sam2_pt, train_steps, seed))
     mm_cfg = Config.fromfile(str(cfg_path))
+    object.__setattr__(mm_cfg, "__class__", _CachedPrettyConfig)  # same object, pretty_text memoised (see class docstring)
 
     dataset = _TinySegDataset(train_processor, seed, sam_image_size=sam2_cfg["model"]["image_size"])
     loader = torch.utils.data.DataLoader(
@@ -837,24 +864,14 @@ def make_sa2va_qwen_fixture(
         work_dir=str(work_dir),
         experiment_name=f"sa2va_tiny_{uuid.uuid4().hex[:8]}",
         train_dataloader=loader,
-        train_cfg=dict(by_epoch=False, max_iters=train_steps, val_interval=train_steps + 1),
-        optim_wrapper=dict(
-            type="OptimWrapper",
-            optimizer=dict(type="AdamW", lr=1e-3, betas=(0.9, 0.999), weight_decay=0.05),
-            clip_grad=dict(max_norm=1.0, error_if_nonfinite=False),
-        ),
-        param_scheduler=[
-            dict(type="LinearLR", start_factor=0.5, by_epoch=False, begin=0, end=1),
-            dict(type="ConstantLR", factor=1.0, by_epoch=False, begin=1, end=train_steps),
-        ],
-        default_hooks=dict(
-            logger=dict(type="LoggerHook", log_metric_by_epoch=False, interval=1),
-            checkpoint=dict(
-                type="CheckpointHook", interval=train_steps, by_epoch=False, save_optimizer=False, max_keep_ckpts=2
-            ),
-        ),
-        randomness=dict(seed=seed, deterministic=False),
-        log_level="WARNING",
+        train_cfg=mm_cfg.train_cfg,
+        optim_wrapper=mm_cfg.optim_wrapper,
+        param_scheduler=mm_cfg.param_scheduler,
+        default_hooks=mm_cfg.default_hooks,
+        env_cfg=mm_cfg.env_cfg,
+        randomness=mm_cfg.randomness,
+        log_processor=mm_cfg.log_processor,
+        log_level=mm_cfg.log_level,
         cfg=mm_cfg,
     )
     runner.train()

@@ -295,26 +295,25 @@ def _tokenizer_files(out: Path) -> list[str]:
 
 
 def _image_processor_settings(base_dir: Path, cfg: TrainingConfig) -> dict:
-    """Qwen2-VL image-processor settings: the base's preprocessor config, then min/max pixels from the
-    training config when it sets them (Sa2VA trains with its own bounds)."""
+    """Qwen2-VL image-processor settings for the export.
+
+    Patch/merge sizes and normalisation come from the base's ``preprocessor_config.json`` (they are part of
+    the vision tower). The pixel bounds do not: Sa2VA's inference uses its own (512*28*28 .. 2048*28*28, the
+    export config's defaults), so the base's bounds are not copied; a training config that sets
+    ``min_pixels``/``max_pixels`` wins."""
     settings: dict[str, Any] = {}
     pp = base_dir / "preprocessor_config.json"
     if pp.is_file():
         raw = _read_json(pp)
-        for k in ("min_pixels", "max_pixels", "patch_size", "temporal_patch_size", "merge_size", "image_mean",
-                  "image_std"):
+        for k in ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std"):
             if k in raw:
                 settings[k] = raw[k]
-        size = raw.get("size")
-        if isinstance(size, dict):
-            settings.setdefault("min_pixels", size.get("shortest_edge"))
-            settings.setdefault("max_pixels", size.get("longest_edge"))
     for key in ("min_pixels", "max_pixels"):
         for path, val in _iter_raw(cfg.raw):
             if path.split(".")[-1] == key and isinstance(val, int):
                 settings[key] = val
                 break
-    return {k: v for k, v in settings.items() if v is not None}
+    return settings
 
 
 def _iter_raw(obj: Any, path: str = ""):

@@ -149,6 +149,15 @@ class Sa2VAQwenModel(PreTrainedModel):
         self.text_hidden_fcs = nn.Sequential(
             nn.Linear(in_dim, in_dim), nn.ReLU(inplace=True), nn.Linear(in_dim, out_dim), nn.Dropout(0.0))
         self.post_init()
+        # transformers 5 registers key renamings for Qwen2.5-VL (legacy ``model.layers.*`` / ``visual.*`` <->
+        # native ``model.language_model.*`` / ``model.visual.*``). They are applied, scoped to ``mllm.``, when
+        # loading, and -- for a model that was not itself loaded through a renaming -- *reversed* when saving,
+        # so ``save_pretrained`` would write ``mllm.model.layers.*`` / ``mllm.visual.*`` instead of the module
+        # names. Our files always use the module names (that is what maskport writes), so saving must not
+        # rename: an empty list here means "no conversion to revert". ``from_pretrained`` replaces it with the
+        # conversions it actually used (none for a maskport export; the legacy ones for a folder saved in the
+        # legacy layout, which then round-trips in that layout).
+        self._weight_conversions = []
 
     # ---- plumbing ----------------------------------------------------------------------------------------------
     def get_input_embeddings(self):
@@ -265,9 +274,6 @@ class Sa2VAQwenModel(PreTrainedModel):
         (then default) slow processor of transformers 4.x that Sa2VA's reference code ran with."""
         if processor is not None and getattr(processor, "image_processor", None) is not None:
             return processor.image_processor
-        cached = getattr(self, "_cached_image_processor", None)
-        if cached is not None:
-            return cached
         s = self.config.image_processor
         kwargs = dict(size={"shortest_edge": int(s["min_pixels"]), "longest_edge": int(s["max_pixels"])},
                       patch_size=int(s["patch_size"]), temporal_patch_size=int(s["temporal_patch_size"]),
@@ -287,7 +293,6 @@ class Sa2VAQwenModel(PreTrainedModel):
                 continue
         if ip is None:
             raise ImportError("no usable Qwen2-VL image processor in this transformers installation")
-        self._cached_image_processor = ip
         return ip
 
     def _mllm_image_inputs(self, image: Image.Image, processor=None) -> dict[str, torch.Tensor]:
