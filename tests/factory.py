@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -784,9 +783,19 @@ def _build_lora_config():
 
 
 def make_sa2va_qwen_fixture(
-    root: Path, *, seed: int = 0, deepspeed: bool = False, train_steps: int = 2
+    root: Path,
+    *,
+    seed: int = 0,
+    deepspeed: bool = False,
+    train_steps: int = 2,
+    base_vocab_size: int | None = None,
 ) -> Sa2VAQwenFixture:
-    """Build the tiny base model, SAM2 checkpoint and a genuine mmengine Sa2VA checkpoint under ``root``."""
+    """Build the tiny base model, SAM2 checkpoint and a genuine mmengine Sa2VA checkpoint under ``root``.
+
+    ``base_vocab_size``: embedding rows of the saved base model (default: ``len(base tokenizer)``).
+    Real Qwen2.5-VL checkpoints pad it (151936 rows for a 151665-token tokenizer), and Sa2VA's
+    ``resize_token_embeddings(len(tokenizer))`` then *shrinks* it; pass e.g. 512 to reproduce that.
+    """
     import logging
 
     from mmengine.config import Config
@@ -805,7 +814,7 @@ def make_sa2va_qwen_fixture(
     base_tok = make_tiny_tokenizer(base_dir)
     processor = _make_processor(base_tok)
     processor.save_pretrained(str(base_dir))
-    cfg = tiny_qwen2_5_vl_config(len(base_tok))
+    cfg = tiny_qwen2_5_vl_config(base_vocab_size or len(base_tok))
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(cfg).float()
     gen = torch.Generator().manual_seed(seed + 3)
@@ -1001,6 +1010,12 @@ def _ds_worker(args: dict) -> None:
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
     assert trainable == set(ck["state_dict"]), sorted(trainable ^ set(ck["state_dict"]))[:10]
 
+    # single process: skip the JIT build (~90 s with a cold cache) of DeepSpeed's shared-memory CPU
+    # all-reduce kernel; it only speeds up multi-process CPU collectives and is optional in DeepSpeed.
+    import importlib
+
+    # (importlib: the attribute `deepspeed.comm.torch` is the torch package itself, not the submodule)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     ds_config = {
         "train_micro_batch_size_per_gpu": 2,

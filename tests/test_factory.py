@@ -147,3 +147,25 @@ def test_oracle_is_reproducible_from_disk(fx, ckpt):
     with torch.no_grad(), fx.peft_model.disable_adapter():
         c = fx.peft_model(**inputs).logits
     assert (c - b.logits).abs().max() > 1e-3
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_checkpoint(tmp_path):
+    pytest.importorskip("deepspeed")
+    fx = make_sa2va_qwen_fixture(tmp_path, seed=0, deepspeed=True)
+    assert not torch.distributed.is_initialized()  # DeepSpeed ran in a subprocess
+    assert fx.ds_ckpt.is_dir() and fx.ds_ckpt.name == "iter_2.pth"
+    names = sorted(p.name for p in fx.ds_ckpt.iterdir())
+    assert names == ["bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", "mp_rank_00_model_states.pt"]
+    ref = torch.load(fx.ckpt, map_location="cpu", weights_only=False)
+    states = torch.load(fx.ds_ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    assert list(states["module"]) == list(ref["state_dict"])
+    assert all(torch.equal(states["module"][k], v) for k, v in ref["state_dict"].items())
+    assert states["meta"]["cfg"] == ref["meta"]["cfg"]
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    fp32 = get_fp32_state_dict_from_zero_checkpoint(
+        str(fx.ds_ckpt.parent), tag=fx.ds_ckpt.name, exclude_frozen_parameters=True
+    )
+    assert set(fp32) == set(ref["state_dict"])
+    assert all(torch.equal(fp32[k], v.float()) for k, v in ref["state_dict"].items())

@@ -15,7 +15,8 @@ import torch
 
 from .. import __version__
 from ..errors import MaskportError, MissingInput
-from ..mappings import ConvertOptions, detect_family, get_family
+from ..mappings import detect_family, get_family
+from ..mappings.registry import ConvertOptions
 from .plan import Plan, build_plan
 from .report import coverage, format_table, plan_entries
 from .sources import open_training_checkpoint

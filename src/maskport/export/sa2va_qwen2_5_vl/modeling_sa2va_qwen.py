@@ -348,6 +348,7 @@ class Sa2VAQwenModel(PreTrainedModel):
         mask_threshold: float | None = None,
         return_probabilities: bool = False,
         max_new_tokens: int | None = None,
+        generation_kwargs: dict | None = None,
     ) -> dict[str, Any]:
         """Answer ``text`` about ``image`` and segment every ``[SEG]`` of the answer.
 
@@ -370,6 +371,9 @@ class Sa2VAQwenModel(PreTrainedModel):
            logits -> bilinear (align_corners=False) to ``sam2_image_size`` then to the image's H x W (Sa2VA's two
            resizes: its video predictor returns masks at SAM2 resolution, which it then resizes to the image)
            -> sigmoid -> ``> mask_threshold``.
+
+        ``generation_kwargs`` are passed on to ``generate`` (e.g. ``repetition_penalty``, ``sequence_bias``) and
+        override the defaults above, except the hidden-state/return-dict settings the masks need.
 
         The answer is decoded with special tokens kept (so ``[SEG]`` stays visible) and stripped, like Sa2VA.
         """
@@ -409,12 +413,11 @@ class Sa2VAQwenModel(PreTrainedModel):
         # 3. generate
         stop_ids = self._stop_token_ids(tokenizer)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop_ids[0] if stop_ids else 0)
-        out = self.mllm.generate(
-            input_ids=input_ids, attention_mask=attention_mask, **mm,
-            max_new_tokens=max_new, do_sample=False, num_beams=1,
-            eos_token_id=stop_ids or None, pad_token_id=pad_id,
-            output_hidden_states=True, return_dict_in_generate=True, use_cache=True,
-        )
+        gen_kwargs = dict(max_new_tokens=max_new, do_sample=False, num_beams=1,
+                          eos_token_id=stop_ids or None, pad_token_id=pad_id, use_cache=True)
+        gen_kwargs.update(generation_kwargs or {})
+        gen_kwargs.update(output_hidden_states=True, return_dict_in_generate=True)
+        out = self.mllm.generate(input_ids=input_ids, attention_mask=attention_mask, **mm, **gen_kwargs)
         prompt_length = input_ids.shape[1]
         prediction = tokenizer.decode(out.sequences[0, prompt_length:], skip_special_tokens=False).strip()
         result: dict[str, Any] = {"prediction": prediction, "prediction_masks": []}

@@ -1,0 +1,44 @@
+"""Session fixtures: one tiny Sa2VA-Qwen2.5-VL training run (mmengine + DeepSpeed) and its conversions."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+@pytest.fixture(scope="session")
+def fx(tmp_path_factory):
+    """A genuine tiny Sa2VA training output: base folder, SAM2 .pt, mmengine iter_2.pth, DeepSpeed ZeRO-2 dir,
+    and the un-converted pieces in memory (the oracles)."""
+    from tests.factory import make_sa2va_qwen_fixture
+
+    return make_sa2va_qwen_fixture(tmp_path_factory.mktemp("sa2va_fx"), seed=0, deepspeed=True)
+
+
+def _convert(fx, out: Path, **kw):
+    from maskport.convert.api import convert_mmengine_to_hf
+
+    return convert_mmengine_to_hf(fx.ckpt, base=fx.base_dir, sam2=fx.sam2_pt, out=out, progress=False,
+                                  **kw)
+
+
+@pytest.fixture(scope="session")
+def export_bf16(fx, tmp_path_factory):
+    """The default conversion (output dtype = training dtype, bf16)."""
+    out = tmp_path_factory.mktemp("exports") / "sa2va-bf16"
+    return _convert(fx, out)
+
+
+@pytest.fixture(scope="session")
+def export_fp32(fx, tmp_path_factory):
+    """An fp32 conversion, for oracle comparisons at fp32 tolerances."""
+    out = tmp_path_factory.mktemp("exports") / "sa2va-fp32"
+    return _convert(fx, out, dtype="fp32")
