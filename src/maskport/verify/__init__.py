@@ -1,0 +1,1 @@
+"""Comparing masks before and after conversion/quantization, and against ground truth."""
