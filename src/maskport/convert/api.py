@@ -199,7 +199,7 @@ tags: [maskport, segmentation, {report['family']}]
 from transformers import AutoModel, AutoTokenizer
 from PIL import Image
 model = AutoModel.from_pretrained("<this folder>", trust_remote_code=True).eval()
-tok = AutoTokenizer.from_pretrained("<this folder>")
+tok = AutoTokenizer.from_pretrained("<this folder>", trust_remote_code=True)
 out = model.predict_forward(image=Image.open("img.png").convert("RGB"),
                             text="<image>Please segment the object.", tokenizer=tok)
 out["prediction"], out["prediction_masks"]  # str, [bool array (1, H, W) per [SEG]]
