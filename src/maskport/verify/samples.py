@@ -4,13 +4,19 @@ JSONL format (one object per line; paths relative to the JSONL file):
     {"image": "images/0001.png", "prompt": "<image>Please segment the red circle.", "gt_mask": "masks/0001.png"}
 ``gt_mask`` is optional (a PNG whose non-zero pixels are the object); ``id`` is optional (default: line number);
 ``answer`` is optional (a reference answer, e.g. "Sure, [SEG].", used for calibration).
+
+Also: ``load_image_folder`` (every image of a folder, one prompt for all, no GT) and ``load_refcoco`` (RefCOCO /
+RefCOCO+ / RefCOCOg: the refs file, pickle or JSON, plus COCO ``instances.json`` with polygon or RLE
+segmentations; one sample per referring sentence). ``load_samples`` picks one of the three from a path.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -24,6 +30,13 @@ class Sample:
     prompt: str
     gt_mask_path: Path | None = None
     answer: str | None = None
+    # RefCOCO-style GT: COCO segmentations (polygons or RLE) whose union is the object, and the image's (h, w)
+    gt_segmentations: list[Any] | None = None
+    gt_size: tuple[int, int] | None = None
+
+    @property
+    def has_gt(self) -> bool:
+        return self.gt_mask_path is not None or self.gt_segmentations is not None
 
     def image(self):
         from PIL import Image
@@ -32,6 +45,14 @@ class Sample:
             return im.convert("RGB")
 
     def gt_mask(self) -> np.ndarray | None:
+        if self.gt_segmentations is not None:
+            from .coco import segmentation_to_mask
+
+            h, w = self.gt_size
+            out = np.zeros((h, w), dtype=bool)
+            for seg in self.gt_segmentations:
+                out |= segmentation_to_mask(seg, h, w)
+            return out
         if self.gt_mask_path is None:
             return None
         from PIL import Image
@@ -65,3 +86,114 @@ def load_jsonl(path: str | Path) -> list[Sample]:
     if not out:
         raise UnreadableFile(f"{path}: no samples")
     return out
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def load_image_folder(folder: str | Path, prompt: str) -> list[Sample]:
+    """Every image directly in ``folder`` (sorted by name), each with the same ``prompt``; no GT."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise MissingInput(f"image folder {folder} does not exist")
+    if not prompt or not prompt.strip():
+        raise MissingInput(f"{folder} is a folder of images: give the prompt for all of them with --prompt")
+    if "<image>" not in prompt:
+        prompt = "<image>" + prompt
+    images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise UnreadableFile(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    return [Sample(p.name, p, prompt) for p in images]
+
+
+class _NoGlobalsUnpickler(pickle.Unpickler):
+    """RefCOCO's refs(*).p holds only dicts, lists, strings and numbers: refuse anything that names code."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"refs pickle asks for {module}.{name}; only plain data is allowed")
+
+
+def _read_refs(path: Path) -> list[dict]:
+    try:
+        if path.suffix.lower() == ".json":
+            refs = json.loads(path.read_text())
+        else:
+            with path.open("rb") as f:
+                refs = _NoGlobalsUnpickler(f, encoding="latin1").load()
+    except (OSError, ValueError, pickle.UnpicklingError, EOFError) as exc:
+        raise UnreadableFile(f"refs file {path}: {exc}") from exc
+    if isinstance(refs, dict) and "refs" in refs:
+        refs = refs["refs"]
+    if not isinstance(refs, list) or not all(isinstance(r, dict) for r in refs):
+        raise UnreadableFile(f"refs file {path}: expected a list of refs (dicts with image_id, ann_id, sentences)")
+    return refs
+
+
+DEFAULT_REFCOCO_PROMPT = "<image>Please segment {sentence}."
+
+
+def load_refcoco(refs: str | Path, instances: str | Path, image_root: str | Path, split: str | None = "val",
+                 prompt_template: str = DEFAULT_REFCOCO_PROMPT, limit: int | None = None) -> list[Sample]:
+    """RefCOCO-style evaluation set: one sample per referring sentence of each ref in ``split``.
+
+    ``refs``: the refs file (``refs(unc).p`` pickle -- read as plain data only -- or the same list as JSON);
+    each ref has ``image_id``, ``ann_id`` (an int, or a list whose union is the target), ``split`` and
+    ``sentences`` (``[{"sent": ...}, ...]``). ``instances``: COCO ``instances.json`` (``images`` with
+    ``file_name``/``height``/``width``; ``annotations`` with ``segmentation`` as polygons or RLE).
+    ``image_root``: the folder holding the images' ``file_name``. ``prompt_template`` is formatted with
+    ``sentence``. ``split=None`` takes every ref. Sample ids are ``<ref_id>:<sentence index>``.
+    """
+    refs, instances, image_root = Path(refs), Path(instances), Path(image_root)
+    for what, p in (("refs file", refs), ("instances file", instances)):
+        if not p.is_file():
+            raise MissingInput(f"{what} {p} does not exist")
+    if not image_root.is_dir():
+        raise MissingInput(f"image folder {image_root} does not exist")
+    if "{sentence}" not in prompt_template:
+        raise MissingInput("the RefCOCO prompt template must contain {sentence}")
+    ref_list = _read_refs(refs)
+    try:
+        inst = json.loads(instances.read_text())
+        images = {int(im["id"]): im for im in inst["images"]}
+        anns = {int(a["id"]): a for a in inst["annotations"]}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UnreadableFile(f"instances file {instances}: expected COCO json with images and annotations "
+                             f"({type(exc).__name__}: {exc})") from exc
+    out: list[Sample] = []
+    for r in ref_list:
+        if split is not None and r.get("split") != split:
+            continue
+        try:
+            image = images[int(r["image_id"])]
+            ann_ids = r["ann_id"] if isinstance(r["ann_id"], list) else [r["ann_id"]]
+            segs = [anns[int(a)]["segmentation"] for a in ann_ids]
+            sentences = [s["sent"] if isinstance(s, dict) else str(s) for s in r["sentences"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UnreadableFile(f"refs file {refs}: ref {r.get('ref_id', '?')} does not match {instances} "
+                                 f"({type(exc).__name__}: {exc})") from exc
+        img_path = image_root / image["file_name"]
+        if not img_path.is_file():
+            raise MissingInput(f"image {img_path} (ref {r.get('ref_id', '?')}) does not exist")
+        size = (int(image["height"]), int(image["width"]))
+        for k, sent in enumerate(sentences):
+            out.append(Sample(f"{r.get('ref_id', len(out))}:{k}", img_path,
+                              prompt_template.format(sentence=sent.strip()), gt_segmentations=segs, gt_size=size))
+            if limit is not None and len(out) >= limit:
+                return out
+    if not out:
+        raise UnreadableFile(f"refs file {refs}: no refs in split {split!r}")
+    return out
+
+
+def load_samples(path: str | Path, prompt: str | None = None, limit: int | None = None) -> list[Sample]:
+    """A JSONL file (``load_jsonl``) or a folder of images with one ``prompt`` (``load_image_folder``)."""
+    path = Path(path)
+    if path.is_dir():
+        samples = load_image_folder(path, prompt or "")
+    elif path.is_file():
+        samples = load_jsonl(path)
+        if prompt:
+            raise MissingInput("--prompt is for a folder of images; a JSONL file has a prompt on each line")
+    else:
+        raise MissingInput(f"samples {path} does not exist (a JSONL file, or a folder of images with --prompt)")
+    return samples[:limit] if limit is not None else samples
