@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from .. import __version__
-from ..errors import MaskportError, MissingInput
+from ..errors import MissingInput
 from ..mappings import detect_family, get_family
 from ..mappings.registry import ConvertOptions
 from .plan import Plan, build_plan

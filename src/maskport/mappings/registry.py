@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import torch
 
 from ..convert.rules import Rule
 from ..convert.sources import TensorSource, TrainingCheckpoint
