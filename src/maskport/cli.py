@@ -95,5 +95,10 @@ def convert_mmengine_to_hf_cmd(checkpoint, base, sam2, out, family, dtype, max_s
         click.echo(f"wrote {res.out_dir} ({len(res.report['shards'])} shard(s), {res.report['seconds']} s)")
 
 
+from .verify.command import verify_command  # noqa: E402  (its heavy imports happen when it runs)
+
+main.add_command(verify_command, "verify")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
