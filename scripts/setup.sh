@@ -3,6 +3,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# gptqmodel's dependency PyPcre compiles against PCRE2: make sure its headers and pkg-config are there.
+if ! (command -v pkg-config >/dev/null 2>&1 && pkg-config --exists libpcre2-8); then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    (apt-get install -y -q libpcre2-dev pkg-config >/dev/null 2>&1 ||
+      (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q libpcre2-dev pkg-config >/dev/null))
+  else
+    echo "please install libpcre2-dev and pkg-config (needed to build gptqmodel's PyPcre)" >&2
+  fi
+fi
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi

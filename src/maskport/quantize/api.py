@@ -1,0 +1,304 @@
+"""``quantize_export``: a maskport export -> the same export with a 4/8-bit GPTQ or AWQ language model.
+
+    from maskport.quantize.api import quantize_export
+    res = quantize_export("exports/my-sa2va", "exports/my-sa2va-awq", method="awq", calib="data/train.jsonl",
+                          verify_samples="data/val.jsonl")
+    res.out_dir, res.report["sizes"], res.verify  # the verify result when verify_samples was given
+
+Steps:
+1. load the unquantized export (``AutoModel``, trust_remote_code) and build calibration batches from the user's
+   samples with its own preprocessing (``calibration.py``);
+2. save its ``mllm`` (a plain ``Qwen2_5_VLForConditionalGeneration``) + tokenizer + processor to a staging folder
+   and quantize it with GPTQModel (``backend.py``): only ``model.language_model.layers.*`` linears;
+3. write the output folder (``folder.py``): packed decoder linears + every other tensor copied from the export,
+   ``config.json`` with a transformers-readable ``quantization_config`` whose ``modules_to_not_convert`` names
+   the full prefixes that stay floating point, ``quantization_report.json``, the model card;
+4. optionally run ``maskport verify`` (quantized vs unquantized, and vs GT when present) and fail on its gate.
+
+Output goes to a hidden temporary folder beside ``out`` and is renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..errors import MaskportError, MissingInput, UnreadableFile
+from .backend import QuantizeError, QuantSettings, check_shapes, quantize_mllm, versions
+from .calibration import build_calibration
+from .folder import (
+    EXCLUDED_PREFIXES,
+    _tensor_info,
+    composite_quantization_config,
+    copy_side_files,
+    mark_standalone_exclusions,
+    model_card_section,
+    param_bytes,
+    plan_tensors,
+    weight_file_bytes,
+    write_config,
+    write_tensors,
+)
+
+FAMILY_MODEL_TYPE = "maskport_sa2va_qwen2_5_vl"
+
+
+class VerifyGateFailed(MaskportError):
+    """The quantized export was written but failed ``maskport verify``'s gate."""
+
+    exit_code = 1
+
+
+@dataclass
+class QuantizeResult:
+    out_dir: Path
+    report: dict[str, Any]
+    verify: Any = None          # maskport.verify.api.VerifyResult when verify_samples was given
+    messages: list[str] = field(default_factory=list)
+
+
+def _parse_size(s: str | int) -> int:
+    if isinstance(s, int):
+        return s
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", str(s).upper())
+    if not m:
+        raise MissingInput(f"--max-shard-size must look like 2GB or 500MB, got {s!r}")
+    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " "))
+
+
+def _check_export(export_dir: Path) -> dict:
+    cfg_path = export_dir / "config.json"
+    if not cfg_path.is_file():
+        raise MissingInput(f"{export_dir} is not an export folder (no config.json)")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except ValueError as exc:
+        raise UnreadableFile(f"{cfg_path}: not JSON ({exc})") from exc
+    if cfg.get("model_type") != FAMILY_MODEL_TYPE:
+        raise MissingInput(f"{export_dir} is not a maskport sa2va-qwen2_5-vl export (model_type="
+                           f"{cfg.get('model_type')!r}); run maskport convert first")
+    if cfg.get("quantization_config"):
+        raise MissingInput(f"{export_dir} is already quantized ({cfg['quantization_config'].get('quant_method')}); "
+                           f"quantize the unquantized export")
+    return cfg
+
+
+def _load_samples(path):
+    from ..verify import samples as S
+
+    loader = getattr(S, "load_samples", None)
+    return loader(path) if loader is not None else S.load_jsonl(path)
+
+
+def _resolve_device(device: str) -> str:
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        return "cuda:0"
+    return device
+
+
+def _decoder_linear_shapes(model) -> dict[str, tuple[int, int]]:
+    from .backend import DECODER_LINEARS
+
+    out = {}
+    for i, layer in enumerate(model.mllm.model.language_model.layers):
+        for name in DECODER_LINEARS:
+            mod = layer.get_submodule(name)
+            out[f"layers.{i}.{name}"] = (int(mod.out_features), int(mod.in_features))
+    return out
+
+
+def _stage_mllm(model, tokenizer, stage: Path) -> None:
+    """The MLLM as a standalone Qwen2.5-VL folder (weights, config, tokenizer, processor) for GPTQModel."""
+    from transformers import Qwen2_5_VLProcessor
+
+    model.mllm.save_pretrained(stage)
+    tokenizer.save_pretrained(stage)
+    ip = model._qwen_image_processor()
+    kwargs = {}
+    try:
+        from transformers import Qwen2VLVideoProcessor
+
+        kwargs["video_processor"] = Qwen2VLVideoProcessor()
+    except Exception as exc:  # noqa: BLE001 - e.g. no torchvision: the processor is saved without one
+        kwargs.clear()
+        _ = exc
+    Qwen2_5_VLProcessor(image_processor=ip, tokenizer=tokenizer, **kwargs).save_pretrained(stage)
+
+
+def quantize_export(export_dir, out, *, method: str = "gptq", bits: int = 4, group_size: int = 128,
+                    desc_act: bool = False, sym: bool | None = None, damp: float = 0.05, awq_format: str = "gemm",
+                    calib=None, calib_samples: int = 128, max_seq_len: int = 2048, calib_text_only: bool = False,
+                    device: str = "auto", offload_to_disk: bool = False, max_shard_size: str | int = "2GB",
+                    save_mllm=None, verify_samples=None, verify_options: dict | None = None,
+                    overwrite: bool = False, log=print) -> QuantizeResult:
+    """Quantize the language model of the export ``export_dir`` into ``out``; see the module docstring."""
+    import torch
+
+    t_start = time.time()
+    export_dir, out = Path(export_dir), Path(out)
+    _check_export(export_dir)
+    settings = QuantSettings(method=method, bits=int(bits), group_size=int(group_size), desc_act=bool(desc_act),
+                             sym=sym, damp=float(damp), awq_format=awq_format, device=_resolve_device(device),
+                             offload_to_disk=bool(offload_to_disk))
+    settings.check()
+    shard_bytes = _parse_size(max_shard_size)
+    if calib is None and not calib_text_only:
+        raise MissingInput("calibration samples are required: --calib samples.jsonl (image + prompt [+ answer]); "
+                           "--calib-text-only calibrates without images (worse masks), only when asked for")
+    samples = _load_samples(calib) if calib is not None else None
+    if out.exists():
+        if not overwrite:
+            raise MissingInput(f"{out} exists; pass --overwrite to replace it")
+        if out.resolve() == export_dir.resolve():
+            raise MissingInput("-o must differ from the export folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    from ..verify import samples as _samples_mod  # noqa: F401  (fail early if verify's loader is unavailable)
+    from .backend import import_gptqmodel
+
+    import_gptqmodel()  # a missing backend is reported before the model is loaded
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.maskport-quant-", dir=out.parent))
+    partial = out.parent / f".{out.name}.maskport-partial-{os.getpid()}"
+    try:
+        # 1. load + calibration ------------------------------------------------------------------------------
+        from transformers import AutoModel, AutoTokenizer
+
+        t0 = time.time()
+        model = AutoModel.from_pretrained(export_dir, trust_remote_code=True).eval()
+        tokenizer = AutoTokenizer.from_pretrained(export_dir, trust_remote_code=True)
+        check_shapes(settings, _decoder_linear_shapes(model))
+        try:
+            calib_set = build_calibration(model, tokenizer, samples, n_samples=calib_samples,
+                                          max_seq_len=max_seq_len, text_only=calib_text_only, log=log)
+        except ValueError as exc:
+            raise MissingInput(str(exc)) from exc
+        if calib is not None:
+            calib_set.stats["file"] = str(calib)
+        stage = work / "mllm-stage"
+        _stage_mllm(model, tokenizer, stage)
+        del model
+        gc.collect()
+        t_prep = time.time() - t0
+
+        # 2. quantize -----------------------------------------------------------------------------------------
+        qdir = work / "mllm-quantized"
+        if settings.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.time()
+        backend_info = quantize_mllm(stage, qdir, calib_set.batches, settings, log=log)
+        t_quant = time.time() - t0
+        peak_gpu = int(torch.cuda.max_memory_allocated()) if settings.device.startswith("cuda") else None
+        shutil.rmtree(stage, ignore_errors=True)
+
+        # 3. write the composite folder ----------------------------------------------------------------------
+        if partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir()
+        entries, qmods = plan_tensors(export_dir, qdir)
+        shards = write_tensors(entries, partial, shard_bytes)
+        qc = composite_quantization_config(qdir, settings.method)
+        copy_side_files(export_dir, partial, skip=("config.json",))
+        provenance = {"method": settings.method, "bits": settings.bits, "group_size": settings.group_size,
+                      "source_export": str(export_dir), "maskport_version": __version__,
+                      "gptqmodel_version": versions()["gptqmodel"]}
+        write_config(export_dir, partial, qc, provenance)
+        before_info, after_info = _tensor_info(export_dir), _tensor_info(partial)
+        report = {
+            "schema": 1,
+            "tool": {"maskport": __version__, **versions()},
+            "source_export": str(export_dir.resolve()),
+            "settings": {"method": settings.method, "bits": settings.bits, "group_size": settings.group_size,
+                         "desc_act": settings.desc_act, "sym": settings.resolved_sym(), "damp": settings.damp,
+                         "awq_format": settings.awq_format if settings.method == "awq" else None,
+                         "device": settings.device, "offload_to_disk": settings.offload_to_disk},
+            "quantization_config": qc,
+            "excluded_prefixes": list(EXCLUDED_PREFIXES),
+            "quantized_modules_count": len(qmods),
+            "quantized_modules": qmods,
+            "calibration": calib_set.stats,
+            "sizes": {"before": {"files_bytes": weight_file_bytes(export_dir), "param_bytes": param_bytes(before_info)},
+                      "after": {"files_bytes": weight_file_bytes(partial), "param_bytes": param_bytes(after_info),
+                                "shards": shards}},
+            "timings_s": {"load_and_calibration": round(t_prep, 2), "quantize": round(t_quant, 2)},
+            "peak_gpu_bytes": peak_gpu,
+            "backend": {k: (str(v) if not isinstance(v, (dict, list, type(None))) else v)
+                        for k, v in backend_info.items() if k != "quantize_config"},
+        }
+        card = partial / "README.md"
+        card.write_text((card.read_text() if card.is_file() else "") + model_card_section(report))
+        if save_mllm is not None:
+            save_mllm = Path(save_mllm)
+            if save_mllm.exists():
+                if not overwrite:
+                    raise MissingInput(f"{save_mllm} exists; pass --overwrite to replace it")
+                shutil.rmtree(save_mllm)
+            shutil.copytree(qdir, save_mllm)
+            mark_standalone_exclusions(save_mllm, settings.method)
+            report["standalone_mllm"] = str(save_mllm)
+        report["timings_s"]["total"] = round(time.time() - t_start, 2)
+        (partial / "quantization_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        partial.rename(out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    result = QuantizeResult(out, report)
+    # 4. verify ----------------------------------------------------------------------------------------------
+    if verify_samples is not None:
+        result.verify = run_verify(export_dir, out, verify_samples, verify_options or {}, log=log)
+        report["verify"] = {"report_dir": str(result.verify.report_dir) if result.verify.report_dir else None,
+                            "passed": result.verify.passed, "verdict": result.verify.verdict,
+                            "failures": result.verify.failures}
+        (out / "quantization_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        if not result.verify.passed:
+            raise VerifyGateFailed(f"the quantized export {out} failed verify: "
+                                   + "; ".join(result.verify.failures or [result.verify.verdict])
+                                   + f" (report: {result.verify.report_dir})")
+    return result
+
+
+def verify_report_dir(out: Path) -> Path:
+    """Where the verify report of ``out`` goes: beside the output folder."""
+    out = Path(out)
+    return out.parent / f"{out.name}.verify"
+
+
+def run_verify(export_dir: Path, out: Path, samples, options: dict, log=print):
+    """``maskport verify REF=export CAND=quantized SAMPLES`` through verify's Python API."""
+    from ..verify.api import verify
+    from ..verify.compare import Thresholds
+
+    opts = dict(options)
+    thr = {k: opts.pop(k) for k in ("min_dice", "max_giou_drop", "max_text_mismatch") if k in opts}
+    report_dir = Path(opts.pop("report_dir", None) or verify_report_dir(out))
+    opts.setdefault("device", "auto")
+    log(f"verify: {export_dir} (REF) vs {out} (CAND) on {samples}")
+    return verify(str(export_dir), str(out), samples, report_dir=report_dir,
+                  thresholds=Thresholds(**thr) if thr else None, **opts)
+
+
+__all__ = [
+    "QuantizeError",
+    "QuantizeResult",
+    "VerifyGateFailed",
+    "quantize_export",
+    "run_verify",
+    "verify_report_dir",
+]

@@ -1,0 +1,289 @@
+"""Write the quantized export folder: the unquantized export with the decoder linears replaced by packed ones.
+
+Tensors:
+- every tensor of the decoder layers (``mllm.model.language_model.layers.*``) comes from GPTQModel's saved
+  language model, renamed with the ``mllm.`` prefix: the packed linears (``qweight``/``qzeros``/``scales``/
+  ``g_idx``/``bias``) and the layer norms (AWQ folds its scales into them);
+- every other tensor (vision tower, embeddings, final norm, lm_head, all of SAM2, ``text_hidden_fcs``) is
+  copied byte for byte from the unquantized export, so nothing outside the decoder layers changes.
+
+``config.json`` is the export's, plus a ``quantization_config`` that transformers' own GPTQ/AWQ quantizers read
+when ``AutoModel.from_pretrained`` builds the composite model:
+- GPTQ (optimum + gptqmodel): ``block_name_to_quantize = "mllm.model.language_model.layers"`` and
+  ``modules_in_block_to_quantize`` (the 7 decoder linears): optimum replaces exactly those linears and nothing
+  else;
+- AWQ (gptqmodel): transformers replaces *every* ``nn.Linear`` not matched by ``modules_to_not_convert``, so the
+  list names the full prefixes of everything that must stay floating point.
+Both carry ``modules_to_not_convert`` = ``EXCLUDED_PREFIXES`` so the exclusions are explicit in the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from .backend import DECODER_LINEARS, QuantizeError
+
+# Modules that stay in the export's dtype; full prefixes in the composite model.
+EXCLUDED_PREFIXES = ["mllm.model.visual", "mllm.lm_head", "sam2", "text_hidden_fcs"]
+DECODER_BLOCK = "mllm.model.language_model.layers"
+_QMOD_RE = re.compile(r"^model\.language_model\.layers\.\d+\.(" +
+                      "|".join(re.escape(n) for n in DECODER_LINEARS) + r")$")
+WEIGHT_FILES_RE = re.compile(r"^model(-\d+-of-\d+)?\.safetensors(\.index\.json)?$")
+
+
+def _weight_map(folder: Path) -> dict[str, str]:
+    """tensor name -> shard file name."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return dict(json.loads(index.read_text())["weight_map"])
+    single = folder / "model.safetensors"
+    if not single.is_file():
+        raise QuantizeError(f"{folder} has no model.safetensors(.index.json)")
+    from safetensors import safe_open
+
+    with safe_open(str(single), "pt") as f:
+        return {k: "model.safetensors" for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
+
+
+def _tensor_info(folder: Path) -> dict[str, tuple[str, list[int]]]:
+    """name -> (safetensors dtype, shape), read from the headers only."""
+    from safetensors import safe_open
+
+    wm = _weight_map(folder)
+    out = {}
+    for file in sorted(set(wm.values())):
+        with safe_open(str(folder / file), "pt") as f:
+            for k in f.keys():  # noqa: SIM118 - safe_open is not iterable
+                sl = f.get_slice(k)
+                out[k] = (sl.get_dtype(), list(sl.get_shape()))
+    return out
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def part_of(name: str) -> str:
+    """Which part of the composite a tensor belongs to (for the size table)."""
+    if name.startswith("mllm.model.language_model.layers."):
+        mod = name[len("mllm."):].rsplit(".", 1)[0]
+        return "decoder_linears" if _QMOD_RE.match(mod) else "decoder_other"
+    if name.startswith("mllm.model.visual."):
+        return "vision"
+    if name.startswith("mllm."):
+        return "embeddings_lm_head_norm"
+    if name.startswith("sam2."):
+        return "sam2"
+    if name.startswith("text_hidden_fcs."):
+        return "text_hidden_fcs"
+    return "other"
+
+
+def param_bytes(info: dict[str, tuple[str, list[int]]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for name, (dtype, shape) in info.items():
+        n = 1
+        for d in shape:
+            n *= int(d)
+        out[part_of(name)] = out.get(part_of(name), 0) + n * _DTYPE_BYTES.get(dtype, 4)
+    out["total"] = sum(v for k, v in out.items())
+    return out
+
+
+def weight_file_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and p.name.endswith(".safetensors"))
+
+
+def composite_quantization_config(qmllm_dir: Path, method: str) -> dict[str, Any]:
+    """transformers-readable ``quantization_config`` for the composite, from GPTQModel's saved one."""
+    raw = json.loads((qmllm_dir / "config.json").read_text()).get("quantization_config")
+    if not raw:
+        raise QuantizeError(f"GPTQModel wrote no quantization_config in {qmllm_dir}/config.json")
+    keep = ("bits", "group_size", "desc_act", "sym", "quant_method", "pack_dtype", "lm_head")
+    qc = {k: raw[k] for k in keep if k in raw}
+    if method == "gptq":
+        fmt = raw.get("checkpoint_format") or raw.get("format") or "gptq"
+        qc.update(quant_method="gptq", format=fmt, checkpoint_format=fmt,
+                  block_name_to_quantize=DECODER_BLOCK,
+                  modules_in_block_to_quantize=[list(DECODER_LINEARS)])
+    else:
+        fmt = raw.get("version") or raw.get("format") or "gemm"
+        qc.update(quant_method="awq", version=fmt, format=fmt, zero_point=bool(raw.get("zero_point", True)))
+        qc.pop("desc_act", None)
+        qc["sym"] = not qc["zero_point"]
+    qc["modules_to_not_convert"] = list(EXCLUDED_PREFIXES)
+    qc["lm_head"] = False
+    qc["quantized_by"] = {"tool": "maskport", "backend": "gptqmodel",
+                          "note": "only " + DECODER_BLOCK + ".*.{" + ",".join(DECODER_LINEARS) +
+                                  "} are quantized; modules_to_not_convert stay in the export's dtype"}
+    return qc
+
+
+STANDALONE_EXCLUDED = ["model.visual", "lm_head"]
+
+
+def mark_standalone_exclusions(qmllm_dir: Path, method: str) -> dict[str, Any]:
+    """Make GPTQModel's standalone Qwen2.5-VL folder safe for other loaders.
+
+    GPTQModel 7.6 writes an AWQ ``quantization_config`` without ``modules_to_not_convert``; transformers then
+    turns every linear of the vision tower into an AWQ layer that the checkpoint has no packed weights for
+    (they load uninitialised: NaN image features). We name the excluded prefixes explicitly (and, for GPTQ, the
+    block that is quantized), in ``config.json`` and ``quantize_config.json``.
+    """
+    changed = {}
+    for fname in ("config.json", "quantize_config.json"):
+        path = qmllm_dir / fname
+        if not path.is_file():
+            continue
+        data = json.loads(path.read_text())
+        qc = data.get("quantization_config") if fname == "config.json" else data
+        if not isinstance(qc, dict):
+            continue
+        qc["modules_to_not_convert"] = list(STANDALONE_EXCLUDED)
+        if method == "gptq":
+            qc["block_name_to_quantize"] = "model.language_model.layers"
+        path.write_text(json.dumps(data, indent=2) + "\n")
+        changed[fname] = qc
+    return changed
+
+
+def plan_tensors(src_dir: Path, qmllm_dir: Path) -> tuple[list[tuple[str, Path, str]], list[str]]:
+    """Output tensors as (target name, file, source name), and the quantized module names (composite prefix).
+
+    Every tensor of the decoder layers (``mllm.model.language_model.layers.*``) comes from GPTQModel's result:
+    the packed linears, and also the layer norms, because AWQ folds its activation scales into the op before
+    each scaled linear group (``input_layernorm``, ``post_attention_layernorm``). Everything else comes from
+    the unquantized export, byte for byte.
+    """
+    src_map = _weight_map(src_dir)
+    q_map = _weight_map(qmllm_dir)
+    qmods = sorted({k[: -len(".qweight")] for k in q_map if k.endswith(".qweight")})
+    if not qmods:
+        raise QuantizeError("GPTQModel's output has no packed (qweight) tensors: nothing was quantized")
+    bad = [m for m in qmods if not _QMOD_RE.match(m)]
+    if bad:
+        raise QuantizeError(f"GPTQModel quantized modules outside the decoder linears: {bad[:5]}")
+    layers = "model.language_model.layers."
+    out: list[tuple[str, Path, str]] = []
+    src_layer_modules = set()
+    for name, file in src_map.items():
+        if name.startswith("mllm." + layers):
+            src_layer_modules.add(name[5:].rsplit(".", 1)[0])
+            continue
+        out.append((name, src_dir / file, name))
+    q_layer_modules = set()
+    for name, file in q_map.items():
+        if name.startswith(layers):
+            q_layer_modules.add(name.rsplit(".", 1)[0])
+            out.append(("mllm." + name, qmllm_dir / file, name))
+    if src_layer_modules != q_layer_modules:
+        diff = sorted(src_layer_modules ^ q_layer_modules)
+        raise QuantizeError(f"GPTQModel's decoder layers do not match the export's: {diff[:5]}")
+    return out, ["mllm." + m for m in qmods]
+
+
+def _chmod_default(path: Path) -> None:
+    """safetensors creates files 0600; give them the mode a normal write would (0666 & ~umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def write_tensors(entries: list[tuple[str, Path, str]], out_dir: Path, max_shard_bytes: int = 2 * 1024 ** 3) -> list[str]:
+    """Write sharded safetensors; memory holds one shard at a time. Returns the shard file names."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    entries = sorted(entries, key=lambda e: e[0])
+    shards: list[dict[str, Any]] = []
+    current: dict[str, Any] = {}
+    size = 0
+    handles: dict[Path, Any] = {}
+    tmp_names: list[list[str]] = []
+
+    def flush():
+        nonlocal current, size
+        if current:
+            n = len(shards)
+            tmp = out_dir / f".shard-{n}.safetensors"
+            save_file(current, str(tmp), metadata={"format": "pt"})
+            shards.append({"tmp": tmp})
+            tmp_names.append(list(current))
+        current, size = {}, 0
+
+    try:
+        for target, file, source in entries:
+            if file not in handles:
+                handles[file] = safe_open(str(file), "pt")
+            t = handles[file].get_tensor(source)
+            nbytes = t.numel() * t.element_size()
+            if current and size + nbytes > max_shard_bytes:
+                flush()
+            current[target] = t.contiguous()
+            size += nbytes
+        flush()
+    finally:
+        handles.clear()
+    total = len(shards)
+    names = []
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = "model.safetensors" if total == 1 else f"model-{i + 1:05d}-of-{total:05d}.safetensors"
+        shard["tmp"].rename(out_dir / name)
+        _chmod_default(out_dir / name)
+        names.append(name)
+        for k in tmp_names[i]:
+            weight_map[k] = name
+    if total > 1:
+        total_size = sum((out_dir / n).stat().st_size for n in names)
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+    return names
+
+
+def copy_side_files(src_dir: Path, out_dir: Path, skip: Iterable[str] = ()) -> list[str]:
+    copied = []
+    skip = set(skip)
+    for p in sorted(src_dir.iterdir()):
+        if not p.is_file() or WEIGHT_FILES_RE.match(p.name) or p.name in skip:
+            continue
+        shutil.copy2(p, out_dir / p.name)
+        copied.append(p.name)
+    return copied
+
+
+def write_config(src_dir: Path, out_dir: Path, quantization_config: dict[str, Any], provenance: dict[str, Any]) -> dict:
+    cfg = json.loads((src_dir / "config.json").read_text())
+    cfg["quantization_config"] = quantization_config
+    mp = dict(cfg.get("maskport") or {})
+    mp["quantization"] = provenance
+    cfg["maskport"] = mp
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return cfg
+
+
+def model_card_section(report: dict[str, Any]) -> str:
+    s = report["settings"]
+    sz = report["sizes"]
+    lines = [
+        "",
+        "## Quantization (maskport quantize)",
+        "",
+        f"- method: **{s['method'].upper()}**, {s['bits']}-bit, group size {s['group_size']}, "
+        f"{'sym' if s['sym'] else 'asym (zero-point)'}" + (", desc_act" if s.get("desc_act") else ""),
+        f"- quantized: the language model's decoder linears only ({report['quantized_modules_count']} modules "
+        f"under `{DECODER_BLOCK}`); kept in the export's dtype: " + ", ".join(f"`{p}`" for p in EXCLUDED_PREFIXES),
+        (f"- calibration: {report['calibration']['samples']} sample(s), {report['calibration']['source']}, "
+        f"{report['calibration']['tokens']} tokens"),
+        f"- weights: {sz['before']['files_bytes'] / 1e6:.1f} MB -> {sz['after']['files_bytes'] / 1e6:.1f} MB",
+        ("- loading needs `gptqmodel` (and `optimum` for GPTQ): `pip install 'maskport[quant]'`, then "
+        "`AutoModel.from_pretrained(dir, trust_remote_code=True)` as for the unquantized export."),
+        "",
+    ]
+    return "\n".join(lines)
