@@ -94,6 +94,7 @@ def convert_mmengine_to_hf(
     # 1. the training checkpoint
     tc = open_training_checkpoint(ckpt, allow_unsafe_pickle=allow_unsafe_pickle)
     cfg = TrainingConfig.from_text(tc.config_text)
+    ckpt_sha = None if dry_run else _Background(tc.sha256)  # hashing overlaps planning and writing
 
     # 2. the family
     fam = get_family(family) if family else detect_family(tc)
@@ -142,7 +143,6 @@ def convert_mmengine_to_hf(
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        report["inputs"]["checkpoint"]["sha256"] = tc.sha256()
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -154,6 +154,7 @@ def convert_mmengine_to_hf(
                               progress=bar.update if bar else None)
         if bar:
             bar.close()
+        report["inputs"]["checkpoint"]["sha256"] = ckpt_sha.result()
         report["shards"] = [{"file": s.filename, "bytes": (tmp / s.filename).stat().st_size, "sha256": s.sha256,
                              "tensors": sum(len(ps.step.targets) for ps in s.steps)} for s in shards]
         report["files"] = prepared.write_files(tmp)
@@ -174,6 +175,31 @@ def convert_mmengine_to_hf(
         for s in prepared.sources.values():
             s.close()
     return ConversionResult(fam.name, plan, out_dir, report, summary, prepared.notes)
+
+
+class _Background:
+    """Runs ``fn`` on a daemon thread; :meth:`result` waits for it and returns (or raises) its outcome."""
+
+    def __init__(self, fn):
+        import threading
+
+        self._out: Any = None
+        self._exc: BaseException | None = None
+
+        def run():
+            try:
+                self._out = fn()
+            except BaseException as exc:  # noqa: BLE001 - re-raised by result()
+                self._exc = exc
+
+        self._thread = threading.Thread(target=run, name="maskport-sha256-input", daemon=True)
+        self._thread.start()
+
+    def result(self):
+        self._thread.join()
+        if self._exc is not None:
+            raise self._exc
+        return self._out
 
 
 def _model_card(report: dict) -> str:

@@ -35,6 +35,16 @@ def lora_merge(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float
     return torch.addmm(w.float(), b.float(), a.float(), alpha=scaling)
 
 
+def lora_merge_into(out: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                    scaling: float) -> torch.Tensor:
+    """:func:`lora_merge` computed in ``out`` (float32, contiguous, the shape of ``w``) instead of fresh memory:
+    the same float32 values (``torch.addmm`` copies its input into the result and runs the same GEMM)."""
+    if out.dtype != torch.float32 or tuple(out.shape) != tuple(w.shape):
+        raise ValueError(f"lora_merge_into needs a float32 {tuple(w.shape)} output, got {out.dtype} {tuple(out.shape)}")
+    out.copy_(w)
+    return out.addmm_(b.float(), a.float(), alpha=scaling)
+
+
 def lora_merge_shapes(shapes: Sequence[Shape]) -> list[Shape]:
     w, a, b = (tuple(s) for s in shapes)
     if len(w) != 2 or len(a) != 2 or len(b) != 2:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Callable, Iterator, Sequence
 
@@ -88,6 +88,7 @@ class Step:
     op: str
     superseded: tuple[Ref, ...] = ()
     reason: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)  # the op's settings as data (e.g. LoRA scaling)
 
 
 class Rule:
@@ -175,7 +176,7 @@ class LoraMerge(Rule):
             return [ops.lora_merge(xs[0], xs[1], xs[2], scaling)]
 
         return Step(self, (fill(self.target, bnd),), (_ref(self.base, bnd), _ref(self.a, bnd), _ref(self.b, bnd)),
-                    compute, ops.lora_merge_shapes, f"lora_merge(scaling={scaling})")
+                    compute, ops.lora_merge_shapes, f"lora_merge(scaling={scaling})", params={"scaling": scaling})
 
 
 @dataclass(frozen=True)

@@ -17,12 +17,15 @@ Full pickle (which runs whatever code the file names) is only available through
 
 from __future__ import annotations
 
+import mmap
 import pickle
+import re
+import struct
 import sys
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
@@ -79,11 +82,15 @@ def allowlist() -> list:
     ]
 
 
-def _is_zip(path: Path) -> bool:
+def is_zip_file(path: str | Path) -> bool:
+    """Whether ``path`` is in torch's zip format (which :func:`safe_torch_load` memory-maps)."""
     try:
         return zipfile.is_zipfile(path)
     except OSError:
         return False
+
+
+_is_zip = is_zip_file
 
 
 def safe_torch_load(path: str | Path, *, mmap: bool = True, allow_unsafe_pickle: bool = False) -> Any:
@@ -152,3 +159,103 @@ def _unsafe_globals(path: Path) -> list[str]:
     except Exception:  # noqa: BLE001 - best effort for the message only
         return []
     return sorted(g for g in found if g not in allowed)
+
+
+# --------------------------------------------------------------------------------------------------
+# Where the tensor bytes of a zip-format torch file are
+# --------------------------------------------------------------------------------------------------
+
+_DATA_RECORD = re.compile(r"^[^/]+/data/[^/]+$")
+_LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")  # zip local file header (30 bytes)
+
+
+def zip_data_records(path: str | Path) -> dict[str, tuple[int, int]]:
+    """``{record name: (file offset of its first byte, size)}`` for the tensor-storage records
+    (``<archive>/data/<key>``) of a zip-format torch file.
+
+    torch writes these records uncompressed (``ZIP_STORED``), so their bytes sit in the file as they are in
+    memory. Compressed records (some other writer) are left out: their bytes cannot be read in place. The data
+    offset comes from each record's own local header (its extra field may differ from the central directory's).
+    """
+    out: dict[str, tuple[int, int]] = {}
+    with open(path, "rb") as f, zipfile.ZipFile(f) as zf:
+        for info in zf.infolist():
+            if not _DATA_RECORD.match(info.filename) or info.compress_type != zipfile.ZIP_STORED:
+                continue
+            if info.compress_size != info.file_size:
+                continue
+            f.seek(info.header_offset)
+            raw = f.read(_LOCAL_HEADER.size)
+            if len(raw) != _LOCAL_HEADER.size:
+                continue
+            sig, *_rest, name_len, extra_len = _LOCAL_HEADER.unpack(raw)
+            if sig != b"PK\x03\x04":
+                continue
+            out[info.filename] = (info.header_offset + _LOCAL_HEADER.size + name_len + extra_len, info.file_size)
+    return out
+
+
+def _storage_of(t: Any):
+    if not isinstance(t, torch.Tensor) or t.layout != torch.strided or t.device.type != "cpu":
+        return None
+    try:
+        st = t.untyped_storage()
+        return st.data_ptr(), st.nbytes()
+    except (RuntimeError, NotImplementedError):  # e.g. tensor subclasses without storage
+        return None
+
+
+def locate_storages(path: str | Path, tensors: Iterable[Any]) -> dict[int, int]:
+    """For tensors unpickled from ``path`` by ``torch.load(mmap=True)``: ``{storage data_ptr: file offset}``.
+
+    ``torch.load(mmap=True)`` maps the whole file once and gives every storage the slice of that mapping which
+    holds its record, so ``data_ptr - file offset`` is the same (page-aligned) base for every storage. The base
+    is accepted only if it is the single one under which *every* storage starts exactly at a data record of
+    the same size; then a few storages are compared byte for byte through both routes. Anything else (a legacy
+    file, another torch layout, compressed records) gives ``{}``: the caller then reads through the mapping.
+    Reading at the offsets (``os.pread``) leaves the mapping untouched, so the process does not accumulate the
+    file's pages in its resident set.
+    """
+    path = Path(path)
+    storages: dict[int, int] = {}
+    for t in tensors:
+        s = _storage_of(t)
+        if s is not None and s[1] > 0:
+            storages[s[0]] = max(storages.get(s[0], 0), s[1])
+    if not storages:
+        return {}
+    try:
+        records = zip_data_records(path)
+    except (OSError, zipfile.BadZipFile):
+        return {}
+    by_offset = {off: size for off, size in records.values()}
+    p0 = min(storages)
+    bases = []
+    for off, size in by_offset.items():
+        base = p0 - off
+        if size != storages[p0] or base % mmap.PAGESIZE:
+            continue
+        if all(by_offset.get(p - base) == n for p, n in storages.items()):
+            bases.append(base)
+    if len(bases) != 1:
+        return {}
+    base = bases[0]
+    located = {p: p - base for p in storages}
+    if not _spot_check(path, located, storages):
+        return {}
+    return located
+
+
+def _spot_check(path: Path, located: dict[int, int], sizes: dict[int, int], n: int = 4, nbytes: int = 64) -> bool:
+    """Compare the first bytes of a few storages read at their offsets with the same bytes seen through the
+    mapping (touching one page of each)."""
+    import ctypes
+
+    picks = sorted(located, key=lambda p: -sizes[p])[:n]
+    with open(path, "rb") as f:
+        for p in picks:
+            k = min(nbytes, sizes[p])
+            f.seek(located[p])
+            if f.read(k) != ctypes.string_at(p, k):
+                return False
+    return True

@@ -1,8 +1,16 @@
 """Lazy tensor sources: names, shapes and dtypes first; data on demand.
 
 Every reader returns a :class:`TensorSource`. Planning only calls :meth:`TensorSource.info`; the writer
-calls :meth:`TensorSource.load` for one group of tensors at a time. Torch pickles are memory-mapped and
-safetensors files are opened with ``safe_open``, so neither reads tensor data before it is asked for.
+calls :meth:`TensorSource.load` (or :meth:`TensorSource.load_into`, which reuses the caller's buffer) for one
+group of tensors at a time.
+
+How bytes are read: safetensors headers are parsed here and each tensor is read with ``os.pread`` at its
+offset; torch zip files are unpickled with ``torch.load(weights_only=True, mmap=True)`` (names, shapes, dtypes,
+strides, nothing read), and each tensor is then read with ``os.pread`` at its storage record's offset
+(:func:`~maskport.convert.safe_load.locate_storages`). Neither path touches a memory mapping of the file, so
+the pages of a 10 GB input never count towards the process's resident set (a mapping's touched pages do, as
+``RssFile``, for as long as it stays mapped); they only pass through the kernel's page cache. Tensors that
+cannot be located fall back to the mapping, and the pages they touched are given back after the copy.
 
 Readers:
 - :func:`open_training_checkpoint`: an mmengine ``iter_N.pth`` file, or a DeepSpeed ZeRO-1/2 directory;
@@ -15,7 +23,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import struct
+import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -23,7 +35,7 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from ..errors import MissingInput, UnreadableFile, UnsupportedCheckpoint
-from .safe_load import safe_torch_load
+from .safe_load import is_zip_file, locate_storages, safe_torch_load
 
 _ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -62,6 +74,19 @@ class TensorSource:
     def load(self, key: str) -> torch.Tensor:
         raise NotImplementedError
 
+    def buffer_nbytes(self, key: str) -> int:
+        """Bytes :meth:`load_into` writes into its buffer for ``key``; 0 if this source does not use buffers."""
+        return 0
+
+    def load_into(self, key: str, buffer: torch.Tensor | None) -> torch.Tensor:
+        """Like :meth:`load`, but a file-backed source puts the bytes into ``buffer`` (a 1-D ``uint8`` tensor of
+        at least :meth:`buffer_nbytes` bytes) and returns a view of it, so a caller that reuses buffers does
+        not pay for fresh memory at every tensor. The result is only valid until the buffer is reused."""
+        return self.load(key)
+
+    def prefetch(self, key: str) -> None:
+        """Hint that ``key`` will be read soon (file-backed sources ask the kernel to read ahead)."""
+
     def __contains__(self, key: str) -> bool:
         return key in self._keyset()
 
@@ -98,43 +123,273 @@ class StateDictSource(TensorSource):
         return self._tensors[key]
 
 
+_MAX_READ = 1 << 30  # bytes per pread call (Linux caps one read at 2 GiB - 4 KiB)
+
+
+def pread_into(fd: int, buf: memoryview, offset: int, *, what: str = "file") -> None:
+    """Fill ``buf`` from ``fd`` at ``offset`` (positional: no shared file position, safe across threads)."""
+    pos = 0
+    n = len(buf)
+    while pos < n:
+        view = buf[pos:pos + _MAX_READ]
+        got = os.preadv(fd, [view], offset + pos) if hasattr(os, "preadv") else _pread_fallback(fd, view, offset + pos)
+        if got <= 0:
+            raise UnreadableFile(f"{what}: unexpected end of file at byte {offset + pos} (truncated?)")
+        pos += got
+
+
+def _pread_fallback(fd: int, view: memoryview, offset: int) -> int:  # pragma: no cover - platforms without preadv
+    data = os.pread(fd, len(view), offset)
+    view[:len(data)] = data
+    return len(data)
+
+
+def _fadvise_willneed(fd: int, offset: int, nbytes: int) -> None:
+    if hasattr(os, "posix_fadvise") and nbytes > 0:
+        try:
+            os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_WILLNEED)
+        except OSError:  # pragma: no cover - advisory only
+            pass
+
+
+class _Files:
+    """Read-only file descriptors, opened on first use and shared by the threads of one conversion."""
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
+
+    def fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get(path)
+                if fd is None:
+                    fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+                    self._fds[path] = fd
+        return fd
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _span_elements(shape: tuple[int, ...], stride: tuple[int, ...]) -> int:
+    """Elements of storage a strided tensor spans (from its first element to its last, inclusive)."""
+    if any(s == 0 for s in shape):
+        return 0
+    return 1 + sum((s - 1) * st for s, st in zip(shape, stride))
+
+
+def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
+    stride, acc = [], 1
+    for d in reversed(shape):
+        stride.append(acc)
+        acc *= max(d, 1)
+    return tuple(reversed(stride))
+
+
+def _as_tensor(raw: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], stride: tuple[int, ...]) -> torch.Tensor:
+    """View ``raw`` (uint8, exactly the spanned bytes) as a ``dtype`` tensor of ``shape``/``stride``."""
+    flat = raw.view(dtype) if raw.numel() else torch.empty(0, dtype=dtype)
+    return flat.as_strided(shape, stride, 0)
+
+
+def _buffer_view(buffer: torch.Tensor | None, nbytes: int) -> torch.Tensor:
+    if buffer is None:
+        return torch.empty(nbytes, dtype=torch.uint8)
+    if buffer.dtype != torch.uint8 or buffer.dim() != 1 or buffer.numel() < nbytes or not buffer.is_contiguous():
+        raise ValueError(f"load_into needs a contiguous 1-D uint8 buffer of at least {nbytes} bytes")
+    return buffer[:nbytes]
+
+
+_MADV_DONTNEED = 4
+
+
+def release_pages(t: torch.Tensor) -> None:
+    """Give back the pages of a file mapping that ``t``'s storage touched (Linux ``madvise(MADV_DONTNEED)`` on the
+    whole pages inside the storage). Safe for read-only, private file mappings: a later access reads the file
+    again. A no-op elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        import mmap
+
+        st = t.untyped_storage()
+        start, n = st.data_ptr(), st.nbytes()
+        page = mmap.PAGESIZE
+        lo = -(-start // page) * page
+        hi = (start + n) // page * page
+        if hi > lo:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), ctypes.c_int(_MADV_DONTNEED))
+    except Exception:  # noqa: BLE001 - best effort
+        pass
+
+
+class TorchFileSource(StateDictSource):
+    """Tensors of torch zip file(s) unpickled with ``mmap=True``; their bytes are read with ``os.pread`` at the
+    storage records' offsets instead of through the mapping.
+
+    ``locations``: ``{key: (file, file offset of the storage)}`` for the tensors that could be located; any other
+    tensor is copied out of the mapping, whose touched pages are then released (:func:`release_pages`)."""
+
+    def __init__(self, name: str, path: Path, tensors: Mapping[str, Any], description: str,
+                 locations: Mapping[str, tuple[Path, int]], *, mapped: bool = False):
+        super().__init__(name, path, tensors, description)
+        self._locations = {k: v for k, v in locations.items() if k in self._tensors}
+        self._mapped = mapped  # the tensors live in a private file mapping (their pages may be released)
+        self._files = _Files()
+
+    @staticmethod
+    def locate(file: Path, tensors: Mapping[str, Any]) -> dict[str, tuple[Path, int]]:
+        """``{key: (file, storage offset)}`` for the tensors of ``tensors`` found in ``file``'s records."""
+        offsets = locate_storages(file, (v for v in tensors.values() if isinstance(v, torch.Tensor)))
+        out = {}
+        for k, v in tensors.items():
+            if isinstance(v, torch.Tensor) and v.layout == torch.strided and v.device.type == "cpu":
+                ptr = v.untyped_storage().data_ptr()
+                if ptr in offsets:
+                    out[k] = (Path(file), offsets[ptr])
+        return out
+
+    @classmethod
+    def from_file(cls, name: str, path: Path, file: Path, tensors: Mapping[str, Any], description: str):
+        """A source over ``tensors``, unpickled from ``file`` by :func:`safe_torch_load`."""
+        tensors = dict(tensors)
+        return cls(name, path, tensors, description, cls.locate(file, tensors), mapped=is_zip_file(file))
+
+    @property
+    def located(self) -> int:
+        """How many tensors are read at file offsets (the others go through the mapping)."""
+        return len(self._locations)
+
+    def _span(self, key: str) -> tuple[Path, int, int] | None:
+        loc = self._locations.get(key)
+        if loc is None:
+            return None
+        t = self._tensors[key]
+        es = t.element_size()
+        return loc[0], loc[1] + t.storage_offset() * es, _span_elements(tuple(t.shape), tuple(t.stride())) * es
+
+    def buffer_nbytes(self, key: str) -> int:
+        span = self._span(key)
+        if span is None:
+            t = self._tensors[key]
+            return t.numel() * t.element_size()
+        return span[2]
+
+    def load(self, key: str) -> torch.Tensor:
+        return self.load_into(key, None)
+
+    def load_into(self, key: str, buffer: torch.Tensor | None) -> torch.Tensor:
+        t = self._tensors[key]
+        span = self._span(key)
+        if span is None:
+            out = _buffer_view(buffer, t.numel() * t.element_size()).view(t.dtype).view(t.shape) if t.numel() \
+                else torch.empty(t.shape, dtype=t.dtype)
+            out.copy_(t)
+            if self._mapped:
+                release_pages(t)
+            return out
+        file, offset, nbytes = span
+        raw = _buffer_view(buffer, nbytes)
+        if nbytes:
+            pread_into(self._files.fd(file), memoryview(raw.numpy()), offset, what=str(file))
+        return _as_tensor(raw, t.dtype, tuple(t.shape), tuple(t.stride()))
+
+    def prefetch(self, key: str) -> None:
+        span = self._span(key)
+        if span is not None:
+            _fadvise_willneed(self._files.fd(span[0]), span[1], span[2])
+
+    def close(self) -> None:
+        self._files.close()
+
+
+_ST_HEADER_MAX = 100 << 20
+
+
+@dataclass(frozen=True)
+class _StEntry:
+    file: Path
+    offset: int   # absolute file offset of the first byte
+    info: TensorInfo
+
+
+def read_safetensors_header(file: Path) -> tuple[dict[str, _StEntry], dict[str, str]]:
+    """Parse a safetensors file's header: ``({name: entry}, metadata)``; raises :class:`UnreadableFile` for
+    anything that is not a well-formed safetensors file (bad length, JSON, dtype, shape or offsets)."""
+    file = Path(file)
+
+    def bad(why: str) -> UnreadableFile:
+        return UnreadableFile(f"{file}: not a readable safetensors file ({why})")
+
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise bad("shorter than its 8-byte header length")
+            (n,) = struct.unpack("<Q", raw)
+            if n > _ST_HEADER_MAX or 8 + n > size:
+                raise bad(f"header length {n} does not fit the file size {size}")
+            header = json.loads(f.read(n))
+    except OSError as exc:
+        raise bad(str(exc)) from exc
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise bad(f"header is not JSON: {exc}") from exc
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    data_start = 8 + n
+    metadata = header.pop("__metadata__", None) or {}
+    entries: dict[str, _StEntry] = {}
+    for name, e in header.items():
+        try:
+            dt, shape, (begin, end) = e["dtype"], e["shape"], e["data_offsets"]
+        except (TypeError, KeyError, ValueError) as exc:
+            raise bad(f"tensor {name}: malformed entry {e!r}") from exc
+        if dt not in _ST_DTYPES:
+            raise UnreadableFile(f"{file}: tensor {name} has unsupported dtype {dt}")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise bad(f"tensor {name}: bad shape {shape!r}")
+        info = TensorInfo(tuple(shape), _ST_DTYPES[dt])
+        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end) or end - begin != info.nbytes:
+            raise bad(f"tensor {name}: data_offsets {e['data_offsets']} do not hold {info.shape} {dt}")
+        if data_start + end > size:
+            raise bad(f"tensor {name}: data ends at byte {data_start + end}, past the end of the file (truncated?)")
+        entries[name] = _StEntry(file, data_start + begin, info)
+    return entries, metadata
+
+
 class SafetensorsSource(TensorSource):
-    """Tensors spread over one or more safetensors files, opened lazily with ``safe_open``."""
+    """Tensors spread over one or more safetensors files: headers parsed up front, bytes read with ``os.pread``
+    (no memory mapping: see the module docstring)."""
 
     def __init__(self, name: str, path: Path, key_to_file: Mapping[str, Path], description: str):
         super().__init__(name, path, description)
-        from safetensors import safe_open
-
-        self._safe_open = safe_open
-        self._key_to_file = dict(key_to_file)
-        self._handles: dict[Path, Any] = {}
-        self._infos: dict[str, TensorInfo] = {}
+        self._key_to_file = {k: Path(f) for k, f in key_to_file.items()}
+        self._entries: dict[str, _StEntry] = {}
+        self._files = _Files()
         for file in sorted(set(self._key_to_file.values())):
-            h = self._handle(file)
-            for k in h.keys():
-                if self._key_to_file.get(k) != file:
-                    continue
-                sl = h.get_slice(k)
-                dt = sl.get_dtype()
-                if dt not in _ST_DTYPES:
-                    raise UnreadableFile(f"{file}: tensor {k} has unsupported dtype {dt}")
-                self._infos[k] = TensorInfo(tuple(sl.get_shape()), _ST_DTYPES[dt])
-        missing = set(self._key_to_file) - set(self._infos)
+            entries, _ = read_safetensors_header(file)
+            for k, e in entries.items():
+                if self._key_to_file.get(k) == file:
+                    self._entries[k] = e
+        missing = set(self._key_to_file) - set(self._entries)
         if missing:
             raise UnreadableFile(
                 f"{path}: the index lists {len(missing)} tensor(s) that its shards do not contain, "
                 f"e.g. {sorted(missing)[0]}"
             )
-
-    def _handle(self, file: Path):
-        h = self._handles.get(file)
-        if h is None:
-            try:
-                h = self._safe_open(str(file), framework="pt", device="cpu")
-            except Exception as exc:  # noqa: BLE001 - re-raised typed
-                raise UnreadableFile(f"{file}: not a readable safetensors file ({exc})") from exc
-            self._handles[file] = h
-        return h
+        self._infos = {k: e.info for k, e in self._entries.items()}
 
     def keys(self) -> list[str]:
         return list(self._infos)
@@ -142,11 +397,25 @@ class SafetensorsSource(TensorSource):
     def info(self, key: str) -> TensorInfo:
         return self._infos[key]
 
+    def buffer_nbytes(self, key: str) -> int:
+        return self._infos[key].nbytes
+
     def load(self, key: str) -> torch.Tensor:
-        return self._handle(self._key_to_file[key]).get_tensor(key)
+        return self.load_into(key, None)
+
+    def load_into(self, key: str, buffer: torch.Tensor | None) -> torch.Tensor:
+        e = self._entries[key]
+        raw = _buffer_view(buffer, e.info.nbytes)
+        if e.info.nbytes:
+            pread_into(self._files.fd(e.file), memoryview(raw.numpy()), e.offset, what=str(e.file))
+        return _as_tensor(raw, e.info.dtype, e.info.shape, _contiguous_stride(e.info.shape))
+
+    def prefetch(self, key: str) -> None:
+        e = self._entries[key]
+        _fadvise_willneed(self._files.fd(e.file), e.offset, e.info.nbytes)
 
     def close(self) -> None:
-        self._handles.clear()
+        self._files.close()
 
 
 class RenamedSource(TensorSource):
@@ -169,18 +438,30 @@ class RenamedSource(TensorSource):
     def load(self, key: str) -> torch.Tensor:
         return self.inner.load(self._to_inner[key])
 
+    def buffer_nbytes(self, key: str) -> int:
+        return self.inner.buffer_nbytes(self._to_inner[key])
+
+    def load_into(self, key: str, buffer: torch.Tensor | None) -> torch.Tensor:
+        return self.inner.load_into(self._to_inner[key], buffer)
+
+    def prefetch(self, key: str) -> None:
+        self.inner.prefetch(self._to_inner[key])
+
     def close(self) -> None:
         self.inner.close()
 
 
-def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
+def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
+    """sha256 of a file, read into one reused buffer (a fresh 16 MB ``bytes`` per read would cost page faults)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
         while True:
-            b = f.read(chunk)
-            if not b:
+            n = f.readinto(buf)
+            if not n:
                 break
-            h.update(b)
+            h.update(view[:n])
     return h.hexdigest()
 
 
@@ -274,7 +555,8 @@ def open_training_checkpoint(path: str | Path, *, allow_unsafe_pickle: bool = Fa
             raise UnreadableFile(f"{model_file}: 'module' is {type(module).__name__}, not a state dict")
         module = _strip_common_prefix(module, "module.")
         meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
-        src = StateDictSource("ckpt", path, module, f"DeepSpeed ZeRO-{stage or '1/2'} checkpoint {path.name}")
+        src = TorchFileSource.from_file("ckpt", path, model_file, module,
+                                        f"DeepSpeed ZeRO-{stage or '1/2'} checkpoint {path.name}")
         return TrainingCheckpoint(src, "deepspeed", meta=meta, files=[model_file])
     obj = safe_torch_load(path, allow_unsafe_pickle=allow_unsafe_pickle)
     if not isinstance(obj, dict):
@@ -292,7 +574,8 @@ def open_training_checkpoint(path: str | Path, *, allow_unsafe_pickle: bool = Fa
         )
     sd = _strip_common_prefix(sd, "module.")
     meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
-    return TrainingCheckpoint(StateDictSource("ckpt", path, sd, f"{fmt} checkpoint {path.name}"), fmt, meta, [path])
+    src = TorchFileSource.from_file("ckpt", path, path, sd, f"{fmt} checkpoint {path.name}")
+    return TrainingCheckpoint(src, fmt, meta, [path])
 
 
 def _ds_zero_stage(obj: Mapping) -> int | None:
@@ -327,13 +610,7 @@ def open_hf_folder(path: str | Path, *, name: str = "base", allow_unsafe_pickle:
                 raise UnreadableFile(f"{st_index} names shard {f.name}, which is missing")
         return SafetensorsSource(name, path, files, f"HF folder {path.name}")
     if st_single.is_file():
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(st_single), framework="pt") as h:
-                keys = list(h.keys())
-        except Exception as exc:  # noqa: BLE001
-            raise UnreadableFile(f"{st_single}: not a readable safetensors file ({exc})") from exc
+        keys = list(read_safetensors_header(st_single)[0])
         return SafetensorsSource(name, path, {k: st_single for k in keys}, f"HF folder {path.name}")
     bin_index = path / "pytorch_model.bin.index.json"
     bins: list[Path]
@@ -344,9 +621,17 @@ def open_hf_folder(path: str | Path, *, name: str = "base", allow_unsafe_pickle:
     else:
         raise UnreadableFile(f"{path}: no model.safetensors(.index.json) or pytorch_model.bin(.index.json) in it")
     merged: dict[str, torch.Tensor] = {}
+    locations: dict[str, tuple[Path, int]] = {}
     for b in bins:
-        merged.update(safe_torch_load(b, allow_unsafe_pickle=allow_unsafe_pickle))
-    return StateDictSource(name, path, merged, f"HF folder {path.name} (.bin)")
+        sd = safe_torch_load(b, allow_unsafe_pickle=allow_unsafe_pickle)
+        if not isinstance(sd, Mapping):
+            raise UnreadableFile(f"{b}: holds a {type(sd).__name__}, not a state dict")
+        merged.update(sd)
+        for k in sd:
+            locations.pop(k, None)
+        locations.update(TorchFileSource.locate(b, sd))
+    return TorchFileSource(name, path, merged, f"HF folder {path.name} (.bin)", locations,
+                           mapped=all(is_zip_file(b) for b in bins))
 
 
 def open_sam2_checkpoint(path: str | Path, *, allow_unsafe_pickle: bool = False) -> TensorSource:
@@ -357,10 +642,7 @@ def open_sam2_checkpoint(path: str | Path, *, allow_unsafe_pickle: bool = False)
     if path.is_dir():
         raise UnreadableFile(f"{path}: a folder; expected Meta's SAM2 checkpoint file (e.g. sam2_hiera_large.pt)")
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as h:
-            keys = list(h.keys())
+        keys = list(read_safetensors_header(path)[0])
         return SafetensorsSource("sam2", path, {k: path for k in keys}, f"SAM2 {path.name}")
     obj = safe_torch_load(path, allow_unsafe_pickle=allow_unsafe_pickle)
     if isinstance(obj, dict) and isinstance(obj.get("model"), Mapping):
@@ -369,7 +651,7 @@ def open_sam2_checkpoint(path: str | Path, *, allow_unsafe_pickle: bool = False)
         sd = obj
     else:
         raise UnreadableFile(f"{path}: not a SAM2 checkpoint (expected a dict with a 'model' state dict)")
-    return StateDictSource("sam2", path, sd, f"SAM2 {path.name}")
+    return TorchFileSource.from_file("sam2", path, path, sd, f"SAM2 {path.name}")
 
 
 def iter_keys_matching(source: TensorSource, prefixes: Iterable[str]) -> list[str]:

@@ -1,26 +1,48 @@
 """Stream a plan into sharded safetensors, one step at a time.
 
 Because the plan knows every output's name, shape and dtype before any data is read, each shard's
-safetensors header can be written first and the tensor bytes appended one by one: at most one step's
-tensors are in memory at any time, whatever the shard size. The byte layout is the documented
-safetensors format (8-byte little-endian header length, JSON header, aligned, then the raw row-major
-little-endian data), which ``safetensors.safe_open`` reads back; tests check that.
+safetensors header can be written first and the tensor bytes appended one by one. The byte layout is the
+documented safetensors format (8-byte little-endian header length, JSON header, aligned, then the raw
+row-major little-endian data), which ``safetensors.safe_open`` reads back; tests check that.
+
+Memory and speed (see ``benchmarks/convert/``):
+
+- every large tensor lives in a buffer of a small pool that is reused from step to step. Fresh memory costs a
+  page fault per 4 KiB page on first touch (on the benchmark machine 0.6 GB/s, ten times slower than writing
+  memory that is already mapped), and a 3B conversion would otherwise fault in ~30 GB;
+- the pool has a byte budget: the largest single step's needs, or 128 MiB if more. A step waits until its
+  buffers fit, so at most ``budget`` bytes of tensors are alive, whatever the model size;
+- a reader thread reads the steps' inputs, in order and ahead of the computation, straight into pool buffers
+  (:meth:`~maskport.convert.sources.TensorSource.load_into`); a LoRA
+  merge runs in a pooled float32 buffer and is cast back into its input's buffer; an unchanged tensor is
+  written from the buffer it was read into;
+- writing and sha256 run on two threads of their own (both release the GIL), overlapping the next steps'
+  reading and LoRA matmuls; a buffer returns to the pool once both are done with it. The next step's inputs
+  are announced to the kernel (``posix_fadvise``) for read-ahead;
+- meanwhile torch computes with one thread fewer than the machine has cores (at least one): on a 2-core
+  laptop a second OpenMP thread only competes with the writer and hasher (measured: slower, more CPU).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import mmap
+import os
+import queue
 import struct
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from . import ops
 from ..errors import ShapeMismatch
 from .plan import Plan, PlannedStep
+from .sources import TensorInfo
 
 ST_DTYPE_NAMES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -37,12 +59,43 @@ class Shard:
     sha256: str = ""
 
 
-def assign_shards(plan: Plan, max_shard_size: int) -> list[Shard]:
-    """Greedy packing in plan order; all outputs of one step stay in the same shard. A step larger than
-    ``max_shard_size`` gets a shard of its own."""
+def _is_merge(ps: PlannedStep) -> bool:
+    return ps.step.op.startswith("lora_merge")
+
+
+def write_order(plan: Plan) -> list[PlannedStep]:
+    """The steps in the order they are written: the LoRA merges (CPU-bound) interleaved with the other steps
+    (I/O-bound copies) in proportion to their output bytes, so that matmuls and copying overlap instead of
+    following each other. Deterministic; the relative order within each group is the plan's."""
+    heavy = [ps for ps in plan.steps if _is_merge(ps)]
+    light = [ps for ps in plan.steps if not _is_merge(ps)]
+    if not heavy or not light:
+        return list(plan.steps)
+
+    def size(ps: PlannedStep) -> int:
+        return max(1, sum(i.nbytes for i in ps.output_infos))
+
+    total_h, total_l = sum(map(size, heavy)), sum(map(size, light))
+    out: list[PlannedStep] = []
+    i = j = done_h = done_l = 0
+    while i < len(heavy) or j < len(light):
+        if j >= len(light) or (i < len(heavy) and done_h * total_l <= done_l * total_h):
+            out.append(heavy[i])
+            done_h += size(heavy[i])
+            i += 1
+        else:
+            out.append(light[j])
+            done_l += size(light[j])
+            j += 1
+    return out
+
+
+def assign_shards(plan: Plan, max_shard_size: int, steps: list[PlannedStep] | None = None) -> list[Shard]:
+    """Greedy packing in plan order (or ``steps``' order); all outputs of one step stay in the same shard. A step
+    larger than ``max_shard_size`` gets a shard of its own."""
     shards: list[Shard] = []
     cur = Shard("")
-    for ps in plan.steps:
+    for ps in (plan.steps if steps is None else steps):
         size = sum(i.nbytes for i in ps.output_infos)
         if cur.steps and cur.nbytes + size > max_shard_size:
             shards.append(cur)
@@ -77,8 +130,17 @@ def _as_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
 
 
+_prefetched = threading.local()
+
+
 def run_step(ps: PlannedStep, plan: Plan) -> list[torch.Tensor]:
-    """Load a step's inputs, compute, cast to the planned dtypes, and check the planned shapes."""
+    """Load a step's inputs, compute, cast to the planned dtypes, and check the planned shapes.
+
+    :func:`write_shards` calls this once per step, in order, on its computing thread, after its reader thread
+    has read the step's inputs into pooled buffers; the outputs are then computed in those buffers."""
+    ld = getattr(_prefetched, "step", None)
+    if ld is not None and ld.ps is ps:
+        return _compute_step(ld)
     step = ps.step
     xs = [plan.sources[r.source].load(r.key) for r in step.inputs]
     outs = step.compute(xs)
@@ -90,6 +152,318 @@ def run_step(ps: PlannedStep, plan: Plan) -> list[torch.Tensor]:
     return result
 
 
+_SMALL = 1 << 20          # tensors under 1 MiB are not pooled (the allocator reuses small blocks itself)
+_ROUND = 2 << 20          # pooled buffer sizes are rounded up to 2 MiB, so buffers fit more requests
+MIN_BUDGET = 128 << 20
+
+
+def _round(n: int) -> int:
+    return -(-n // _ROUND) * _ROUND
+
+
+def _alloc(n: int) -> torch.Tensor:
+    """A pooled buffer in its own anonymous memory mapping: evicting it gives the memory back to the system at
+    once (heap blocks of the same sizes can stay resident), and large pages are requested where supported."""
+    try:
+        mm = mmap.mmap(-1, n)
+    except (OSError, ValueError):  # pragma: no cover - no anonymous mappings
+        return torch.empty(n, dtype=torch.uint8)
+    if hasattr(mm, "madvise") and hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            mm.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:  # pragma: no cover - advisory only
+            pass
+    return torch.frombuffer(mm, dtype=torch.uint8)  # the tensor keeps the mapping alive; unmapped with it
+
+
+class _Pool:
+    """Reusable ``uint8`` buffers under a byte budget (see the module docstring)."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.free: list[torch.Tensor] = []   # least recently returned first
+        self.used = 0                         # bytes handed out (buffers and reservations)
+        self.cached = 0                       # bytes of free buffers
+        self.peak = 0
+        self.cond = threading.Condition()
+        self.failed: Callable[[], BaseException | None] = lambda: None
+
+    def take(self, sizes: list[int], reserve: int = 0) -> list[torch.Tensor | None]:
+        """Buffers for ``sizes`` (``None`` for small ones, which the caller allocates), plus ``reserve`` bytes
+        accounted for memory the step allocates itself; all at once, waiting while they do not fit."""
+        pooled = [(i, n) for i, n in enumerate(sizes) if n >= _SMALL]
+        with self.cond:
+            while True:
+                err = self.failed()
+                if err is not None:
+                    raise err
+                got = self._try_take(pooled, reserve)
+                if got is not None:
+                    out: list[torch.Tensor | None] = [None] * len(sizes)
+                    for i, b in got.items():
+                        out[i] = b
+                    return out
+                self.cond.wait(0.5)
+
+    def _try_take(self, pooled: list[tuple[int, int]], reserve: int) -> dict[int, torch.Tensor] | None:
+        # first choice: reuse free buffers that fit snugly (a 600 MB buffer kept for a 13 MB tensor would block
+        # the pipeline), allocate the rest; second: any free buffer that fits; else wait for buffers to return
+        for snug in (True, False):
+            plan = self._plan_take(pooled, reserve, snug)
+            if plan is not None:
+                return plan
+        return None
+
+    def _plan_take(self, pooled: list[tuple[int, int]], reserve: int, snug: bool) -> dict[int, torch.Tensor] | None:
+        picked: dict[int, torch.Tensor] = {}
+        free = list(self.free)
+        for i, n in sorted(pooled, key=lambda x: -x[1]):
+            fits = [j for j, b in enumerate(free) if b.numel() >= n and (not snug or b.numel() <= 2 * n + _ROUND)]
+            if fits:
+                j = min(fits, key=lambda j: free[j].numel())
+                picked[i] = free.pop(j)  # (by position: == on tensors compares values)
+        new = {i: _round(n) for i, n in pooled if i not in picked}
+        need = sum(b.numel() for b in picked.values()) + sum(new.values()) + reserve
+        if self.used and self.used + need > self.budget:
+            return None
+        # room for the new buffers: evict unpicked free buffers, least recently used first
+        unpicked = sum(b.numel() for b in free)
+        while free and self.used + need + unpicked > self.budget:
+            unpicked -= free.pop(0).numel()
+        self.free = free
+        self.cached = unpicked
+        for i, n in new.items():
+            picked[i] = _alloc(n)
+        self.used += need
+        self.peak = max(self.peak, self.used + self.cached)
+        return picked
+
+    def give(self, buffers: list[torch.Tensor], reserve: int = 0) -> None:
+        with self.cond:
+            for b in buffers:
+                self.used -= b.numel()
+                self.free.append(b)
+                self.cached += b.numel()
+            self.used -= reserve
+            self.cond.notify_all()
+
+
+class _Release:
+    """Returns a step's buffers to the pool once the writer and the hasher are both done with them."""
+
+    def __init__(self, pool: _Pool, buffers: list[torch.Tensor], reserve: int, holders: int = 2):
+        self.pool, self.buffers, self.reserve, self.left = pool, buffers, reserve, holders
+        self.lock = threading.Lock()
+
+    def done(self) -> None:
+        with self.lock:
+            self.left -= 1
+            last = self.left == 0
+        if last:
+            self.pool.give(self.buffers, self.reserve)
+            self.buffers = []
+
+
+_STOP = object()
+
+
+class _Worker(threading.Thread):
+    """Runs queued jobs in order. After a failure it keeps draining its queue (running only the jobs'
+    ``always`` parts, which return buffers) so that nobody waits forever; the error is re-raised by the caller."""
+
+    def __init__(self, name: str):
+        super().__init__(name=name, daemon=True)
+        self.q: queue.Queue = queue.Queue()
+        self.error: BaseException | None = None
+        self.abort = False
+
+    def run(self) -> None:
+        while True:
+            job = self.q.get()
+            if job is _STOP:
+                return
+            work, always = job
+            try:
+                if self.error is None and not self.abort:
+                    work()
+            except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+                self.error = exc
+            finally:
+                if always is not None:
+                    always()
+
+    def put(self, work: Callable[[], None], always: Callable[[], None] | None = None) -> None:
+        self.q.put((work, always))
+
+    def stop(self) -> None:
+        self.q.put(_STOP)
+        self.join()
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    pos, n = 0, len(data)
+    while pos < n:
+        pos += os.write(fd, data[pos:pos + (1 << 30)])
+
+
+def _step_buffer_plan(ps: PlannedStep, plan: Plan) -> tuple[list[int], int, str]:
+    """(pooled buffer sizes, extra bytes reserved, kind) for one step. Buffers: one per input (as the source
+    reads it), then for a LoRA merge the float32 accumulator and, if needed, an output buffer; for a renaming
+    that changes dtype an output buffer. ``kind`` is ``lora``, ``identity`` or ``generic``."""
+    step = ps.step
+    ins = [plan.sources[r.source].buffer_nbytes(r.key) for r in step.inputs]
+    outs = [i.nbytes for i in ps.output_infos]
+    if step.params.get("scaling") is not None and step.op.startswith("lora_merge") and len(step.inputs) == 3:
+        w = ps.input_infos[0]
+        n = w.nbytes // torch.empty((), dtype=w.dtype).element_size()
+        out_dtype = ps.output_infos[0].dtype
+        extra = [] if out_dtype in (torch.float32, w.dtype) else [outs[0]]
+        return ins + [4 * n] + extra, 0, "lora"
+    if step.compute is ops.identity and len(step.inputs) == 1 and len(outs) == 1:
+        same = ps.input_infos[0].dtype == ps.output_infos[0].dtype
+        return ins + ([] if same else outs), 0, "identity"
+    # anything else: the op allocates its own outputs (natural dtype, then the cast)
+    natural = sum(i.nbytes * 2 for i in ps.output_infos)
+    return ins, natural, "generic"
+
+
+def pool_budget(plan: Plan) -> int:
+    """The pool's byte budget for ``plan``: its largest step's needs, and at least :data:`MIN_BUDGET`."""
+    need = 0
+    for ps in plan.steps:
+        sizes, reserve, _ = _step_buffer_plan(ps, plan)
+        need = max(need, sum(_round(n) for n in sizes if n >= _SMALL) + reserve)
+    return max(need, MIN_BUDGET)
+
+
+def _view(buf: torch.Tensor | None, info: TensorInfo) -> torch.Tensor:
+    if buf is None:
+        return torch.empty(info.shape, dtype=info.dtype)
+    return buf[:info.nbytes].view(info.dtype).view(info.shape) if info.nbytes else torch.empty(info.shape,
+                                                                                                  dtype=info.dtype)
+
+
+def _check_shape(name: str, t: torch.Tensor, info: TensorInfo) -> None:
+    if tuple(t.shape) != info.shape:
+        raise ShapeMismatch(f"{name}: computed shape {tuple(t.shape)} differs from the planned {info.shape}")
+
+
+@dataclass
+class _Loaded:
+    """One step whose inputs are read: what the reader thread hands to the computing thread."""
+
+    ps: PlannedStep
+    xs: list[torch.Tensor]
+    bufs: list[torch.Tensor | None]
+    reserve: int
+    kind: str
+
+    @property
+    def held(self) -> list[torch.Tensor]:
+        return [b for b in self.bufs if b is not None]
+
+
+def _read_step(ps: PlannedStep, plan: Plan, pool: _Pool) -> _Loaded:
+    """Take the step's buffers from the pool (waiting while they do not fit) and read its inputs into them."""
+    sizes, reserve, kind = _step_buffer_plan(ps, plan)
+    bufs = pool.take(sizes, reserve)
+    try:
+        xs = [plan.sources[r.source].load_into(r.key, bufs[i]) for i, r in enumerate(ps.step.inputs)]
+    except BaseException:
+        pool.give([b for b in bufs if b is not None], reserve)
+        raise
+    return _Loaded(ps, xs, bufs, reserve, kind)
+
+
+def _compute_step(ld: _Loaded) -> list[torch.Tensor]:
+    """The step's outputs, contiguous, in the planned dtypes (in the step's buffers where possible)."""
+    ps, xs, bufs, step = ld.ps, ld.xs, ld.bufs, ld.ps.step
+    info = ps.output_infos[0]
+    if ld.kind == "lora":
+        w, a, b = xs
+        _check_shape(step.targets[0], w, info)
+        acc = _view(bufs[3], TensorInfo(tuple(w.shape), torch.float32))
+        ops.lora_merge_into(acc, w, a, b, step.params["scaling"])
+        if info.dtype == torch.float32:
+            outs = [acc]
+        elif info.dtype == w.dtype and bufs[0] is not None and w.is_contiguous():
+            outs = [w.copy_(acc)]  # the base weight is no longer needed: cast back into its buffer
+        else:
+            outs = [_view(bufs[4] if len(bufs) > 4 else None, info).copy_(acc)]
+    elif ld.kind == "identity":
+        x = xs[0]
+        _check_shape(step.targets[0], x, info)
+        outs = [x] if x.dtype == info.dtype else [_view(bufs[1], info).copy_(x)]
+    else:
+        outs = []
+        for name, t, oi in zip(step.targets, step.compute(xs), ps.output_infos):
+            _check_shape(name, t, oi)
+            outs.append(t.to(oi.dtype))
+    return [t if t.is_contiguous() else t.contiguous() for t in outs]
+
+
+class _Aborted(Exception):
+    pass
+
+
+class _Reader(threading.Thread):
+    """Reads the steps' inputs, in plan order, into pool buffers ahead of the computing thread (the pool's budget
+    bounds how far ahead), and asks the kernel to read ahead the step after."""
+
+    def __init__(self, steps: list[PlannedStep], plan: Plan, pool: _Pool, depth: int = 8):
+        super().__init__(name="maskport-read", daemon=True)
+        self.steps, self.plan, self.pool = steps, plan, pool
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.abort = False
+
+    def run(self) -> None:
+        try:
+            for i, ps in enumerate(self.steps):
+                if i + 1 < len(self.steps):
+                    for r in self.steps[i + 1].step.inputs:
+                        self.plan.sources[r.source].prefetch(r.key)
+                ld = _read_step(ps, self.plan, self.pool)
+                if not self._put(ld):
+                    self.pool.give(ld.held, ld.reserve)
+                    return
+        except BaseException as exc:  # noqa: BLE001 - handed to the computing thread
+            self._put(exc)
+
+    def _put(self, item) -> bool:
+        while not self.abort:
+            try:
+                self.q.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def get(self, failed: Callable[[], BaseException | None]) -> _Loaded:
+        while True:
+            try:
+                item = self.q.get(timeout=0.2)
+            except queue.Empty:
+                err = failed()
+                if err is not None:
+                    raise err
+                continue
+            if isinstance(item, BaseException):
+                raise item
+            return item
+
+    def stop(self) -> None:
+        """Stop reading and hand back the buffers of steps read but not computed."""
+        self.abort = True
+        while self.is_alive() or not self.q.empty():
+            try:
+                item = self.q.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if isinstance(item, _Loaded):
+                self.pool.give(item.held, item.reserve)
+        self.join()
+
+
 def write_shards(
     plan: Plan,
     out_dir: Path,
@@ -97,28 +471,103 @@ def write_shards(
     max_shard_size: int,
     metadata: dict[str, str] | None = None,
     progress: Callable[[int], None] | None = None,
+    budget: int | None = None,
 ) -> list[Shard]:
     """Write every step of ``plan`` into ``out_dir`` (which must exist) and return the shards with their
-    sha256. Also writes ``model.safetensors.index.json`` when there is more than one shard."""
+    sha256. Also writes ``model.safetensors.index.json`` when there is more than one shard.
+
+    Four threads: a reader (inputs into pool buffers), this one (computes), a writer and a hasher.
+    ``budget``: bytes of tensor buffers alive at once (default :func:`pool_budget`; raised to that if lower)."""
     if sys.byteorder != "little":  # pragma: no cover - safetensors data is little-endian
         raise RuntimeError("big-endian hosts are not supported")
     meta = {"format": "pt", **(metadata or {})}
-    shards = assign_shards(plan, max_shard_size)
-    for shard in shards:
-        h = hashlib.sha256()
-        header = _header(shard, meta)
-        with open(out_dir / shard.filename, "wb") as f:
-            f.write(header)
-            h.update(header)
+    shards = assign_shards(plan, max_shard_size, write_order(plan))
+    pool = _Pool(max(budget or 0, pool_budget(plan)))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 2) - 1)))
+    writer, hasher = _Worker("maskport-write"), _Worker("maskport-sha256")
+    reader = _Reader([ps for s in shards for ps in s.steps], plan, pool)
+
+    def failed() -> BaseException | None:
+        if reader.abort:
+            return _Aborted("conversion stopped")
+        return writer.error or hasher.error
+
+    pool.failed = failed
+    fds: dict[str, int] = {}
+    writer.start()
+    hasher.start()
+    reader.start()
+    try:
+        for shard in shards:
+            path = out_dir / shard.filename
+            header = _header(shard, meta)
+            h = hashlib.sha256()
+
+            def open_and_write(path=path, header=header):
+                fds[str(path)] = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0),
+                                         0o644)
+                _write_all(fds[str(path)], memoryview(header))
+
+            writer.put(open_and_write)
+            hasher.put(lambda h=h, header=header: h.update(header))
             for ps in shard.steps:
-                for t in run_step(ps, plan):
-                    b = _as_bytes(t)
-                    f.write(b)
-                    h.update(b)
-                    del b
+                err = writer.error or hasher.error
+                if err is not None:
+                    raise err
+                ld = reader.get(failed)
+                assert ld.ps is ps
+                _prefetched.step = ld
+                try:
+                    outs = run_step(ps, plan)
+                except BaseException:
+                    pool.give(ld.held, ld.reserve)
+                    raise
+                finally:
+                    _prefetched.step = None
+                release = _Release(pool, ld.held, ld.reserve)
+                views = [_as_bytes(t) for t in outs]  # each view keeps its tensor's memory alive
+                del ld, outs
+
+                def write(views=views, path=path):
+                    for v in views:
+                        _write_all(fds[str(path)], v)
+
+                def digest(views=views, h=h):
+                    for v in views:
+                        h.update(v)
+
+                writer.put(write, release.done)
+                hasher.put(digest, release.done)
+                del views
                 if progress:
                     progress(sum(i.nbytes for i in ps.output_infos))
-        shard.sha256 = h.hexdigest()
+
+            def close(path=path):
+                os.close(fds.pop(str(path)))
+
+            def finish(shard=shard, h=h):
+                shard.sha256 = h.hexdigest()
+
+            writer.put(close)
+            hasher.put(finish)
+        reader.join()
+        writer.stop()
+        hasher.stop()
+        err = writer.error or hasher.error
+        if err is not None:
+            raise err
+    except BaseException:
+        writer.abort = hasher.abort = True
+        reader.stop()
+        writer.stop()
+        hasher.stop()
+        raise
+    finally:
+        torch.set_num_threads(threads)
+        for fd in fds.values():
+            os.close(fd)
+        fds.clear()
     if len(shards) > 1:
         index = {
             "metadata": {"total_size": plan.total_bytes()},

@@ -38,8 +38,13 @@ DEFAULT_SPECIAL_TOKENS = ["[SEG]", "<p>", "</p>", "<vp>", "</vp>"]
 EXPORT_FILES = ("configuration_sa2va_qwen.py", "modeling_sa2va_qwen.py")
 
 
-def rules() -> list:
-    """The mapping table, top to bottom. Targets are keys of ``Sa2VAQwenModel``."""
+def rules(*, base_has_lm_head: bool = True) -> list:
+    """The mapping table, top to bottom. Targets are keys of ``Sa2VAQwenModel``.
+
+    ``base_has_lm_head``: False for a base that ties ``lm_head`` to ``embed_tokens`` and so saves no
+    ``lm_head.weight`` (Qwen2.5-VL-3B): the trained ``modules_to_save`` copy then supersedes nothing in the base,
+    and the export gets its own, untied ``lm_head``."""
+    base_lm_head = ("base:lm_head.weight",) if base_has_lm_head else ()
     return [
         # 1. LoRA-trained linears of the LLM: base weight + (alpha / r) * B @ A, in float32
         LoraMerge(target="mllm." + LINEAR + ".weight",
@@ -52,13 +57,13 @@ def rules() -> list:
              replaces=("base:model.language_model.embed_tokens.weight",), optional=True),
         Take(target="mllm.lm_head.weight",
              source=PEFT + "lm_head.modules_to_save.default.weight",
-             replaces=("base:lm_head.weight",), optional=True),
+             replaces=base_lm_head, optional=True),
         #    older (v1) checkpoints keep full trained copies directly under the peft prefix
         Take(target="mllm.model.language_model.embed_tokens.weight",
              source=PEFT + "model.language_model.embed_tokens.weight",
              replaces=("base:model.language_model.embed_tokens.weight",),
              why="trained full copy (v1 checkpoint) replaces the base tensor", optional=True),
-        Take(target="mllm.lm_head.weight", source=PEFT + "lm_head.weight", replaces=("base:lm_head.weight",),
+        Take(target="mllm.lm_head.weight", source=PEFT + "lm_head.weight", replaces=base_lm_head,
              why="trained full copy (v1 checkpoint) replaces the base tensor", optional=True),
         #    frozen copies that some savers (DeepSpeed's module states) keep beside modules_to_save
         Drop(PEFT + "{rest}.original_module.weight",
@@ -273,7 +278,12 @@ class Sa2VAQwen25VL:
             "sam2_preset": preset, "template": template, "base_model_type": "qwen2_5_vl",
             "training_config_base_path": cfg.base_path,
         }
-        return Prepared(sources={"ckpt": ckpt.source, "base": base, "sam2": sam2}, rules=rules(),
+        base_has_lm_head = "lm_head.weight" in base
+        if not base_has_lm_head:
+            notes.append(f"the base {base_dir.name} ties lm_head to embed_tokens (no lm_head.weight); the export "
+                         "gets the trained lm_head untied")
+        return Prepared(sources={"ckpt": ckpt.source, "base": base, "sam2": sam2},
+                        rules=rules(base_has_lm_head=base_has_lm_head),
                         ctx=Ctx(scaling), expected=expected, export_config=config.to_dict(),
                         write_files=write_files, notes=notes, settings=settings)
 
