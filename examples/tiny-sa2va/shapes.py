@@ -6,11 +6,12 @@ ground-truth mask of that shape (the pixels PIL painted for it).
 
 Two prompt families:
 
-- ``colour`` (stage 1, "pre-training"): ``"<image>Please segment the red triangle."`` -- colour + kind; the scene
-  always holds distractors of the same colour or the same kind, so both words matter;
-- ``spatial`` (stage 2, "fine-tuning"): ``"<image>Please segment the leftmost circle."`` (leftmost / rightmost /
-  topmost / bottommost) -- the scene holds 2-3 shapes of the named kind, often of the same colour, so colour
-  cannot tell them apart: only where they are does. Stage 1 never sees these words.
+- ``colour`` (stage 1, "pre-training"): ``"<image>Please segment the red triangle."`` -- colour + kind of the
+  target in red / green / blue / yellow; 2-4 shapes, no two of one colour;
+- ``new_colour`` (stage 2, "fine-tuning"): ``"<image>Please segment the purple triangle."`` -- the target is purple,
+  orange or cyan, colours stage 1 never showed nor named, and the scene usually holds an old colour that looks
+  alike (red or blue next to purple, ...). The base tokenizer splits these words into pieces stage 1 never
+  trained.
 
 Everything is a pure function of an integer seed: ``make_sample(seed, family)`` always returns the same
 image, prompt and mask (numpy's PCG64 generator and PIL's drawing are deterministic).
@@ -25,13 +26,19 @@ from PIL import Image, ImageDraw
 
 IMAGE_SIZE = 128
 KINDS = ("circle", "square", "triangle")
-COLOURS = {  # name -> RGB centre (each pixel colour is jittered around it per shape)
+COLOURS = {  # stage 1's colours: name -> RGB centre (each shape's colour is jittered around it)
     "red": (215, 40, 40),
     "green": (40, 170, 60),
     "blue": (45, 80, 215),
     "yellow": (225, 205, 40),
 }
-DIRECTIONS = ("leftmost", "rightmost", "topmost", "bottommost")
+NEW_COLOURS = {  # stage 2's colours, each with the stage-1 colours it is easiest to confuse with
+    "purple": (150, 60, 200),
+    "orange": (240, 140, 30),
+    "cyan": (40, 200, 210),
+}
+LOOKALIKES = {"purple": ("red", "blue"), "orange": ("red", "yellow"), "cyan": ("green", "blue")}
+ALL_COLOURS = {**COLOURS, **NEW_COLOURS}
 ANSWER = "Sure, [SEG]."
 
 COLOUR_TEMPLATES = (
@@ -39,17 +46,20 @@ COLOUR_TEMPLATES = (
     "<image>Segment the {colour} {kind} in this image.",
     "<image>Can you segment the {colour} {kind}?",
 )
-SPATIAL_TEMPLATES = (
-    "<image>Please segment the {direction} {kind}.",
-    "<image>Segment the {direction} {kind} in this image.",
-    "<image>Can you segment the {direction} {kind}?",
-)
 
-# every word a prompt or answer can use (the tiny tokenizer is trained on these, see model.py)
+# The text the base tokenizer was trained on (stage 1 builds the tokenizer from it): the task's words plus a few
+# phrases the demo does not use, as any tokenizer corpus has. Kept fixed so that stage 1 stays reproducible; it
+# holds none of NEW_COLOURS' names.
+_CORPUS_PLACES = ("on the left", "on the right", "at the top", "at the bottom")
+_CORPUS_PLACE_TEMPLATES = (
+    "<image>Please segment the {colour} {kind} {place}.",
+    "<image>Segment the {colour} {kind} {place} in this image.",
+    "<image>Can you segment the {colour} {kind} {place}?",
+)
 VOCABULARY_TEXT = " ".join(
-    [t.format(colour=c, kind=k, direction=d).replace("<image>", "")
-     for t in COLOUR_TEMPLATES + SPATIAL_TEMPLATES for c in COLOURS for k in KINDS for d in DIRECTIONS][:40]
-    + list(COLOURS) + list(KINDS) + list(DIRECTIONS) + [ANSWER]
+    [t.format(colour=c, kind=k, place=p).replace("<image>", "")
+     for t in COLOUR_TEMPLATES + _CORPUS_PLACE_TEMPLATES for c in COLOURS for k in KINDS for p in _CORPUS_PLACES][:40]
+    + list(COLOURS) + list(KINDS) + list(_CORPUS_PLACES) + [ANSWER]
 )
 
 
@@ -103,21 +113,32 @@ def render(shapes: list[Shape], rng: np.random.Generator, size: int = IMAGE_SIZE
     img = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(img)
     for s in shapes:
-        base = np.array(COLOURS[s.colour], dtype=np.float32)
+        base = np.array(ALL_COLOURS[s.colour], dtype=np.float32)
         col = np.clip(base + rng.normal(0.0, 12.0, size=3), 0, 255).astype(int)
         _draw(draw, s, tuple(int(c) for c in col))
     return img
 
 
-def _place(rng: np.random.Generator, specs: list[tuple[str, str]], size: int = IMAGE_SIZE,
-           rmin: float = 9.0, rmax: float = 20.0, tries: int = 200) -> list[Shape] | None:
-    """Non-overlapping placement (bounding circles with a 3 px gap), shapes fully inside the image."""
+def _place(rng: np.random.Generator, specs: list, size: int = IMAGE_SIZE, rmin: float = 9.0, rmax: float = 20.0,
+           tries: int = 200) -> list[Shape] | None:
+    """Non-overlapping placement (bounding circles apart by 15% + 3 px), shapes fully inside the image.
+
+    ``specs``: ``(kind, colour)`` or ``(kind, colour, axis, lo, hi)``, the latter keeping the centre's ``axis``
+    ("x" or "y") coordinate within ``[lo, hi]``."""
     out: list[Shape] = []
-    for kind, colour in specs:
+    for spec in specs:
+        kind, colour = spec[0], spec[1]
         for _ in range(tries):
             r = float(rng.uniform(rmin, rmax))
-            cx = float(rng.uniform(r + 2, size - r - 2))
-            cy = float(rng.uniform(r + 2, size - r - 2))
+            lo = {"x": r + 2, "y": r + 2}
+            hi = {"x": size - r - 2, "y": size - r - 2}
+            if len(spec) == 5:
+                axis, a, b = spec[2], spec[3], spec[4]
+                lo[axis], hi[axis] = max(lo[axis], a), min(hi[axis], b)
+                if lo[axis] >= hi[axis]:
+                    continue
+            cx = float(rng.uniform(lo["x"], hi["x"]))
+            cy = float(rng.uniform(lo["y"], hi["y"]))
             if all(np.hypot(cx - o.cx, cy - o.cy) > (r + o.r) * 1.15 + 3 for o in out):
                 out.append(Shape(kind, colour, cx, cy, r))
                 break
@@ -127,74 +148,52 @@ def _place(rng: np.random.Generator, specs: list[tuple[str, str]], size: int = I
 
 
 def _colour_scene(rng: np.random.Generator):
-    """Target (colour, kind) unique in the scene, with a same-colour and/or same-kind distractor."""
+    """2-4 shapes of distinct colours (kinds at random, repeats allowed); the target is one of them."""
     colours, kinds = list(COLOURS), list(KINDS)
     while True:
-        tc, tk = colours[rng.integers(len(colours))], kinds[rng.integers(len(kinds))]
-        specs = [(tk, tc)]
-        n_extra = int(rng.integers(1, 4))  # 2-4 shapes in all
-        # at least one confusable distractor: same kind other colour, or same colour other kind
-        for i in range(n_extra):
-            mode = rng.integers(3) if i else rng.integers(2)
-            if mode == 0:
-                k, c = tk, colours[rng.integers(len(colours))]
-            elif mode == 1:
-                k, c = kinds[rng.integers(len(kinds))], tc
-            else:
-                k, c = kinds[rng.integers(len(kinds))], colours[rng.integers(len(colours))]
-            if (k, c) == (tk, tc):
-                continue
-            specs.append((k, c))
-        if len(specs) < 2:
+        n = int(rng.integers(2, 5))
+        cs = [colours[i] for i in rng.permutation(len(colours))[:n]]
+        specs = [(kinds[rng.integers(len(kinds))], c) for c in cs]
+        shapes = _place(rng, specs)
+        if shapes is None:
             continue
+        target = shapes[int(rng.integers(n))]
+        template = COLOUR_TEMPLATES[rng.integers(len(COLOUR_TEMPLATES))]
+        return shapes, target, template.format(colour=target.colour, kind=target.kind)
+
+
+def _new_colour_scene(rng: np.random.Generator):
+    """2-4 shapes of distinct colours; the target has a stage-2 colour; with probability 0.8 one of its
+    look-alike stage-1 colours is in the scene too."""
+    kinds, new = list(KINDS), list(NEW_COLOURS)
+    while True:
+        tc = new[rng.integers(len(new))]
+        n = int(rng.integers(2, 5))
+        cs = [tc]
+        if rng.random() < 0.8:
+            cs.append(LOOKALIKES[tc][rng.integers(2)])
+        pool = [c for c in ALL_COLOURS if c not in cs]
+        cs += [pool[i] for i in rng.permutation(len(pool))[: max(0, n - len(cs))]]
+        specs = [(kinds[rng.integers(len(kinds))], c) for c in cs]
         order = rng.permutation(len(specs))
         shapes = _place(rng, [specs[i] for i in order])
         if shapes is None:
             continue
         target = shapes[int(np.where(order == 0)[0][0])]
         template = COLOUR_TEMPLATES[rng.integers(len(COLOUR_TEMPLATES))]
-        return shapes, target, template.format(colour=tc, kind=tk)
+        return shapes, target, template.format(colour=tc, kind=target.kind)
 
 
-def _spatial_scene(rng: np.random.Generator, min_gap: float = 10.0):
-    """2-3 shapes of the named kind (often one colour) plus 0-2 of other kinds; the target is the extreme one
-    along the named direction, at least ``min_gap`` px (centre to centre) ahead of the next one."""
-    colours, kinds = list(COLOURS), list(KINDS)
-    while True:
-        tk = kinds[rng.integers(len(kinds))]
-        direction = DIRECTIONS[rng.integers(len(DIRECTIONS))]
-        n_same = int(rng.integers(2, 4))
-        if rng.random() < 0.6:  # one colour for all of them: only position tells them apart
-            c = colours[rng.integers(len(colours))]
-            same = [(tk, c)] * n_same
-        else:
-            same = [(tk, colours[rng.integers(len(colours))]) for _ in range(n_same)]
-        others = [(k, colours[rng.integers(len(colours))])
-                  for k in (kinds[rng.integers(len(kinds))] for _ in range(int(rng.integers(0, 3)))) if k != tk]
-        specs = same + others
-        order = rng.permutation(len(specs))
-        shapes = _place(rng, [specs[i] for i in order])
-        if shapes is None:
-            continue
-        cands = [s for s in shapes if s.kind == tk]
-        key = {"leftmost": lambda s: s.cx, "rightmost": lambda s: -s.cx,
-               "topmost": lambda s: s.cy, "bottommost": lambda s: -s.cy}[direction]
-        cands.sort(key=key)
-        if key(cands[1]) - key(cands[0]) < min_gap:
-            continue
-        template = SPATIAL_TEMPLATES[rng.integers(len(SPATIAL_TEMPLATES))]
-        return shapes, cands[0], template.format(direction=direction, kind=tk)
+FAMILIES = ("colour", "new_colour")
+TASK_OF_FAMILY = {"colour": "stage1", "new_colour": "stage2"}
 
 
 def make_sample(seed: int, family: str) -> Sample:
-    """The sample of ``seed`` for prompt family ``"colour"`` or ``"spatial"`` (deterministic)."""
-    rng = np.random.default_rng([int(seed), 0 if family == "colour" else 1])
-    if family == "colour":
-        shapes, target, prompt = _colour_scene(rng)
-    elif family == "spatial":
-        shapes, target, prompt = _spatial_scene(rng)
-    else:
+    """The sample of ``seed`` for prompt family ``"colour"`` or ``"new_colour"`` (deterministic)."""
+    if family not in FAMILIES:
         raise ValueError(f"unknown prompt family {family!r}")
+    rng = np.random.default_rng([int(seed), FAMILIES.index(family) * 2])
+    shapes, target, prompt = (_colour_scene if family == "colour" else _new_colour_scene)(rng)
     image = render(shapes, rng)
     return Sample(image=image, mask=shape_mask(target), prompt=prompt, answer=ANSWER, family=family,
                   target=target, shapes=shapes)
@@ -204,12 +203,13 @@ def make_sample(seed: int, family: str) -> Sample:
 HELDOUT_SEED_BASE = 10**9
 
 
-def write_heldout(root, n_spatial: int = 120, n_colour: int = 40, seed: int = 0) -> int:
+def write_heldout(root, n_stage2: int = 120, n_stage1: int = 40, seed: int = 0) -> int:
     """Write the held-out set in maskport's sample format (``maskport.verify.samples``):
 
     ``root/samples.jsonl`` -- one JSON object a line: ``id``, ``image`` (PNG, relative path), ``prompt``,
-    ``gt_mask`` (PNG, non-zero = object), ``answer`` (the reference answer) and ``task`` (``"spatial"`` for
-    the stage-2 prompts, ``"colour"`` for the stage-1 prompts); ``root/images/*.png``, ``root/masks/*.png``.
+    ``gt_mask`` (PNG, non-zero = the object), ``answer`` (the reference answer), ``task`` (``"stage2"``: prompts
+    only stage 2 taught -- new colours; ``"stage1"``: the stage-1 prompts) and ``family``;
+    ``root/images/<id>.png`` (128x128 RGB), ``root/masks/<id>.png`` (1-bit).
     """
     import json
     from pathlib import Path
@@ -218,14 +218,16 @@ def write_heldout(root, n_spatial: int = 120, n_colour: int = 40, seed: int = 0)
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "masks").mkdir(parents=True, exist_ok=True)
     lines = []
-    plan = [("spatial", i) for i in range(n_spatial)] + [("colour", i) for i in range(n_colour)]
+    plan = [("new_colour", i) for i in range(n_stage2)] + [("colour", i) for i in range(n_stage1)]
     for n, (family, i) in enumerate(plan):
         s = make_sample(HELDOUT_SEED_BASE + seed * 10**6 + n, family)
-        sid = f"{family}-{i:04d}"
+        task = TASK_OF_FAMILY[family]
+        sid = f"{task}-{i:04d}"
         s.image.save(root / "images" / f"{sid}.png", optimize=True)
         Image.fromarray(s.mask.astype(np.uint8) * 255).convert("1").save(root / "masks" / f"{sid}.png",
                                                                           optimize=True)
         lines.append(json.dumps({"id": sid, "image": f"images/{sid}.png", "prompt": s.prompt,
-                                 "gt_mask": f"masks/{sid}.png", "answer": s.answer, "task": family}))
+                                 "gt_mask": f"masks/{sid}.png", "answer": s.answer, "task": task,
+                                 "family": family}))
     (root / "samples.jsonl").write_text("\n".join(lines) + "\n")
     return len(lines)
