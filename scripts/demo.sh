@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The README's first command: install into .venv, then build a tiny Sa2VA training run with the real libraries,
-# convert it with maskport and predict with transformers alone (CPU is enough, a few minutes with the install).
-# The trained demo (examples/tiny-sa2va) replaces this once its held-out evaluation lands.
+# The README's first command: install into .venv, then convert the embedded tiny Sa2VA (really trained with
+# mmengine, examples/tiny-sa2va) with maskport, and evaluate the export on its held-out set (CPU is enough).
+# Extra arguments go to `maskport demo` (e.g. --without-stage2, -o DIR).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DS_ACCELERATOR=cpu
-exec .venv/bin/python examples/quickstart.py "$@"
+exec .venv/bin/maskport demo "$@"

@@ -447,8 +447,9 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     summary_path = out / "training.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    summary.update({"seed": args.seed, "versions": versions(), "hardware": hardware(device),
-                    "amp": "bf16 autocast" if amp else "fp32", "command": " ".join(sys.argv)})
+    if args.stage != "heldout":  # the top-level fields describe the training run; --stage heldout trains nothing
+        summary.update({"seed": args.seed, "versions": versions(), "hardware": hardware(device),
+                        "amp": "bf16 autocast" if amp else "fp32", "command": " ".join(sys.argv)})
     t0 = time.time()
     if args.stage in ("1", "train", "all"):
         summary["stage1"] = dict(stage1(args, out, device, amp), command=summary["command"],
@@ -458,9 +459,10 @@ def main(argv=None) -> int:
                                  hardware=summary["hardware"])
     if args.stage in ("heldout", "all"):
         n = shapes.write_heldout(out / "heldout")
-        summary["heldout"] = {"samples": n, "file": "heldout/samples.jsonl"}
+        summary["heldout"] = {"samples": n, "file": "heldout/samples.jsonl", "command": " ".join(sys.argv)}
         log(f"held-out set: {n} samples in {out / 'heldout'}")
-    summary["total_seconds_this_run"] = round(time.time() - t0, 1)
+    if args.stage != "heldout":
+        summary["total_seconds_this_run"] = round(time.time() - t0, 1)
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     log(f"summary: {summary_path}")
     return 0

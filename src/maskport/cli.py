@@ -98,9 +98,11 @@ def convert_mmengine_to_hf_cmd(checkpoint, base, sam2, out, family, dtype, max_s
 from .verify.command import verify_command  # noqa: E402  (its heavy imports happen when it runs)
 
 from .quantize.command import quantize_command  # noqa: E402
+from .demo import demo_command  # noqa: E402
 
 main.add_command(verify_command, "verify")
 main.add_command(quantize_command, "quantize")
+main.add_command(demo_command, "demo")
 
 
 if __name__ == "__main__":  # pragma: no cover
