@@ -142,6 +142,7 @@ def quantize_export(export_dir, out, *, method: str = "gptq", bits: int = 4, gro
                     desc_act: bool = False, sym: bool | None = None, damp: float = 0.05, awq_format: str = "gemm",
                     calib=None, calib_samples: int = 128, max_seq_len: int = 2048, calib_text_only: bool = False,
                     device: str = "auto", offload_to_disk: bool = False, max_shard_size: str | int = "2GB",
+                    kernel: str | None = None,
                     save_mllm=None, verify_samples=None, verify_options: dict | None = None,
                     overwrite: bool = False, log=print) -> QuantizeResult:
     """Quantize the language model of the export ``export_dir`` into ``out``; see the module docstring."""
@@ -152,7 +153,7 @@ def quantize_export(export_dir, out, *, method: str = "gptq", bits: int = 4, gro
     _check_export(export_dir)
     settings = QuantSettings(method=method, bits=int(bits), group_size=int(group_size), desc_act=bool(desc_act),
                              sym=sym, damp=float(damp), awq_format=awq_format, device=_resolve_device(device),
-                             offload_to_disk=bool(offload_to_disk))
+                             offload_to_disk=bool(offload_to_disk), kernel=kernel)
     settings.check()
     shard_bytes = _parse_size(max_shard_size)
     if calib is None and not calib_text_only:

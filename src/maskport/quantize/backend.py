@@ -51,6 +51,7 @@ class QuantSettings:
     awq_format: str = "gemm"      # AWQ checkpoint format
     device: str = "cpu"
     offload_to_disk: bool = False
+    kernel: str | None = None     # GPTQModel BACKEND value (e.g. gptq_triton, awq_gemm_triton); None: choose
 
     def resolved_sym(self) -> bool:
         if self.sym is not None:
@@ -183,11 +184,16 @@ def quantize_mllm(stage_dir: Path, out_dir: Path, calibration: list[dict], setti
         _patch_awq_clip_search()
         if on_cpu:
             backend = BACKEND.AWQ_TORCH
-    load_kw: dict[str, Any] = {}
-    if not on_cpu:
-        load_kw["device"] = settings.device
+    if settings.kernel:  # e.g. where GPTQModel's automatic choice needs a kernel it cannot build (offline Hopper)
+        try:
+            backend = BACKEND(settings.kernel)
+        except ValueError:
+            raise QuantizeError(f"unknown GPTQModel kernel {settings.kernel!r}; known: "
+                                f"{', '.join(b.value for b in BACKEND)}") from None
     _redirect_logs(Path(out_dir).parent / "gptqmodel-logs")
-    qmodel = GPTQModel.load(str(stage_dir), qcfg, **load_kw)
+    # the accelerator is named by QuantizeConfig.device only: GPTQModel loads the unquantized model on the CPU and
+    # moves one decoder layer at a time to the device (passing device/device_map here as well is an error)
+    qmodel = GPTQModel.load(str(stage_dir), qcfg)
     # our batches are ready (the export's own preprocessing); skip GPTQModel's conversation builder
     qmodel.prepare_dataset = lambda calibration_dataset, **_: calibration_dataset
     try:

@@ -112,13 +112,24 @@ def shaped(size, like, out, device, layers):
     click.echo(json.dumps({"out": str(out), "params": n, "seconds": round(time.time() - t, 1)}))
 
 
-def _measure_predict(path: Path, image, n_runs: int, max_new_tokens: int, dtype=None) -> dict:
+def _kernel_override(method: str, bits: int, kernel: str):
+    """A quantization_config whose loading attributes pick GPTQModel's ``kernel`` (e.g. gptq_triton)."""
+    from transformers import AwqConfig, GPTQConfig
+
+    if method == "gptq":
+        return GPTQConfig(bits=bits, backend=kernel)
+    return AwqConfig(bits=bits, backend=kernel)
+
+
+def _measure_predict(path: Path, image, n_runs: int, max_new_tokens: int, dtype=None, quantization_config=None) -> dict:
     import torch
     from transformers import AutoModel, AutoTokenizer
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     kw = {"dtype": dtype} if dtype is not None else {}
+    if quantization_config is not None:
+        kw["quantization_config"] = quantization_config
     t = time.time()
     model = AutoModel.from_pretrained(path, trust_remote_code=True, device_map="cuda", **kw).eval()
     load_s = time.time() - t
@@ -157,7 +168,9 @@ def _measure_predict(path: Path, image, n_runs: int, max_new_tokens: int, dtype=
 @click.option("--max-new-tokens", type=int, default=8)
 @click.option("--work", type=click.Path(path_type=Path), default=None)
 @click.option("--json-out", type=click.Path(path_type=Path), default=None)
-def gpu(export_dir, methods, bits, group_size, calib, calib_samples, runs, max_new_tokens, work, json_out):
+@click.option("--kernel", "kernels", default=None,
+              help="GPTQModel kernels per method, e.g. gptq=gptq_triton,awq=awq_gemm_triton (default: its choice).")
+def gpu(export_dir, methods, bits, group_size, calib, calib_samples, runs, max_new_tokens, work, json_out, kernels):
     """Quantize time/peak memory and predict_forward latency/peak memory, bf16 vs quantized."""
     import torch
     from PIL import Image
@@ -175,13 +188,20 @@ def gpu(export_dir, methods, bits, group_size, calib, calib_samples, runs, max_n
             out = work / f"{method}-{b}"
             torch.cuda.reset_peak_memory_stats()
             t = time.time()
+            # METHOD=QUANTIZE_KERNEL[:LOAD_KERNEL]: GPTQModel's kernel while quantizing (it must be able to pack the
+            # format) and the loading backend of transformers' GPTQConfig/AwqConfig for predict_forward
+            spec = dict(kv.split("=") for kv in kernels.split(",")).get(method) if kernels else None
+            kernel, _, load_kernel = (spec or "").partition(":")
+            kernel, load_kernel = kernel or None, load_kernel or kernel or None
             res = quantize_export(export_dir, out, method=method, bits=int(b), group_size=group_size, calib=calib,
-                                  calib_samples=calib_samples, device="cuda", overwrite=True,
+                                  calib_samples=calib_samples, device="cuda", overwrite=True, kernel=kernel,
                                   log=lambda m: click.echo(m, err=True))
             entry = {"quantize_s": round(time.time() - t, 1), "quantize_peak_gpu_bytes": res.report["peak_gpu_bytes"],
                      "timings_s": res.report["timings_s"], "sizes": res.report["sizes"]}
             dtype = torch.float16 if method == "awq" else None
-            entry["predict"] = _measure_predict(out, image, runs, max_new_tokens, dtype=dtype)
+            qc = _kernel_override(method, int(b), load_kernel) if load_kernel else None
+            entry["kernel"] = {"quantize": kernel or "auto", "load": load_kernel or "auto"}
+            entry["predict"] = _measure_predict(out, image, runs, max_new_tokens, dtype=dtype, quantization_config=qc)
             results[f"{method}-{b}"] = entry
             click.echo(json.dumps(entry), err=True)
     text = json.dumps(results, indent=2)
