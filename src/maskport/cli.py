@@ -2,39 +2,16 @@
 
 from __future__ import annotations
 
-import functools
 import json
-import sys
 from pathlib import Path
 
 import click
 
 from . import __version__
-from .errors import MaskportError
+from .cli_errors import one_line_errors
 
 
-def _friendly(fn):
-    """Turn maskport's typed errors (and a few common OS errors) into one line on stderr and exit 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        ctx = click.get_current_context()
-        debug = ctx.find_root().params.get("debug", False)
-        try:
-            return fn(*args, **kwargs)
-        except MaskportError as exc:
-            if debug:
-                raise
-            msg = str(exc)
-            click.echo(f"error: {msg}", err=True)
-            sys.exit(exc.exit_code)
-        except (OSError, KeyboardInterrupt) as exc:
-            if debug:
-                raise
-            click.echo(f"error: {type(exc).__name__}: {exc}", err=True)
-            sys.exit(2)
-
-    return wrapper
+_friendly = one_line_errors
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

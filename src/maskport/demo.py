@@ -30,7 +30,8 @@ from typing import Any, Callable
 import click
 import numpy as np
 
-from .errors import MaskportError, MissingInput
+from .cli_errors import one_line_errors
+from .errors import MissingInput
 
 TASK_LABELS = {
     "stage2": 'prompts only the fine-tune taught: new colours, e.g. "the purple triangle"',
@@ -329,14 +330,11 @@ def run_demo(out_dir: str | Path = "exports/tiny-sa2va", *, artifacts: str | Pat
 @click.option("--show", type=int, default=6, show_default=True, help="How many predictions to print.")
 @click.option("--json", "as_json", is_flag=True, help="Also print the numbers as one JSON line.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
+@one_line_errors
 def demo_command(out_dir, artifacts, without_stage2, limit_per_task, show, as_json, no_progress):
     """Convert the embedded tiny Sa2VA checkpoint and evaluate the export on its held-out set."""
-    try:
-        res = run_demo(out_dir, artifacts=artifacts, show=show, without_stage2=without_stage2,
-                       limit_per_task=limit_per_task, progress=not no_progress, echo=click.echo)
-    except MaskportError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(exc.exit_code)
+    res = run_demo(out_dir, artifacts=artifacts, show=show, without_stage2=without_stage2,
+                   limit_per_task=limit_per_task, progress=not no_progress, echo=click.echo)
     if as_json:
         click.echo(json.dumps(res))
 

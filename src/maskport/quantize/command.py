@@ -2,37 +2,15 @@
 
 from __future__ import annotations
 
-import functools
 import json
-import sys
 from pathlib import Path
 
 import click
 
-from ..errors import MaskportError
+from ..cli_errors import one_line_errors
 
 
-def _one_line_errors(fn):
-    """maskport's typed errors -> one line on stderr and their exit code (2; 1 for a failed verify gate)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        ctx = click.get_current_context()
-        debug = ctx.find_root().params.get("debug", False)
-        try:
-            return fn(*args, **kwargs)
-        except MaskportError as exc:
-            if debug:
-                raise
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(exc.exit_code)
-        except (OSError, KeyboardInterrupt) as exc:
-            if debug:
-                raise
-            click.echo(f"error: {type(exc).__name__}: {exc}", err=True)
-            sys.exit(2)
-
-    return wrapper
+_one_line_errors = one_line_errors
 
 
 def _mb(n: int) -> str:

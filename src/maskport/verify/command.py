@@ -6,7 +6,6 @@ the traceback).
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
@@ -14,29 +13,12 @@ from pathlib import Path
 
 import click
 
-from ..errors import MaskportError, MissingInput
+from ..cli_errors import one_line_errors
+from ..errors import MissingInput
 from .compare import Thresholds
 
 
-def _one_line_errors(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        ctx = click.get_current_context()
-        debug = bool(ctx.find_root().params.get("debug", False))
-        try:
-            return fn(*args, **kwargs)
-        except MaskportError as exc:
-            if debug:
-                raise
-            click.echo(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", err=True)
-            sys.exit(exc.exit_code)
-        except (OSError, KeyboardInterrupt) as exc:
-            if debug:
-                raise
-            click.echo(f"error: {type(exc).__name__}: {exc}", err=True)
-            sys.exit(2)
-
-    return wrapper
+_one_line_errors = one_line_errors(first_line_only=True)
 
 
 def _fmt(v, digits=4):
