@@ -307,12 +307,13 @@ def render(results: list[dict], skipped: dict[str, str]) -> str:
                          f"{_gib(x['peak_file_kib'])} | {r['inputs']['bytes'] / 1e9:.2f} GB | "
                          f"{x['extra'].get('bytes_out', 0) / 1e9:.2f} GB | {x['extra']['loadavg_before']} |")
         lines.append("")
-        mem_ok = mk["max_rss_kib"] <= bound_kib
+        worst_rss = max(x["max_rss_kib"] for x in r["maskport"] if x.get("rc") == 0)  # every run must meet it
+        mem_ok = worst_rss <= bound_kib
         lines += [
             f"- **memory target** (peak RSS <= 1.5 GiB + largest target tensor = 1.5 + {largest / GIB:.2f} "
             f"(`{largest_name}`, {largest / 1e6:.0f} MB) = {bound_kib / (1 << 20):.2f} GiB): "
-            f"maskport {_gib(mk['max_rss_kib'])} GiB -> **{'met' if mem_ok else 'NOT met'}** "
-            f"({mk['max_rss_kib'] * 1024 / r['inputs']['bytes']:.2f} x the input size).",
+            f"maskport {_gib(worst_rss)} GiB at worst over its runs -> **{'met' if mem_ok else 'NOT met'}** "
+            f"({worst_rss * 1024 / r['inputs']['bytes']:.2f} x the input size).",
         ]
         b16 = r.get("baseline_bf16")
         if bl and bl.get("rc") == 0 and not bl.get("oom"):
