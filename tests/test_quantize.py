@@ -258,6 +258,10 @@ def test_cli_errors_are_one_line(export_bf16, tmp_path):
     r = CliRunner().invoke(quantize_command, [str(export_bf16.out_dir), "-o", str(tmp_path / "q"),
                                               "--calib-text-only", "--group-size", "48"])
     assert r.exit_code == 2 and "group-size" in r.output
+    r = CliRunner().invoke(quantize_command, [str(export_bf16.out_dir), "-o", str(tmp_path / "q"),
+                                              "--calib-text-only", "--kernel", "gptq_tritn"])
+    assert r.exit_code == 2 and "unknown GPTQModel kernel 'gptq_tritn'" in r.output and "gptq_triton" in r.output
+    assert len(r.output.strip().splitlines()) == 1
     assert not (tmp_path / "q").exists()
 
 

@@ -168,9 +168,11 @@ def quantize_export(export_dir, out, *, method: str = "gptq", bits: int = 4, gro
     out.parent.mkdir(parents=True, exist_ok=True)
 
     from ..verify import samples as _samples_mod  # noqa: F401  (fail early if verify's loader is unavailable)
-    from .backend import import_gptqmodel
+    from .backend import import_gptqmodel, resolve_kernel
 
     import_gptqmodel()  # a missing backend is reported before the model is loaded
+    if settings.kernel:
+        resolve_kernel(settings.kernel)  # and so is a kernel name GPTQModel does not know
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.maskport-quant-", dir=out.parent))
     partial = out.parent / f".{out.name}.maskport-partial-{os.getpid()}"
     try:

@@ -166,6 +166,18 @@ def make_quantize_config(settings: QuantSettings):
     return QuantizeConfig(**kw)
 
 
+def resolve_kernel(name: str):
+    """GPTQModel's ``BACKEND`` member named ``name`` (e.g. ``gptq_triton``), or a QuantizeError listing them."""
+    import_gptqmodel()
+    from gptqmodel import BACKEND
+
+    try:
+        return BACKEND(name)
+    except ValueError:
+        raise QuantizeError(f"unknown GPTQModel kernel {name!r}; known: {', '.join(b.value for b in BACKEND)}") \
+            from None
+
+
 def quantize_mllm(stage_dir: Path, out_dir: Path, calibration: list[dict], settings: QuantSettings,
                   log=print) -> dict[str, Any]:
     """Quantize the Qwen2.5-VL folder ``stage_dir`` (HF layout, with its processor) with GPTQModel and save the
@@ -185,11 +197,7 @@ def quantize_mllm(stage_dir: Path, out_dir: Path, calibration: list[dict], setti
         if on_cpu:
             backend = BACKEND.AWQ_TORCH
     if settings.kernel:  # e.g. where GPTQModel's automatic choice needs a kernel it cannot build (offline Hopper)
-        try:
-            backend = BACKEND(settings.kernel)
-        except ValueError:
-            raise QuantizeError(f"unknown GPTQModel kernel {settings.kernel!r}; known: "
-                                f"{', '.join(b.value for b in BACKEND)}") from None
+        backend = resolve_kernel(settings.kernel)
     _redirect_logs(Path(out_dir).parent / "gptqmodel-logs")
     # the accelerator is named by QuantizeConfig.device only: GPTQModel loads the unquantized model on the CPU and
     # moves one decoder layer at a time to the device (passing device/device_map here as well is an error)

@@ -38,6 +38,9 @@ def _mb(n: int) -> str:
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--offload-to-disk", is_flag=True, help="GPTQModel's layer offload (huge models, little RAM).")
 @click.option("--max-shard-size", default="2GB", show_default=True)
+@click.option("--kernel", help="GPTQModel kernel used while quantizing, e.g. gptq_triton or awq_torch (default: its "
+              "own choice; on a Hopper GPU without internet name one: its choice there builds Machete from a "
+              "downloaded CUTLASS).")
 @click.option("--save-mllm", type=click.Path(path_type=Path),
               help="Also keep the quantized Qwen2.5-VL on its own (GPTQModel/vLLM-loadable folder).")
 @click.option("--verify-samples", type=click.Path(path_type=Path),
@@ -49,8 +52,8 @@ def _mb(n: int) -> str:
 @click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
 @_one_line_errors
 def quantize_command(export_dir, out, method, bits, group_size, desc_act, sym, damp, awq_format, calib,
-                     calib_samples, max_seq_len, calib_text_only, device, offload_to_disk, max_shard_size, save_mllm,
-                     verify_samples, min_dice, max_giou_drop, verify_device, verify_max_new_tokens, overwrite):
+                     calib_samples, max_seq_len, calib_text_only, device, offload_to_disk, max_shard_size, kernel,
+                     save_mllm, verify_samples, min_dice, max_giou_drop, verify_device, verify_max_new_tokens, overwrite):
     """Quantize the language model of a maskport EXPORT_DIR to 4/8-bit GPTQ or AWQ (needs maskport[quant]).
 
     Only the decoder linears are quantized; the vision tower, lm_head, SAM2 and text_hidden_fcs keep their dtype.
@@ -68,7 +71,8 @@ def quantize_command(export_dir, out, method, bits, group_size, desc_act, sym, d
     res = quantize_export(export_dir, out, method=method, bits=int(bits), group_size=group_size, desc_act=desc_act,
                           sym=sym, damp=damp, awq_format=awq_format, calib=calib, calib_samples=calib_samples,
                           max_seq_len=max_seq_len, calib_text_only=calib_text_only, device=device,
-                          offload_to_disk=offload_to_disk, max_shard_size=max_shard_size, save_mllm=save_mllm,
+                          offload_to_disk=offload_to_disk, max_shard_size=max_shard_size, kernel=kernel,
+                          save_mllm=save_mllm,
                           verify_samples=verify_samples, verify_options=verify_options, overwrite=overwrite,
                           log=lambda m: click.echo(m, err=True))
     rep = res.report
