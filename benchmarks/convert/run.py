@@ -270,6 +270,11 @@ def render(results: list[dict], skipped: dict[str, str]) -> str:
         "shared (other jobs were running: see the load averages), so maskport and the copy are run twice, "
         "interleaved, and the faster of each is used for the ratios.",
         "",
+        "Whether the naive fp32 baseline survives the 3B shape depends on what else holds memory: it peaks at ~21.7 GiB "
+        "of the machine's 23.5 GiB. An earlier run (same inputs, an older engine, other jobs using memory) saw it "
+        "killed at 19.7 GiB after 92 s; the run below saw it finish. At 7B it cannot fit (fp32 weights alone are "
+        "~33 GB). The *bf16* run of the same naive code is a lower bound on what it needs (no fp32 up-cast).",
+        "",
     ]
     for r in results:
         size = r["size"].upper()
