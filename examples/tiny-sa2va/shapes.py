@@ -231,3 +231,31 @@ def write_heldout(root, n_stage2: int = 120, n_stage1: int = 40, seed: int = 0) 
                                  "family": family}))
     (root / "samples.jsonl").write_text("\n".join(lines) + "\n")
     return len(lines)
+
+
+def write_calibration(root, n: int = 128, seed: int = 0) -> int:
+    """Write ``n`` training-style samples (same format as :func:`write_heldout`) for quantization calibration.
+
+    The mix is stage 2's (3 ``new_colour`` : 1 ``colour``); seeds start at stage 2's training offset
+    (``50_000_000 + seed * 100_000``): the kind of data a user calibrates with (their training set), never the
+    held-out range, so calibrating on them does not peek at the evaluation.
+    """
+    import json
+    from pathlib import Path
+
+    root = Path(root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(n):
+        family = "colour" if i % 4 == 3 else "new_colour"
+        s = make_sample(50_000_000 + seed * 100_000 + i, family)
+        sid = f"calib-{i:04d}"
+        s.image.save(root / "images" / f"{sid}.png", optimize=True)
+        Image.fromarray(s.mask.astype(np.uint8) * 255).convert("1").save(root / "masks" / f"{sid}.png",
+                                                                          optimize=True)
+        lines.append(json.dumps({"id": sid, "image": f"images/{sid}.png", "prompt": s.prompt,
+                                 "gt_mask": f"masks/{sid}.png", "answer": s.answer,
+                                 "task": TASK_OF_FAMILY[family], "family": family}))
+    (root / "samples.jsonl").write_text("\n".join(lines) + "\n")
+    return len(lines)
