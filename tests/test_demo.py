@@ -119,13 +119,18 @@ def test_training_inputs_match_the_exports_predict_forward_inputs(art, export_fi
 
     import importlib.util
 
-    sys.path.insert(0, str(EXAMPLE))  # model.py imports its sibling shapes.py
+    sys.path.insert(0, str(EXAMPLE))  # model.py imports its sibling shapes.py ...
+    saved = sys.modules.pop("shapes", None)
     try:
         spec = importlib.util.spec_from_file_location("tiny_sa2va_model", EXAMPLE / "model.py")
         tiny = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(tiny)
     finally:
         sys.path.remove(str(EXAMPLE))
+        # ... which must not stay in sys.modules as "shapes": benchmarks/convert has a shapes.py of its own
+        sys.modules.pop("shapes", None)
+        if saved is not None:
+            sys.modules["shapes"] = saved
     from maskport.export.sa2va_qwen2_5_vl.modeling_sa2va_qwen import build_prompt
     from maskport.verify.samples import load_jsonl
 

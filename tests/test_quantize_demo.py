@@ -36,11 +36,11 @@ def bf16_export(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def calib(tmp_path_factory):
-    sys.path.insert(0, str(EXAMPLE))
-    try:
-        import shapes
-    finally:
-        sys.path.remove(str(EXAMPLE))
+    # loaded under its own name: benchmarks/convert has a shapes.py too
+    spec = importlib.util.spec_from_file_location("tiny_sa2va_shapes", EXAMPLE / "shapes.py")
+    shapes = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = shapes  # dataclasses look their module up there
+    spec.loader.exec_module(shapes)
     root = tmp_path_factory.mktemp("calib")
     shapes.write_calibration(root, 64)
     return root / "samples.jsonl"
