@@ -67,3 +67,25 @@ def test_reshape_shapes():
     assert ops.reshape_shapes((1, 1, 8), (8,)) == (8,)
     with pytest.raises(ValueError):
         ops.reshape_shapes((3,), (4,))
+
+
+@pytest.mark.parametrize("block_bytes", [4 * 16, 4 * 16 * 7, 1 << 22])  # one row, 7 rows (uneven), all rows
+def test_lora_merge_rows_matches_the_whole_matrix_merge(block_bytes):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(45, 16, generator=g).to(torch.bfloat16)
+    a, b = torch.randn(4, 16, generator=g), torch.randn(45, 4, generator=g)
+    whole = torch.addmm(w.float(), b, a, alpha=0.5)
+    f32 = ops.lora_merge_rows(torch.empty(45, 16), w, a, b, 0.5, block_bytes=block_bytes)
+    torch.testing.assert_close(f32, whole, rtol=0, atol=1e-5)
+    # another output dtype gets the same float32 values, rounded; in place (out is w) too
+    assert torch.equal(ops.lora_merge_rows(torch.empty(45, 16, dtype=torch.float16), w, a, b, 0.5,
+                                           block_bytes=block_bytes), f32.half())
+    w2 = w.clone()
+    assert ops.lora_merge_rows(w2, w2, a, b, 0.5, block_bytes=block_bytes) is w2
+    assert torch.equal(w2, f32.to(torch.bfloat16))
+
+
+def test_lora_merge_rows_refuses_a_wrong_output():
+    w = torch.zeros(4, 3)
+    with pytest.raises(ValueError, match="contiguous"):
+        ops.lora_merge_rows(torch.zeros(3, 4).t(), w, torch.zeros(2, 3), torch.zeros(4, 2), 1.0)

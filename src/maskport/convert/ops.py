@@ -23,6 +23,9 @@ def identity_shapes(shapes: Sequence[Shape]) -> list[Shape]:
     return [tuple(shapes[0])]
 
 
+MERGE_BLOCK_BYTES = 4 << 20  # float32 bytes of one row block of a merge (a few MB: it stays in the CPU's caches)
+
+
 def lora_merge(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
     """``W + scaling * B @ A`` computed in float32 (peft's ``merge_and_unload`` for a Linear layer).
 
@@ -32,17 +35,29 @@ def lora_merge(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float
         b: ``lora_B`` weight, shape (out, r).
         scaling: ``lora_alpha / r`` (or ``lora_alpha / sqrt(r)`` for rsLoRA).
     """
-    return torch.addmm(w.float(), b.float(), a.float(), alpha=scaling)
+    return lora_merge_rows(torch.empty(tuple(w.shape), dtype=torch.float32), w, a, b, scaling)
 
 
-def lora_merge_into(out: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                    scaling: float) -> torch.Tensor:
-    """:func:`lora_merge` computed in ``out`` (float32, contiguous, the shape of ``w``) instead of fresh memory:
-    the same float32 values (``torch.addmm`` copies its input into the result and runs the same GEMM)."""
-    if out.dtype != torch.float32 or tuple(out.shape) != tuple(w.shape):
-        raise ValueError(f"lora_merge_into needs a float32 {tuple(w.shape)} output, got {out.dtype} {tuple(out.shape)}")
-    out.copy_(w)
-    return out.addmm_(b.float(), a.float(), alpha=scaling)
+def lora_merge_rows(out: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
+                    block_bytes: int = MERGE_BLOCK_BYTES) -> torch.Tensor:
+    """:func:`lora_merge` written into ``out`` (any float dtype, the shape of ``w``; it may be ``w`` itself), a
+    block of rows at a time: each block is up-cast, merged in float32 and cast to ``out``'s dtype while it is
+    still in the caches. A whole-matrix float32 copy of ``w`` would cross memory three more times; on machines
+    with little memory bandwidth that costs more than the matrix product. Every row gets the same float32 values
+    whatever ``out``'s dtype (the blocks do not depend on it)."""
+    if tuple(out.shape) != tuple(w.shape) or not out.is_contiguous():
+        raise ValueError(f"lora_merge_rows needs a contiguous {tuple(w.shape)} output, got {tuple(out.shape)}")
+    rows, cols = w.shape
+    step = max(1, min(rows, block_bytes // (4 * max(1, cols))))
+    a32 = a.float()
+    tmp = torch.empty((step, cols), dtype=torch.float32)
+    for i in range(0, rows, step):
+        j = min(rows, i + step)
+        t = tmp[: j - i]
+        t.copy_(w[i:j])
+        t.addmm_(b[i:j].float(), a32, alpha=scaling)
+        out[i:j].copy_(t)
+    return out
 
 
 def lora_merge_shapes(shapes: Sequence[Shape]) -> list[Shape]:

@@ -308,7 +308,7 @@ def _write_all(fd: int, data: memoryview) -> None:
 
 def _step_buffer_plan(ps: PlannedStep, plan: Plan) -> tuple[list[int], int, str]:
     """(pooled buffer sizes, extra bytes reserved, kind) for one step. Buffers: one per input (as the source
-    reads it), then for a LoRA merge the float32 accumulator and, if needed, an output buffer; for a renaming
+    reads it), then for a LoRA merge a float32 output buffer or an output buffer of another dtype (none when merged in place); for a renaming
     that changes dtype an output buffer. ``kind`` is ``lora``, ``identity`` or ``generic``."""
     step = ps.step
     ins = [plan.sources[r.source].buffer_nbytes(r.key) for r in step.inputs]
@@ -317,8 +317,13 @@ def _step_buffer_plan(ps: PlannedStep, plan: Plan) -> tuple[list[int], int, str]
         w = ps.input_infos[0]
         n = w.nbytes // torch.empty((), dtype=w.dtype).element_size()
         out_dtype = ps.output_infos[0].dtype
+        # merged in place when the output has the base weight's dtype; else into an output buffer (slot 3 for
+        # float32, slot 4 otherwise: _compute_step's layout); the float32 work is a few MB of row blocks
+        acc = [4 * n] if out_dtype == torch.float32 and w.dtype != torch.float32 else [0]
         extra = [] if out_dtype in (torch.float32, w.dtype) else [outs[0]]
-        return ins + [4 * n] + extra, 0, "lora"
+        a = ps.input_infos[1]
+        work = ops.MERGE_BLOCK_BYTES + 4 * (a.nbytes // torch.empty((), dtype=a.dtype).element_size())
+        return ins + acc + extra, work, "lora"  # work: the float32 row block and A in float32
     if step.compute is ops.identity and len(step.inputs) == 1 and len(outs) == 1:
         same = ps.input_infos[0].dtype == ps.output_infos[0].dtype
         return ins + ([] if same else outs), 0, "identity"
@@ -382,14 +387,13 @@ def _compute_step(ld: _Loaded) -> list[torch.Tensor]:
     if ld.kind == "lora":
         w, a, b = xs
         _check_shape(step.targets[0], w, info)
-        acc = _view(bufs[3], TensorInfo(tuple(w.shape), torch.float32))
-        ops.lora_merge_into(acc, w, a, b, step.params["scaling"])
-        if info.dtype == torch.float32:
-            outs = [acc]
-        elif info.dtype == w.dtype and bufs[0] is not None and w.is_contiguous():
-            outs = [w.copy_(acc)]  # the base weight is no longer needed: cast back into its buffer
+        if info.dtype == w.dtype and bufs[0] is not None and w.is_contiguous():
+            dst = w  # merged in place, a block of rows at a time: each block is read before it is written
+        elif info.dtype == torch.float32:
+            dst = _view(bufs[3] if bufs[3] is not None and bufs[3].numel() else None, info)
         else:
-            outs = [_view(bufs[4] if len(bufs) > 4 else None, info).copy_(acc)]
+            dst = _view(bufs[4] if len(bufs) > 4 else None, info)
+        outs = [ops.lora_merge_rows(dst, w, a, b, step.params["scaling"])]
     elif ld.kind == "identity":
         x = xs[0]
         _check_shape(step.targets[0], x, info)
