@@ -390,7 +390,7 @@ def _compute_step(ld: _Loaded) -> list[torch.Tensor]:
         if info.dtype == w.dtype and bufs[0] is not None and w.is_contiguous():
             dst = w  # merged in place, a block of rows at a time: each block is read before it is written
         elif info.dtype == torch.float32:
-            dst = _view(bufs[3] if bufs[3] is not None and bufs[3].numel() else None, info)
+            dst = _view(bufs[3], info)  # None (then allocated) when it was too small to pool
         else:
             dst = _view(bufs[4] if len(bufs) > 4 else None, info)
         outs = [ops.lora_merge_rows(dst, w, a, b, step.params["scaling"])]
