@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # benchmarks/multigpu.md: verify and quantize on 1 vs 2 GPUs of one host (NVLink multicast off).
 #   bash benchmarks/gpu/multigpu.sh verify     3B-shaped export, 64 samples, --num-processes 1 and 2, reports compared
-#   bash benchmarks/gpu/multigpu.sh quant      GPTQ 4-bit of a 7B-shaped export with 1 GPU, then 2 GPUs
+#   [CALIB=N] bash benchmarks/gpu/multigpu.sh quant   GPTQ 4-bit of a 7B-shaped export with 1 GPU, then 2 GPUs
 set -euo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 GPTQMODEL_OFFLINE=1
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -29,7 +29,11 @@ PY
     ;;
   quant)
     [ -d /tmp/mp/7b ] || { bash benchmarks/gpu/run.sh setup >/dev/null 2>&1; bash benchmarks/gpu/run.sh shaped 7b | tail -1; }
-    CUDA_VISIBLE_DEVICES=0 python3 benchmarks/gpu/quant_gpus.py /tmp/mp/7b /tmp/mp/q7-1gpu gptq gptq_triton "$OUT/quant-7b-1gpu.json" 2>/dev/null
-    CUDA_VISIBLE_DEVICES=0,1 python3 benchmarks/gpu/quant_gpus.py /tmp/mp/7b /tmp/mp/q7-2gpu gptq gptq_triton "$OUT/quant-7b-2gpu.json" 2>/dev/null
+    n=${CALIB:-32}
+    for g in 1 2; do
+      CUDA_VISIBLE_DEVICES=$([ $g = 1 ] && echo 0 || echo 0,1) python3 benchmarks/gpu/quant_gpus.py /tmp/mp/7b \
+          /tmp/mp/q7-${g}gpu gptq gptq_triton "$OUT/multigpu-quant-7b-${g}gpu-$n.json" "$n" > "$OUT/quant-${g}gpu-$n.log" 2>&1
+      tail -1 "$OUT/quant-${g}gpu-$n.log"
+    done
     ;;
 esac
