@@ -16,6 +16,7 @@ Rule kinds:
   trained copy replaces the base tensor, which is then accounted for as superseded, not silently ignored).
 - :class:`LoraMerge`: ``base + (alpha / r) * B @ A`` in float32.
 - :class:`Split` / :class:`Concat` / :class:`Reshape`: layout changes.
+- :class:`Apply`: a family's own pure function (with its shape twin), e.g. a grouped qkv split.
 - :class:`Drop`: a source tensor deliberately not exported, with the reason.
 - :class:`CopyRest`: every tensor of a source that no earlier rule claimed, renamed by a pattern. It runs
   after all other rules, so a table reads "these tensors are special; everything else is copied".
@@ -242,6 +243,28 @@ class Reshape(Rule):
         return Step(self, (fill(self.target, b),), (_ref(self.source, b),),
                     lambda xs: [ops.reshape(xs[0], self.shape(tuple(xs[0].shape)))],
                     lambda shapes: [ops.reshape_shapes(shapes[0], self.shape(tuple(shapes[0])))], "reshape")
+
+
+@dataclass(frozen=True)
+class Apply(Rule):
+    """A family-specific layout change: ``fn(tensors, ctx)`` turns the ``sources`` (the first is the primary
+    pattern) into the ``targets``; ``shapes(shapes, ctx)`` is its twin on shapes. ``op`` names it in the report.
+    Both must be pure functions (e.g. InternLM2's per-group ``wqkv`` split, with or without a LoRA merge first)."""
+
+    targets: tuple[str, ...]
+    sources: tuple[str, ...]
+    fn: Callable[[list, Any], list]
+    shapes: Callable[[list, Any], list]
+    op: str
+    optional: bool = False
+
+    @property
+    def primary(self) -> str:  # type: ignore[override]
+        return self.sources[0]
+
+    def make_step(self, b, ctx):
+        return Step(self, tuple(fill(t, b) for t in self.targets), tuple(_ref(s, b) for s in self.sources),
+                    lambda xs: list(self.fn(xs, ctx)), lambda shapes: list(self.shapes(shapes, ctx)), self.op)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,6 @@ Target: ``Sa2VAQwenModel`` (``maskport/export/sa2va_qwen2_5_vl``): ``mllm.*`` (t
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +20,16 @@ from typing import Any
 
 import torch
 
-from ..convert.rules import CopyRest, Drop, LoraMerge, Rename, Take, lora_scaling
-from ..convert.sources import (RenamedSource, TensorSource, TrainingCheckpoint, open_hf_folder,
-                               open_sam2_checkpoint)
-from ..convert.training_config import Opaque, TrainingConfig
+from ..convert.rules import CopyRest, Drop, LoraMerge, Rename, Take
+from ..convert.sources import RenamedSource, TensorSource, TrainingCheckpoint, open_hf_folder
+from ..convert.training_config import TrainingConfig
 from ..errors import MissingInput, ShapeMismatch, UnreadableFile, WrongFamily
 from . import sam2_meta_to_hf as sam2map
+from ._shared import lora_settings, open_sam2
+from ._shared import plain as _plain
+from ._shared import read_json as _read_json
+from ._shared import tokenizer_files as _tokenizer_files
+from ._shared import write_generation_config as _write_generation_config
 from .registry import ConvertOptions, Prepared, register
 
 NAME = "sa2va-qwen2_5-vl"
@@ -112,15 +115,6 @@ def _normalise_base_keys(src: TensorSource) -> TensorSource:
     return RenamedSource(src, rename, src.description + " (legacy layout, keys normalised)")
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise MissingInput(f"{path} is missing") from None
-    except ValueError as exc:
-        raise UnreadableFile(f"{path}: not valid JSON ({exc})") from exc
-
-
 class Sa2VAQwen25VL:
     name = NAME
     mapping_version = MAPPING_VERSION
@@ -154,19 +148,7 @@ class Sa2VAQwen25VL:
         mllm_config = Qwen2_5_VLConfig.from_pretrained(base_dir)
 
         # 2. SAM2
-        if options.sam2 is None:
-            raise MissingInput("--sam2 is required: Meta's SAM2 checkpoint the run started from (e.g. sam2_hiera_large.pt)")
-        sam2 = open_sam2_checkpoint(options.sam2, allow_unsafe_pickle=options.allow_unsafe_pickle)
-        sam2_cfg_path = options.sam2_config
-        sidecar = Path(options.sam2).with_suffix(".config.json")
-        if sam2_cfg_path is None and sidecar.is_file():
-            sam2_cfg_path = sidecar
-            notes.append(f"SAM2 architecture read from {sidecar.name} beside the checkpoint")
-        if sam2_cfg_path is not None:
-            preset, spec = "custom", sam2map.spec_from_meta_config(_read_json(Path(sam2_cfg_path)))
-        else:
-            preset, spec = sam2map.detect_sam2_preset(sam2)
-        sam2_config = sam2map.hf_sam2_config(spec)
+        sam2, preset, sam2_config = open_sam2(options, notes)
 
         # 3. sizes the checkpoint implies, checked against the base before planning
         keys = set(ckpt.source.keys())
@@ -184,21 +166,7 @@ class Sa2VAQwen25VL:
         vocab = ckpt.source.info(embed_keys[0]).shape[0] if embed_keys else mllm_config.text_config.vocab_size
 
         # 4. LoRA scaling: r from the tensors, alpha from flags > training config
-        a_keys = [k for k in keys if k.endswith(".lora_A.default.weight")]
-        ranks = {ckpt.source.info(k).shape[0] for k in a_keys}
-        if len(ranks) > 1:
-            raise ShapeMismatch(f"LoRA ranks differ between layers ({sorted(ranks)}); per-layer ranks are not supported")
-        r = ranks.pop() if ranks else None
-        if r is not None and options.lora_r is not None and options.lora_r != r:
-            raise ShapeMismatch(f"--lora-r {options.lora_r} but the checkpoint's lora_A tensors have rank {r}")
-        if r is not None and cfg.lora_r is not None and cfg.lora_r != r:
-            raise ShapeMismatch(f"the training config says r={cfg.lora_r} but the lora_A tensors have rank {r}")
-        alpha = options.lora_alpha if options.lora_alpha is not None else cfg.lora_alpha
-        rslora = options.use_rslora if options.use_rslora is not None else cfg.use_rslora
-        if r is not None and alpha is None:
-            raise MissingInput("LoRA alpha is unknown: the checkpoint has no training config with lora_alpha; "
-                               "pass --lora-alpha (Sa2VA configs use 2*r, e.g. 256 for r=128)")
-        scaling = lora_scaling(alpha, r, rslora) if r is not None else None
+        r, alpha, rslora, scaling = lora_settings(ckpt, cfg, options)
 
         # 5. tokenizer: the base's, plus the special tokens the run added (same order => same ids)
         special = options.special_tokens or cfg.special_tokens or DEFAULT_SPECIAL_TOKENS
@@ -288,22 +256,6 @@ class Sa2VAQwen25VL:
                         write_files=write_files, notes=notes, settings=settings)
 
 
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, Opaque):
-        return str(obj)
-    return obj
-
-
-def _tokenizer_files(out: Path) -> list[str]:
-    names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-             "vocab.json", "merges.txt", "chat_template.jinja")
-    return [n for n in names if (out / n).is_file()]
-
-
 def _image_processor_settings(base_dir: Path, cfg: TrainingConfig) -> dict:
     """Qwen2-VL image-processor settings for the export.
 
@@ -335,26 +287,6 @@ def _iter_raw(obj: Any, path: str = ""):
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
             yield from _iter_raw(v, f"{path}[{i}]")
-
-
-def _write_generation_config(base_dir: Path, out: Path, tokenizer, template: dict) -> None:
-    from transformers import GenerationConfig
-
-    if (base_dir / "generation_config.json").is_file():
-        gen = GenerationConfig.from_pretrained(base_dir)
-    else:
-        gen = GenerationConfig()
-    stop_ids = [tokenizer.convert_tokens_to_ids(w) for w in template.get("stop_words", [])]
-    stop_ids = [i for i in stop_ids if isinstance(i, int) and i != tokenizer.unk_token_id]
-    if stop_ids:
-        gen.eos_token_id = stop_ids if len(stop_ids) > 1 else stop_ids[0]
-    if gen.pad_token_id is None and tokenizer.pad_token_id is not None:
-        gen.pad_token_id = tokenizer.pad_token_id
-    gen.do_sample = False
-    for k in ("temperature", "top_p", "top_k", "repetition_penalty"):
-        if hasattr(gen, k):
-            setattr(gen, k, None)
-    gen.save_pretrained(out)
 
 
 register(Sa2VAQwen25VL())
