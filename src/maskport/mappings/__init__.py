@@ -7,3 +7,4 @@ from .registry import FAMILIES, Family, detect_family, get_family, register  # n
 
 # importing a family module registers it
 from . import sa2va_qwen2_5_vl  # noqa: E402,F401
+from . import sa2va_internvl  # noqa: E402,F401

@@ -1,0 +1,418 @@
+"""Family ``sa2va-internvl``: Sa2VA fine-tuned on an InternVL base (InternVL2.5 / InternVL3) with SAM2.
+
+Language models: Qwen2 (Sa2VA-1B/4B, Sa2VA-InternVL3-2B/8B/14B) and InternLM2 (Sa2VA-8B/26B; exported in
+Llama's layout, see :mod:`maskport.mappings.internlm2_llama`).
+
+Sources:
+- ``ckpt``: the training checkpoint (trainable subset): LoRA of the LLM under
+  ``mllm.model.language_model.base_model.model.``, ``modules_to_save`` copies of the embeddings / LM head (v2) or
+  full trained copies (v1), the projector ``mllm.model.mlp1.{0,1,3}.*``, SAM2's mask decoder, ``text_hidden_fcs``;
+- ``base``: the InternVL folder as OpenGVLab publishes it: remote-code layout (``vision_model.*`` InternViT with a
+  fused ``attn.qkv``, ``mlp1.*``, ``language_model.*``), or transformers' native ``-hf`` layout
+  (``model.vision_tower.*``, ``model.multi_modal_projector.*``, ``model.language_model.*``, ``lm_head.*``);
+- ``sam2``: Meta's SAM2 checkpoint.
+
+Target: ``Sa2VAInternVLModel`` (``maskport/export/sa2va_internvl``): ``mllm.*`` (transformers'
+``InternVLForConditionalGeneration``), ``sam2.*`` (``Sam2Model``), ``text_hidden_fcs.*``.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..convert.rules import CopyRest, Drop, LoraMerge, Rename, Rule, Split, Take
+from ..convert.sources import TensorSource, TrainingCheckpoint, open_hf_folder
+from ..convert.training_config import TrainingConfig
+from ..errors import MissingInput, ShapeMismatch, UnreadableFile, WrongFamily
+from . import internlm2_llama
+from . import sam2_meta_to_hf as sam2map
+from ._shared import lora_settings, open_sam2, plain, read_json, tokenizer_files, write_generation_config
+from .registry import ConvertOptions, Prepared, register
+
+NAME = "sa2va-internvl"
+MAPPING_VERSION = "1"
+PEFT = "ckpt:mllm.model.language_model.base_model.model."   # peft wraps the causal LM inside InternVLChatModel
+DEFAULT_SPECIAL_TOKENS = ["[SEG]", "<p>", "</p>", "<vp>", "</vp>"]
+EXPORT_DIR = Path(__file__).resolve().parent.parent / "export"
+EXPORT_FILES = (("sa2va_internvl", "configuration_sa2va_internvl.py"), ("sa2va_internvl", "modeling_sa2va_internvl.py"),
+                ("sa2va_internvl", "sa2va_common.py"))
+VT = "mllm.model.vision_tower."
+PROJ = "mllm.model.multi_modal_projector."
+LM = "mllm.model.language_model."
+PROJECTOR_LAYERS = {"0": "layer_norm", "1": "linear_1", "3": "linear_2"}   # nn.Sequential index -> native name
+
+
+@dataclass(frozen=True)
+class BaseLayout:
+    """Where the base folder keeps each part (pattern prefixes, source ``base``)."""
+
+    name: str
+    llm: str          # the causal LM (remote code: ``language_model.``; native: the decoder and head differ)
+    decoder: str      # the decoder stack: ``...model.`` of the causal LM
+    lm_head: str      # full key of the head (Qwen2: ``lm_head.weight``; InternLM2: ``output.weight``)
+    has_lm_head: bool = True
+
+
+REMOTE = "remote-code"
+NATIVE = "native (-hf)"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the table
+# --------------------------------------------------------------------------------------------------------------
+def intern_vit_rules() -> list[Rule]:
+    """InternViT (remote code, ``vision_model.*``) -> transformers' ``InternVLVisionModel``."""
+    V, L = "base:vision_model.", "base:vision_model.encoder.layers.{i}."
+    T = VT + "encoder.layer.{i}."
+    return [
+        Rename(VT + "embeddings.cls_token", V + "embeddings.class_embedding"),
+        Rename(VT + "embeddings.patch_embeddings.projection.{p}", V + "embeddings.patch_embedding.{p}"),
+        Rename(VT + "embeddings.position_embeddings", V + "embeddings.position_embedding"),
+        # q, k, v are stacked in that order along the output rows (InternViT reshapes qkv to (3, heads, d))
+        Split(targets=(T + "attention.q_proj.{p}", T + "attention.k_proj.{p}", T + "attention.v_proj.{p}"),
+              source=L + "attn.qkv.{p}", dim=0),
+        Rename(T + "attention.projection_layer.{p}", L + "attn.proj.{p}"),
+        Rename(T + "attention.q_norm.weight", L + "attn.q_norm.weight", optional=True),  # InternViT-6B only
+        Rename(T + "attention.k_norm.weight", L + "attn.k_norm.weight", optional=True),
+        Rename(T + "lambda_1", L + "ls1"),
+        Rename(T + "lambda_2", L + "ls2"),
+        Rename(T + "layernorm_before.{p}", L + "norm1.{p}"),
+        Rename(T + "layernorm_after.{p}", L + "norm2.{p}"),
+        Rename(T + "mlp.fc1.{p}", L + "mlp.fc1.{p}"),
+        Rename(T + "mlp.fc2.{p}", L + "mlp.fc2.{p}"),
+    ]
+
+
+def projector_rules(layout: str, trained: bool) -> list[Rule]:
+    """``mlp1`` (LayerNorm, Linear, GELU, Linear) -> ``multi_modal_projector``; Sa2VA trains it, so the
+    checkpoint's copy supersedes the base's."""
+    out: list[Rule] = []
+    for idx, name in PROJECTOR_LAYERS.items():
+        base_key = f"base:mlp1.{idx}.{{p}}" if layout == REMOTE else f"base:model.multi_modal_projector.{name}.{{p}}"
+        if trained:
+            out.append(Take(PROJ + f"{name}.{{p}}", f"ckpt:mllm.model.mlp1.{idx}.{{p}}", replaces=(base_key,),
+                            why="the projector is trained: the checkpoint's copy replaces the base's"))
+        else:
+            out.append(Rename(PROJ + f"{name}.{{p}}", base_key))
+    return out
+
+
+def qwen2_llm_rules(base: BaseLayout) -> list[Rule]:
+    """Qwen2 language model: LoRA merged into every trained linear; embeddings / head from the checkpoint."""
+    linear = "layers.{i}.{block}.{proj}"
+    return [
+        LoraMerge(target=LM + linear + ".weight", base=base.decoder + linear + ".weight",
+                  a=PEFT + "model." + linear + ".lora_A.default.weight",
+                  b=PEFT + "model." + linear + ".lora_B.default.weight"),
+        *_embedding_rules(base, embed="embed_tokens", head="lm_head"),
+        CopyRest(target=LM + "{rest}", source=base.decoder + "{rest}"),
+    ]
+
+
+def _embedding_rules(base: BaseLayout, *, embed: str, head: str) -> list[Rule]:
+    """Trained copies of the embeddings (``embed`` under the decoder) and the LM head (``head`` under the causal LM)
+    supersede the base's: v2 checkpoints keep peft ``modules_to_save`` copies, v1 full tensors."""
+    base_embed = (base.decoder + embed + ".weight",)
+    base_head = (base.lm_head,) if base.has_lm_head else ()  # a base that ties its head saves none
+    return [
+        Take(LM + "embed_tokens.weight", PEFT + f"model.{embed}.modules_to_save.default.weight", replaces=base_embed,
+             optional=True),
+        Take("mllm.lm_head.weight", PEFT + f"{head}.modules_to_save.default.weight", replaces=base_head,
+             optional=True),
+        Take(LM + "embed_tokens.weight", PEFT + f"model.{embed}.weight", replaces=base_embed,
+             why="trained full copy (v1 checkpoint) replaces the base tensor", optional=True),
+        Take("mllm.lm_head.weight", PEFT + f"{head}.weight", replaces=base_head,
+             why="trained full copy (v1 checkpoint) replaces the base tensor", optional=True),
+        Drop(PEFT + "{rest}.original_module.weight",
+             reason="frozen pre-training copy kept by peft modules_to_save; superseded by the trained copy",
+             optional=True),
+        # untouched by training: the base's (CopyRest claims only what no rule above took)
+        CopyRest(target=LM + "embed_tokens.weight", source=base.decoder + embed + ".weight", optional=True),
+        CopyRest(target="mllm.lm_head.weight", source=base.lm_head, optional=True),
+    ]
+
+
+def internlm2_llm_rules(base: BaseLayout, lora_modules: set[str], text_cfg: dict) -> list[Rule]:
+    rules = internlm2_llama.rules(base=base.llm, target=LM, lm_head_target="mllm.lm_head.weight", peft=PEFT,
+                                  lora_modules=lora_modules, num_heads=int(text_cfg["num_attention_heads"]),
+                                  num_kv_heads=int(text_cfg["num_key_value_heads"]))
+    return [*rules, *_embedding_rules(base, embed="tok_embeddings", head="output")]
+
+
+def rules(layout: str, llm: str, *, base: BaseLayout, projector_trained: bool, lora_modules: set[str],
+          text_cfg: dict) -> list[Rule]:
+    """The whole table, top to bottom."""
+    if llm == "internlm2":
+        llm_rules = internlm2_llm_rules(base, lora_modules, text_cfg)
+    else:
+        llm_rules = qwen2_llm_rules(base)
+    vision = intern_vit_rules() if layout == REMOTE else [CopyRest(VT + "{rest}", "base:model.vision_tower.{rest}")]
+    return [
+        *llm_rules,                                                    # 1. language model (LoRA merged)
+        *projector_rules(layout, projector_trained),                   # 2. projector
+        *vision,                                                       # 3. vision tower
+        Rename(target="text_hidden_fcs.{rest}", source="ckpt:text_hidden_fcs.{rest}"),   # 4. [SEG] projection
+        *sam2map.sam2_rules(target_prefix="sam2.", mask_decoder_from="ckpt:grounding_encoder.sam2_model."),  # 5.
+    ]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# configurations
+# --------------------------------------------------------------------------------------------------------------
+def vision_config(intern_vit: dict) -> dict:
+    """InternViT's ``vision_config`` (remote code) -> transformers' ``InternVLVisionConfig`` fields."""
+    c = intern_vit
+    size = int(c.get("image_size", 448))
+    patch = int(c.get("patch_size", 14))
+    return {
+        "hidden_size": int(c["hidden_size"]), "num_hidden_layers": int(c["num_hidden_layers"]),
+        "num_attention_heads": int(c["num_attention_heads"]), "intermediate_size": int(c["intermediate_size"]),
+        "attention_bias": bool(c.get("qkv_bias", True)), "use_qk_norm": bool(c.get("qk_normalization", False)),
+        "norm_type": c.get("norm_type", "layer_norm"), "layer_norm_eps": float(c.get("layer_norm_eps", 1e-6)),
+        "hidden_act": c.get("hidden_act", "gelu"), "image_size": [size, size], "patch_size": [patch, patch],
+        "num_channels": int(c.get("num_channels", 3)), "use_absolute_position_embeddings": True,
+        "use_mean_pooling": True,  # = no final LayerNorm, as InternViT's last_hidden_state has none
+        "use_mask_token": False, "layer_scale_init_value": float(c.get("initializer_factor", 0.1)),
+        "attention_dropout": 0.0, "projection_dropout": 0.0, "hidden_dropout_prob": 0.0,
+    }
+
+
+def _detect_layout(base_cfg: dict, base_dir: Path) -> tuple[str, str, dict, dict]:
+    """(layout, llm kind, vision config, LLM config dict) of an InternVL base folder."""
+    mt = base_cfg.get("model_type")
+    if mt == "internvl_chat":
+        llm_cfg = dict(base_cfg.get("llm_config") or {})
+        vis = vision_config(base_cfg.get("vision_config") or {})
+        if base_cfg.get("ps_version", "v2") != "v2":
+            raise WrongFamily(f"{base_dir}: ps_version {base_cfg.get('ps_version')!r}; only InternVL's v2 pixel "
+                              "shuffle (InternVL1.5 and later) is supported")
+        if int(base_cfg.get("force_image_size") or vis["image_size"][0]) != vis["image_size"][0]:
+            raise WrongFamily(f"{base_dir}: force_image_size differs from the vision tower's image_size")
+        layout = REMOTE
+    elif mt == "internvl":
+        llm_cfg = dict(base_cfg.get("text_config") or {})
+        vis = dict(base_cfg.get("vision_config") or {})
+        layout = NATIVE
+    else:
+        raise WrongFamily(f"base folder {base_dir} holds a {mt!r} model; family {NAME} needs an InternVL base "
+                          "(e.g. OpenGVLab/InternVL2_5-4B or InternVL3-2B, remote-code or -hf layout)")
+    arch = " ".join(llm_cfg.get("architectures") or []) + " " + str(llm_cfg.get("model_type", ""))
+    if "InternLM2" in arch or "internlm2" in arch:
+        llm = "internlm2"
+    elif "Qwen2" in arch or "qwen2" in arch:
+        llm = "qwen2"
+    elif "llama" in arch.lower() and layout == NATIVE:
+        raise WrongFamily(f"{base_dir}: an InternVL -hf folder with a Llama language model (InternLM2 converted "
+                          "by transformers) is not supported yet; use the remote-code folder")
+    else:
+        raise WrongFamily(f"{base_dir}: language model {arch.strip()!r} is not supported "
+                          "(supported: Qwen2 and InternLM2)")
+    return layout, llm, vis, llm_cfg
+
+
+def _open_base(base_dir: Path, layout: str, llm: str, allow_unsafe_pickle: bool) -> tuple[TensorSource, BaseLayout]:
+    src = open_hf_folder(base_dir, allow_unsafe_pickle=allow_unsafe_pickle)
+    keys = src.keys()
+    if layout == REMOTE:
+        head = "language_model.output.weight" if llm == "internlm2" else "language_model.lm_head.weight"
+        if not any(k.startswith("vision_model.") for k in keys) or not any(k.startswith("mlp1.") for k in keys):
+            raise WrongFamily(f"{base_dir}: config says remote-code InternVL but the weights have no "
+                              "vision_model.* / mlp1.* tensors")
+        return src, BaseLayout(REMOTE, "base:language_model.", "base:language_model.model.", "base:" + head,
+                               head in src)
+    if not any(k.startswith("model.vision_tower.") for k in keys):
+        # transformers 4.5x saved -hf folders in the llava-style layout: present them under the module names
+        from ..convert.sources import RenamedSource
+
+        rename = {}
+        for k in keys:
+            if k.startswith("language_model.model."):
+                rename[k] = "model.language_model." + k[len("language_model.model."):]
+            elif k.startswith("language_model.lm_head."):
+                rename[k] = k[len("language_model."):]
+            elif k.startswith(("vision_tower.", "multi_modal_projector.", "language_model.")):
+                rename[k] = "model." + k
+            else:
+                rename[k] = k
+        src = RenamedSource(src, rename, src.description + " (llava-style layout, keys normalised)")
+    return src, BaseLayout(NATIVE, "base:model.language_model.", "base:model.language_model.", "base:lm_head.weight",
+                           "lm_head.weight" in src)
+
+
+def _load_tokenizer(base_dir: Path, llm: str):
+    from transformers import AutoTokenizer
+
+    if llm == "internlm2":
+        from . import internlm2_tokenizer
+
+        return internlm2_tokenizer.load(base_dir)
+    try:
+        return AutoTokenizer.from_pretrained(base_dir, trust_remote_code=False)  # never run a folder's code
+    except Exception as exc:  # noqa: BLE001 - re-raised typed
+        raise UnreadableFile(f"{base_dir}: cannot load its tokenizer ({exc})") from exc
+
+
+@dataclass
+class Ctx:
+    lora_scaling: float | None
+
+
+class Sa2VAInternVL:
+    name = NAME
+    mapping_version = MAPPING_VERSION
+    description = "Sa2VA on InternVL2.5/3 (Qwen2 or InternLM2 LLM; LoRA + projector + SAM2 decoder + text_hidden_fcs)"
+
+    def claims(self, ckpt: TrainingCheckpoint) -> bool:
+        keys = ckpt.source.keys()
+        return any(k.startswith("mllm.model.language_model.base_model.model.") for k in keys) and any(
+            k.startswith("text_hidden_fcs.") for k in keys)
+
+    def prepare(self, ckpt: TrainingCheckpoint, cfg: TrainingConfig, options: ConvertOptions) -> Prepared:
+        from transformers import InternVLConfig
+
+        from ..export.sa2va_internvl.configuration_sa2va_internvl import Sa2VAInternVLConfig, normalize_template
+        from ..export.sa2va_internvl.modeling_sa2va_internvl import Sa2VAInternVLModel
+
+        notes: list[str] = []
+        # 1. the base folder: layout and language model
+        if options.base is None:
+            raise MissingInput("--base is required: the InternVL folder the run fine-tuned"
+                               + (f" (the training config names {cfg.base_path!r})" if cfg.base_path else
+                                  " (e.g. OpenGVLab/InternVL2_5-4B)"))
+        base_dir = Path(options.base)
+        if not base_dir.is_dir():
+            raise MissingInput(f"base model folder {base_dir} does not exist")
+        base_cfg = read_json(base_dir / "config.json")
+        layout, llm, vis_cfg, llm_cfg = _detect_layout(base_cfg, base_dir)
+        base, where = _open_base(base_dir, layout, llm, options.allow_unsafe_pickle)
+        notes.append(f"base: InternVL, {layout} layout, {llm} language model")
+
+        # 2. SAM2
+        sam2, preset, sam2_config = open_sam2(options, notes)
+
+        # 3. sizes implied by the checkpoint, checked against the base
+        keys = set(ckpt.source.keys())
+        hidden = int(llm_cfg["hidden_size"])
+        if "text_hidden_fcs.0.weight" in keys:
+            c_in = ckpt.source.info("text_hidden_fcs.0.weight").shape[1]
+            if c_in != hidden:
+                raise ShapeMismatch(f"the checkpoint was trained on an LLM of hidden size {c_in} "
+                                    f"(text_hidden_fcs.0.weight), but the base {base_dir.name} has {hidden}: wrong --base?")
+        out_dim = (ckpt.source.info("text_hidden_fcs.2.weight").shape[0] if "text_hidden_fcs.2.weight" in keys
+                   else 256)
+        peft = PEFT.split(":", 1)[1]
+        embed_name = "tok_embeddings" if llm == "internlm2" else "embed_tokens"
+        embed_keys = [k for k in (f"{peft}model.{embed_name}.modules_to_save.default.weight",
+                                  f"{peft}model.{embed_name}.weight") if k in keys]
+        vocab = ckpt.source.info(embed_keys[0]).shape[0] if embed_keys else int(llm_cfg["vocab_size"])
+        lora_modules = {k[len(peft) + len("model.layers."):].split(".", 1)[1].rsplit(".lora_A", 1)[0]
+                        for k in keys if k.startswith(peft + "model.layers.") and ".lora_A." in k}
+        unknown_lora = [k for k in keys if k.startswith(peft) and ".lora_" in k and not k.startswith(peft + "model.layers.")]
+        if unknown_lora:
+            raise ShapeMismatch(f"LoRA outside the decoder layers is not supported yet: {unknown_lora[:3]}")
+        projector_trained = any(k.startswith("mllm.model.mlp1.") for k in keys)
+        if not projector_trained:
+            notes.append("the checkpoint has no projector (mlp1): the base's is exported")
+
+        # 4. LoRA scaling
+        r, alpha, rslora, scaling = lora_settings(ckpt, cfg, options)
+
+        # 5. tokenizer: the base's (InternLM2: converted to a fast tokenizer), plus Sa2VA's added tokens
+        special = options.special_tokens or cfg.special_tokens or DEFAULT_SPECIAL_TOKENS
+        if "[SEG]" not in special:
+            raise MissingInput(f"the special tokens {special} do not include [SEG]")
+        tokenizer = _load_tokenizer(base_dir, llm)
+        tokenizer.add_tokens(special, special_tokens=True)
+        seg_id = tokenizer.convert_tokens_to_ids("[SEG]")
+        if seg_id >= vocab:
+            raise ShapeMismatch(f"[SEG] gets id {seg_id} but the trained embeddings have only {vocab} rows: "
+                                "the base tokenizer does not match the one used in training")
+        ctx_token = "<IMG_CONTEXT>"
+        image_token_id = tokenizer.convert_tokens_to_ids(ctx_token)
+        if not isinstance(image_token_id, int) or image_token_id == tokenizer.unk_token_id or image_token_id >= vocab:
+            raise UnreadableFile(f"{base_dir}: the tokenizer has no {ctx_token} token (not an InternVL tokenizer?)")
+        if len(tokenizer) != vocab:
+            notes.append(f"tokenizer has {len(tokenizer)} tokens, embeddings {vocab} rows (padded vocabulary)")
+
+        # 6. the export config
+        if llm == "internlm2":
+            text_cfg = internlm2_llama.llama_config(llm_cfg, vocab_size=vocab)
+        else:
+            text_cfg = {k: v for k, v in llm_cfg.items() if not k.startswith("_")}
+            text_cfg.update(model_type="qwen2", vocab_size=vocab, tie_word_embeddings=False,
+                            architectures=["Qwen2ForCausalLM"])
+        if layout == REMOTE:
+            ratio = float(base_cfg.get("downsample_ratio", 0.5))
+            select_layer = int(base_cfg.get("select_layer", -1))
+        else:
+            ratio = float(base_cfg.get("downsample_ratio", 0.5))
+            select_layer = int(base_cfg.get("vision_feature_layer", -1))
+        vis_size, patch = vis_cfg["image_size"], vis_cfg["patch_size"]
+        vis_size = vis_size[0] if isinstance(vis_size, (list, tuple)) else vis_size
+        patch = patch[0] if isinstance(patch, (list, tuple)) else patch
+        per_tile = int((vis_size // patch) ** 2 * ratio ** 2)
+        mllm_config = InternVLConfig(vision_config=vis_cfg, text_config=text_cfg, image_token_id=image_token_id,
+                                     image_seq_length=per_tile, downsample_ratio=ratio, projector_hidden_act="gelu",
+                                     vision_feature_layer=select_layer, vision_feature_select_strategy="default",
+                                     tie_word_embeddings=False)
+        template = cfg.template if cfg.template is not None else ("internlm2_chat" if llm == "internlm2" else "qwen_chat")
+        if cfg.template is None:
+            notes.append(f"no chat template in the training config: using {template}")
+        try:
+            template = normalize_template(plain(template))
+        except ValueError as exc:
+            raise UnreadableFile(f"chat template of the training config: {exc}") from None
+        image_processor = {"image_size": vis_size}
+        for key in ("min_dynamic_patch", "max_dynamic_patch", "use_thumbnail"):
+            if key in base_cfg:
+                image_processor[key] = base_cfg[key]
+        from .. import __version__
+
+        config = Sa2VAInternVLConfig(
+            mllm_config=mllm_config.to_dict(), sam2_config=sam2_config.to_dict(), seg_token="[SEG]",
+            seg_token_id=seg_id, special_tokens=list(special), template=template, image_processor=image_processor,
+            add_bos_token=llm == "internlm2", text_hidden_fcs_out_dim=out_dim,
+            maskport={"version": __version__, "family": NAME, "mapping_version": MAPPING_VERSION,
+                      "sam2_preset": preset, "base_layout": layout, "llm": llm})
+        config.architectures = ["Sa2VAInternVLModel"]
+        config.auto_map = {"AutoConfig": "configuration_sa2va_internvl.Sa2VAInternVLConfig",
+                           "AutoModel": "modeling_sa2va_internvl.Sa2VAInternVLModel"}
+        with torch.device("meta"):
+            target_model = Sa2VAInternVLModel(config)
+        expected = {k: tuple(v.shape) for k, v in target_model.state_dict().items()}
+        del target_model
+
+        def write_files(out: Path) -> list[str]:
+            written = []
+            config.save_pretrained(out)
+            written.append("config.json")
+            for sub, f in EXPORT_FILES:
+                shutil.copy2(EXPORT_DIR / sub / f, out / f)
+                written.append(f)
+            tokenizer.save_pretrained(out)
+            written += tokenizer_files(out)
+            write_generation_config(base_dir, out, tokenizer, template)
+            written.append("generation_config.json")
+            return sorted(set(written))
+
+        settings = {
+            "lora": {"r": r, "alpha": alpha, "use_rslora": rslora, "scaling": scaling, "modules": sorted(lora_modules),
+                     "source": "flags" if options.lora_alpha is not None else cfg.found_in.get("lora")},
+            "special_tokens": special, "seg_token_id": seg_id, "vocab_size": vocab, "image_token_id": image_token_id,
+            "sam2_preset": preset, "template": template, "base_model_type": base_cfg.get("model_type"),
+            "base_layout": layout, "llm": llm, "training_config_base_path": cfg.base_path,
+        }
+        table = rules(layout, llm, base=where, projector_trained=projector_trained, lora_modules=lora_modules,
+                      text_cfg=llm_cfg if llm != "internlm2" else {
+                          "num_attention_heads": text_cfg["num_attention_heads"],
+                          "num_key_value_heads": text_cfg["num_key_value_heads"]})
+        return Prepared(sources={"ckpt": ckpt.source, "base": base, "sam2": sam2}, rules=table, ctx=Ctx(scaling),
+                        expected=expected, export_config=config.to_dict(), write_files=write_files, notes=notes,
+                        settings=settings)
+
+
+register(Sa2VAInternVL())

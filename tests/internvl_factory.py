@@ -1,0 +1,211 @@
+"""Tiny Sa2VA-on-InternVL fixtures: a remote-code InternVL base folder (Qwen2 or InternLM2 language model), Meta's
+SAM2, and a Sa2VA training checkpoint (v2: LoRA + modules_to_save; v1: full embeddings/head) as mmengine and
+DeepSpeed save them, plus the un-converted trained model in memory (the oracle: :mod:`tests.internvl_reference`
+with peft's un-merged LoRA)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tests.factory import (SPECIAL_TOKENS, _make_meta_sam2, _perturb_, make_tiny_tokenizer,
+                           tiny_meta_sam2_config)
+from tests.internvl_reference import RefInternLM2, RefInternVLChat
+
+INTERNVL_TOKENS = ["<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"]
+TILE = 56          # the tiny vision tower's image size (real: 448)
+LORA_R, LORA_ALPHA = 8, 16
+VISION = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+          "image_size": TILE, "patch_size": 14, "layer_norm_eps": 1e-6, "qkv_bias": True}
+PEFT_PREFIX = "mllm.model.language_model."
+
+
+@dataclass
+class InternVLFixture:
+    root: Path
+    base_dir: Path
+    sam2_pt: Path
+    ckpt: Path
+    llm: str
+    oracle: RefInternVLChat          # trained: peft-wrapped (un-merged) LLM, trained projector
+    sam2: Any
+    text_hidden_fcs: nn.Module
+    state_dict: dict                  # what the checkpoint holds
+    img_context_id: int
+    vocab: int
+
+
+def _llm(kind: str, vocab: int):
+    if kind == "qwen2":
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        cfg = Qwen2Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=10000.0,
+                          max_position_embeddings=512, tie_word_embeddings=False, use_sliding_window=False,
+                          attn_implementation="eager")
+        model = Qwen2ForCausalLM(cfg)
+        d = cfg.to_dict()
+        d["architectures"] = ["Qwen2ForCausalLM"]
+        return model, d, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    cfg = {"vocab_size": vocab, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+           "num_attention_heads": 8, "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+           "bias": False, "hidden_act": "silu", "max_position_embeddings": 512, "bos_token_id": 1,
+           "eos_token_id": 2, "pad_token_id": 2, "model_type": "internlm2", "architectures": ["InternLM2ForCausalLM"],
+           "rope_scaling": {"type": "dynamic", "factor": 2.0}, "attn_implementation": "eager"}
+    return RefInternLM2(cfg), cfg, ["wqkv", "wo", "w1", "w2", "w3"]
+
+
+def _cfg_text(base_dir: Path, template: str) -> str:
+    return (f"path = {str(base_dir)!r}\n"
+            f"template = {template!r}\n"
+            f"special_tokens = {SPECIAL_TOKENS!r}\n"
+            "model = dict(type='Sa2VAModel', mllm=dict(type='InternVL_Slowfast', model_path=path,\n"
+            f"    llm_lora=dict(type='LoraConfig', r={LORA_R}, lora_alpha={LORA_ALPHA}, lora_dropout=0.05)))\n")
+
+
+def make_internvl_fixture(root: Path, *, llm: str = "qwen2", version: str = "v2", seed: int = 0,
+                          deepspeed: bool = False, tokenizer_dir: Path | None = None) -> InternVLFixture:
+    """Build every input of a conversion under ``root``. ``tokenizer_dir``: a base tokenizer to copy (the
+    InternLM2 fixture brings its own); default: the tiny byte-level BPE with InternVL's tokens added."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer
+
+    root = Path(root)
+    base_dir, sam2_dir = root / "base", root / "sam2"
+    base_dir.mkdir(parents=True)
+    sam2_dir.mkdir()
+    torch.manual_seed(seed)
+    if tokenizer_dir is None:
+        tok = make_tiny_tokenizer(base_dir)
+        tok.add_tokens(INTERNVL_TOKENS, special_tokens=True)
+        tok.save_pretrained(str(base_dir))
+    else:
+        for f in Path(tokenizer_dir).iterdir():
+            if f.is_file():
+                (base_dir / f.name).write_bytes(f.read_bytes())
+    tok = AutoTokenizer.from_pretrained(str(base_dir), trust_remote_code=False) if llm == "qwen2" else None
+    n_base = len(tok) if tok is not None else None
+    if llm != "qwen2":
+        from maskport.mappings import internlm2_tokenizer
+
+        n_base = len(internlm2_tokenizer.load(base_dir))
+    img_ctx = (tok.convert_tokens_to_ids("<IMG_CONTEXT>") if tok is not None else
+               internlm2_tokenizer.load(base_dir).convert_tokens_to_ids("<IMG_CONTEXT>"))
+
+    # ---- the base InternVL (remote-code layout) ----------------------------------------------------------
+    lm, llm_cfg, lora_targets = _llm(llm, n_base)
+    model = RefInternVLChat(VISION, lm, llm_cfg["hidden_size"])
+    gen = torch.Generator().manual_seed(seed + 1)
+    _perturb_(model.parameters(), gen, 0.02)
+    sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    from safetensors.torch import save_file
+
+    save_file(sd, str(base_dir / "model.safetensors"), metadata={"format": "pt"})
+    vis = dict(VISION, architectures=["InternVisionModel"], model_type="intern_vit_6b", norm_type="layer_norm",
+               qk_normalization=False, hidden_act="gelu", initializer_factor=0.1, num_channels=3)
+    (base_dir / "config.json").write_text(json.dumps({
+        "architectures": ["InternVLChatModel"], "model_type": "internvl_chat", "auto_map": {
+            "AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
+            "AutoModel": "modeling_internvl_chat.InternVLChatModel"},
+        "vision_config": vis, "llm_config": {k: v for k, v in llm_cfg.items() if k != "attn_implementation"},
+        "downsample_ratio": 0.5, "select_layer": -1, "ps_version": "v2", "template": "internvl2_5",
+        "force_image_size": TILE, "dynamic_image_size": True, "use_thumbnail": True, "max_dynamic_patch": 12,
+        "min_dynamic_patch": 1, "torch_dtype": "float32"}, indent=2))
+
+    # ---- SAM2 ----------------------------------------------------------------------------------------------
+    sam2_cfg = tiny_meta_sam2_config()
+    sam2 = _make_meta_sam2(sam2_cfg, seed)
+    sam2_pt = sam2_dir / "tiny_sam2.pt"
+    torch.save({"model": sam2.state_dict()}, sam2_pt)
+    (sam2_dir / "tiny_sam2.config.json").write_text(json.dumps(sam2_cfg, indent=2))
+
+    # ---- "training": Sa2VA adds 5 tokens, LoRA on the LLM, trains the projector, the SAM2 decoder, fcs -------
+    vocab = n_base + len(SPECIAL_TOKENS)
+    emb, head = model.language_model.get_input_embeddings(), (
+        model.language_model.lm_head if llm == "qwen2" else model.language_model.output)
+    new_emb = nn.Embedding(vocab, emb.weight.shape[1])
+    new_head = nn.Linear(head.weight.shape[1], vocab, bias=False)
+    with torch.no_grad():
+        new_emb.weight[:n_base] = emb.weight
+        new_head.weight[:n_base] = head.weight
+        _perturb_([new_emb.weight[n_base:], new_head.weight[n_base:]], gen, 0.02)
+    if llm == "qwen2":
+        model.language_model.model.embed_tokens = new_emb
+        model.language_model.lm_head = new_head
+        model.language_model.config.vocab_size = vocab
+        save = ["embed_tokens", "lm_head"] if version == "v2" else None
+    else:
+        model.language_model.model.tok_embeddings = new_emb
+        model.language_model.output = new_head
+        save = ["tok_embeddings", "output"] if version == "v2" else None
+    model.language_model = get_peft_model(model.language_model, LoraConfig(
+        r=LORA_R, lora_alpha=LORA_ALPHA, target_modules=lora_targets, modules_to_save=save, lora_dropout=0.0))
+    named = dict(model.language_model.named_parameters())
+    _perturb_([p for n, p in named.items() if "lora_B" in n], gen, 0.05)
+    if version == "v2":
+        _perturb_([p for n, p in named.items() if ".modules_to_save." in n], gen, 0.01)
+    else:
+        _perturb_([new_emb.weight, new_head.weight], gen, 0.01)
+    _perturb_(model.mlp1.parameters(), gen, 0.01)
+    _perturb_(sam2.sam_mask_decoder.parameters(), gen, 0.01)
+    fcs = nn.Sequential(nn.Linear(llm_cfg["hidden_size"], llm_cfg["hidden_size"]), nn.ReLU(),
+                        nn.Linear(llm_cfg["hidden_size"], 32), nn.Dropout(0.0))
+    model.eval()
+
+    # ---- what Sa2VAModel.state_dict() saves ------------------------------------------------------------------
+    ckpt_sd: dict[str, torch.Tensor] = {}
+    for k, v in model.language_model.state_dict().items():
+        trained = ".lora_" in k or ".modules_to_save." in k or (
+            version == "v1" and any(f"{n}.weight" in k for n in ("embed_tokens", "lm_head", "tok_embeddings", "output"))
+            and ".original_module." not in k)
+        if trained:
+            ckpt_sd[PEFT_PREFIX + k] = v.detach().clone()
+    for k, v in model.mlp1.state_dict().items():
+        ckpt_sd["mllm.model.mlp1." + k] = v.detach().clone()
+    for k, v in sam2.sam_mask_decoder.state_dict().items():
+        ckpt_sd["grounding_encoder.sam2_model.sam_mask_decoder." + k] = v.detach().clone()
+    for k, v in fcs.state_dict().items():
+        ckpt_sd["text_hidden_fcs." + k] = v.detach().clone()
+    template = "internlm2_chat" if llm == "internlm2" else "qwen_chat"
+    meta = {"cfg": _cfg_text(base_dir, template), "iter": 2, "epoch": 0}
+    if deepspeed:
+        ckpt = root / "iter_2.pth"
+        ckpt.mkdir()
+        (root / "latest").write_text("iter_2.pth")
+        torch.save({"module": copy.deepcopy(ckpt_sd), "ds_version": "0.19.8", "meta": meta},
+                   ckpt / "mp_rank_00_model_states.pt")
+    else:
+        ckpt = root / "iter_2.pth"
+        torch.save({"state_dict": ckpt_sd, "meta": meta}, ckpt)
+    return InternVLFixture(root, base_dir, sam2_pt, ckpt, llm, model, sam2, fcs, ckpt_sd, img_ctx, vocab)
+
+
+def make_internlm2_tokenizer_dir(root: Path) -> Path:
+    """A folder laid out like InternLM2's tokenizer as InternVL2.5-8B ships it: ``tokenizer_config.json`` naming
+    the remote-code ``InternLM2Tokenizer`` (which maskport must not run), special tokens ``<s>``/``</s>``/``<unk>``,
+    the chat tokens and InternVL's image tokens; the vocabulary is the tiny BPE's, saved as ``tokenizer.json``."""
+    from tokenizers import AddedToken, Tokenizer
+
+    from tests.factory import _raw_tokenizer_json
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer.from_str(_raw_tokenizer_json())
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t in ["<unk>", "<s>", "</s>", *INTERNVL_TOKENS]])
+    tok.save(str(root / "tokenizer.json"))
+    (root / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "InternLM2Tokenizer",
+        "auto_map": {"AutoTokenizer": ["tokenization_internlm2.InternLM2Tokenizer", None]},
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "</s>",
+        "add_bos_token": True, "add_eos_token": False}))
+    (root / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "</s>"}))
+    (root / "tokenization_internlm2.py").write_text("raise RuntimeError('remote code must never run')\n")
+    return root

@@ -1,0 +1,171 @@
+"""Sa2VA on InternVL: remote-code InternVL bases (Qwen2 and InternLM2 language models) -> native transformers
+``InternVLForConditionalGeneration`` (+ SAM2), checked against independent references: the original
+InternViT / pixel-shuffle / mlp1 / InternLM2 formulas written in ``tests/internvl_reference.py``, transformers'
+own Qwen2, and peft's un-merged LoRA (the training-time model)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.internvl_factory import TILE, make_internvl_fixture
+
+LOGIT_TOL = 1e-4
+
+
+def _convert(fx, out, **kw):
+    from maskport.convert.api import convert_mmengine_to_hf
+
+    return convert_mmengine_to_hf(fx.ckpt, base=fx.base_dir, sam2=fx.sam2_pt, out=out, progress=False,
+                                  log=lambda *a: None, **kw)
+
+
+@pytest.fixture(scope="module")
+def qwen_fx(tmp_path_factory):
+    return make_internvl_fixture(tmp_path_factory.mktemp("internvl_qwen2"), llm="qwen2", version="v2")
+
+
+@pytest.fixture(scope="module")
+def qwen_export(qwen_fx, tmp_path_factory):
+    return _convert(qwen_fx, tmp_path_factory.mktemp("exp") / "qwen2", dtype="fp32")
+
+
+def _load(out_dir):
+    from transformers import AutoModel, AutoTokenizer
+
+    model = AutoModel.from_pretrained(out_dir, trust_remote_code=True, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(out_dir, trust_remote_code=True)
+
+
+def _inputs(fx, n_tiles=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pixel_values = torch.randn((n_tiles, 3, TILE, TILE), generator=g)
+    per_tile = (TILE // 14) ** 2 // 4
+    text_ids = torch.randint(0, 300, (12,), generator=g)
+    ids = torch.cat([text_ids[:5], torch.full((per_tile * n_tiles,), fx.img_context_id), text_ids[5:]])
+    return ids[None], pixel_values
+
+
+def _compare_logits(fx, out_dir, seed=0):
+    model, _ = _load(out_dir)
+    ids, pv = _inputs(fx, seed=seed)
+    with torch.no_grad():
+        ref = fx.oracle(ids, pv, fx.img_context_id)
+        got = model.mllm(input_ids=ids, pixel_values=pv, attention_mask=torch.ones_like(ids)).logits
+    assert got.shape == ref.shape
+    diff = (got - ref).abs().max().item()
+    assert diff <= LOGIT_TOL, diff
+    # the LoRA matters: the same model without it differs by far more than the tolerance
+    with torch.no_grad(), fx.oracle.language_model.disable_adapter():
+        plain = fx.oracle(ids, pv, fx.img_context_id)
+    assert (plain - ref).abs().max().item() > 100 * LOGIT_TOL
+    return model
+
+
+def test_qwen2_v2_logits_match_the_references(qwen_fx, qwen_export):
+    _compare_logits(qwen_fx, qwen_export.out_dir)
+
+
+def test_qwen2_export_accounts_for_every_tensor(qwen_fx, qwen_export):
+    report = json.loads((qwen_export.out_dir / "conversion_report.json").read_text())
+    text = json.dumps(report)
+    assert report["family"] == "sa2va-internvl"
+    # every checkpoint tensor is used or superseded: the projector's trained copy replaced the base's
+    for k in ("mllm.model.mlp1.1.weight", "text_hidden_fcs.0.weight"):
+        assert k in text
+    cfg = json.loads((qwen_export.out_dir / "config.json").read_text())
+    assert cfg["mllm_config"]["text_config"]["model_type"] == "qwen2"
+    assert cfg["mllm_config"]["image_token_id"] == qwen_fx.img_context_id
+    assert cfg["mllm_config"]["image_seq_length"] == 4
+    assert cfg["template"]["user"].startswith("<|im_start|>user\n")
+
+
+def test_qwen2_predict_forward_segments_every_seg(qwen_fx, qwen_export):
+    model, tok = _load(qwen_export.out_dir)
+    rng = np.random.RandomState(0)
+    image = Image.fromarray((rng.rand(70, 120, 3) * 255).astype(np.uint8))
+    out = model.predict_forward(image=image, text="<image>Please segment the red thing.", tokenizer=tok,
+                                max_new_tokens=6, generation_kwargs={"sequence_bias": {
+                                    (tok.convert_tokens_to_ids("[SEG]"),): 30.0}})
+    n_seg = out["prediction"].count("[SEG]")
+    assert n_seg >= 1
+    # a [SEG] generated as the very last token has no hidden state (never fed back): one mask fewer
+    assert len(out["prediction_masks"]) in (n_seg, n_seg - 1)
+    for m in out["prediction_masks"]:
+        assert m.shape == (1, 70, 120) and m.dtype == np.bool_
+    text_only = model.predict_forward(text="hello", tokenizer=tok, max_new_tokens=3)
+    assert text_only["prediction_masks"] == []
+
+
+def test_tiling_matches_internvl_rules():
+    from maskport.export.sa2va_internvl.modeling_sa2va_internvl import choose_grid, dynamic_tiles, tile_grids
+
+    grids = tile_grids(1, 12)
+    assert grids[0] == (1, 1) and all(a * b <= 12 for a, b in grids)
+    assert [a * b for a, b in grids] == sorted(a * b for a, b in grids)
+    assert choose_grid(896, 448, grids, 448) == (2, 1)
+    assert choose_grid(448, 1344, grids, 448) == (1, 3)
+    # a square image: (1,1), (2,2) and (3,3) tie on aspect ratio; a large one takes more tiles
+    assert choose_grid(100, 100, grids, 448) == (1, 1)
+    assert choose_grid(1400, 1400, grids, 448) == (3, 3)
+    img = Image.fromarray(np.arange(56 * 112 * 3, dtype=np.uint8).reshape(56, 112, 3) % 251)
+    tiles = dynamic_tiles(img, 1, 12, 56, True)
+    assert len(tiles) == 3  # 2x1 grid + thumbnail
+    assert np.array_equal(np.asarray(tiles[0]), np.asarray(img)[:, :56])  # no resize needed: exact crops
+    assert np.array_equal(np.asarray(tiles[1]), np.asarray(img)[:, 56:])
+
+
+@pytest.fixture(scope="module")
+def lm2_fx(tmp_path_factory):
+    from tests.internvl_factory import make_internlm2_tokenizer_dir
+
+    root = tmp_path_factory.mktemp("internvl_internlm2")
+    tok_dir = make_internlm2_tokenizer_dir(root / "tok")
+    return make_internvl_fixture(root / "fx", llm="internlm2", version="v2", tokenizer_dir=tok_dir)
+
+
+@pytest.fixture(scope="module")
+def lm2_export(lm2_fx, tmp_path_factory):
+    return _convert(lm2_fx, tmp_path_factory.mktemp("exp") / "internlm2", dtype="fp32")
+
+
+def test_internlm2_v2_logits_match_the_references(lm2_fx, lm2_export):
+    """InternLM2 (fused, per-group wqkv; LoRA on it) -> Llama: the hand-written InternLM2 with peft's un-merged
+    LoRA is the reference."""
+    model = _compare_logits(lm2_fx, lm2_export.out_dir)
+    assert type(model.mllm.model.language_model).__name__ == "LlamaModel"
+    cfg = json.loads((lm2_export.out_dir / "config.json").read_text())
+    assert cfg["add_bos_token"] is True
+    assert cfg["template"]["stop_words"] == ["<|im_end|>"]
+
+
+def test_internlm2_tokenizer_loads_without_remote_code(lm2_fx, lm2_export):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(lm2_export.out_dir, trust_remote_code=False)
+    assert type(tok).__name__ != "InternLM2Tokenizer"
+    assert tok.convert_tokens_to_ids("[SEG]") == json.loads(
+        (lm2_export.out_dir / "config.json").read_text())["seg_token_id"]
+    assert tok.bos_token == "<s>"
+    assert not (lm2_export.out_dir / "tokenization_internlm2.py").exists()
+
+
+def test_split_wqkv_against_the_rearrange_formula():
+    """The split gathers exactly the rows InternLM2's ``rearrange(qkv, "b q (h gs d) -> b q h gs d")`` reads."""
+    from maskport.mappings.internlm2_llama import split_wqkv
+
+    heads, kv, d, dim = 8, 2, 3, 5
+    g = heads // kv
+    w = torch.randn((heads + 2 * kv) * d, dim)
+    q, k, v = split_wqkv(w, heads, kv)
+    x = torch.randn(1, 7, dim)
+    fused = (x @ w.T).reshape(1, 7, kv, g + 2, d)
+    assert torch.allclose(x @ q.T, fused[..., :g, :].reshape(1, 7, heads * d))
+    assert torch.allclose(x @ k.T, fused[..., -2, :].reshape(1, 7, kv * d))
+    assert torch.allclose(x @ v.T, fused[..., -1, :].reshape(1, 7, kv * d))
+    with pytest.raises(ValueError, match="not a multiple"):
+        split_wqkv(torch.randn(10, 4), heads, kv)
