@@ -169,3 +169,55 @@ def test_split_wqkv_against_the_rearrange_formula():
     assert torch.allclose(x @ v.T, fused[..., -1, :].reshape(1, 7, kv * d))
     with pytest.raises(ValueError, match="not a multiple"):
         split_wqkv(torch.randn(10, 4), heads, kv)
+
+
+@pytest.mark.parametrize("llm,version,deepspeed", [("qwen2", "v1", True), ("internlm2", "v1", False)])
+def test_v1_checkpoints_and_deepspeed_directories(tmp_path, llm, version, deepspeed):
+    """v1 checkpoints (full trained embeddings / head under the peft prefix, no modules_to_save) and a DeepSpeed
+    ZeRO-2 directory (``mp_rank_00_model_states.pt``'s ``module``) convert to the same references."""
+    from tests.internvl_factory import make_internlm2_tokenizer_dir
+
+    tok_dir = make_internlm2_tokenizer_dir(tmp_path / "tok") if llm == "internlm2" else None
+    fx = make_internvl_fixture(tmp_path / "fx", llm=llm, version=version, deepspeed=deepspeed, tokenizer_dir=tok_dir)
+    assert not any(".modules_to_save." in k for k in fx.state_dict)
+    res = _convert(fx, tmp_path / "out", dtype="fp32")
+    assert res.report["inputs"]["checkpoint"]["format"] == ("deepspeed" if deepspeed else "mmengine")
+    _compare_logits(fx, res.out_dir, seed=1)
+
+
+def test_export_loads_and_predicts_without_maskport(qwen_export, tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import sys
+        sys.modules["maskport"] = None  # any import of maskport fails
+        import numpy as np, torch
+        from PIL import Image
+        from transformers import AutoModel, AutoTokenizer
+        d = {str(qwen_export.out_dir)!r}
+        m = AutoModel.from_pretrained(d, trust_remote_code=True, dtype=torch.float32).eval()
+        t = AutoTokenizer.from_pretrained(d, trust_remote_code=True)
+        img = Image.fromarray((np.random.RandomState(0).rand(60, 90, 3) * 255).astype(np.uint8))
+        out = m.predict_forward(image=img, text="<image>segment it", tokenizer=t, max_new_tokens=4)
+        assert isinstance(out["prediction"], str)
+        print("OK", type(m).__module__)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "OK transformers_modules" in r.stdout
+
+
+def test_wrong_base_is_refused_before_anything_is_written(qwen_fx, tmp_path):
+    from maskport.errors import WrongFamily
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl"}))
+    from maskport.convert.api import convert_mmengine_to_hf
+
+    with pytest.raises(WrongFamily, match="needs an InternVL base"):
+        convert_mmengine_to_hf(qwen_fx.ckpt, base=bad, sam2=qwen_fx.sam2_pt, out=tmp_path / "o", progress=False,
+                               log=lambda *a: None)
+    assert not (tmp_path / "o").exists()
