@@ -209,3 +209,46 @@ def make_internlm2_tokenizer_dir(root: Path) -> Path:
         {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "</s>"}))
     (root / "tokenization_internlm2.py").write_text("raise RuntimeError('remote code must never run')\n")
     return root
+
+
+def make_released_folder(fx: InternVLFixture, out: Path) -> Path:
+    """The folder Sa2VA's own HF export script would write for the fixture's trained model (``Sa2VAChatModel``):
+    the LoRA merged by peft (``merge_and_unload``), the trained projector, the whole SAM2 under
+    ``grounding_encoder.sam2_model.`` in Meta's names with ``gamma`` renamed ``g_weight``, ``text_hidden_fcs``,
+    the tokenizer with Sa2VA's tokens, and a ``sa2va_chat`` config."""
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    out = Path(out)
+    out.mkdir(parents=True)
+    model = copy.deepcopy(fx.oracle)
+    model.language_model = model.language_model.merge_and_unload()
+    sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    for k, v in fx.sam2.state_dict().items():
+        sd["grounding_encoder.sam2_model." + k.replace(".gamma", ".g_weight")] = v.detach().clone().contiguous()
+    for k, v in fx.text_hidden_fcs.state_dict().items():
+        sd["text_hidden_fcs." + k] = v.detach().clone().contiguous()
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((fx.base_dir / "config.json").read_text())
+    cfg.update(model_type="sa2va_chat", architectures=["Sa2VAChatModel"],
+               template="internlm2_chat" if fx.llm == "internlm2" else "qwen_chat",
+               auto_map={"AutoConfig": "configuration_sa2va_chat.Sa2VAChatConfig",
+                         "AutoModel": "modeling_sa2va_chat.Sa2VAChatModel"})
+    cfg["llm_config"]["vocab_size"] = fx.vocab
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    (out / "modeling_sa2va_chat.py").write_text("raise RuntimeError('remote code must never run')\n")
+    if fx.llm == "qwen2":
+        tok = AutoTokenizer.from_pretrained(str(fx.base_dir), trust_remote_code=False)
+        tok.add_tokens(SPECIAL_TOKENS, special_tokens=True)
+        tok.save_pretrained(str(out))
+    else:
+        from maskport.mappings import internlm2_tokenizer
+
+        tok = internlm2_tokenizer.load(fx.base_dir)
+        tok.add_tokens(SPECIAL_TOKENS, special_tokens=True)
+        tok.save_pretrained(str(out))
+        tc = json.loads((out / "tokenizer_config.json").read_text())
+        tc.update(tokenizer_class="InternLM2Tokenizer",
+                  auto_map={"AutoTokenizer": ["tokenization_internlm2.InternLM2Tokenizer", None]})
+        (out / "tokenizer_config.json").write_text(json.dumps(tc))
+    return out

@@ -221,3 +221,38 @@ def test_wrong_base_is_refused_before_anything_is_written(qwen_fx, tmp_path):
         convert_mmengine_to_hf(qwen_fx.ckpt, base=bad, sam2=qwen_fx.sam2_pt, out=tmp_path / "o", progress=False,
                                log=lambda *a: None)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("which", ["qwen2", "internlm2"])
+def test_released_folder_imports_to_the_same_export(request, tmp_path, which):
+    """A released Sa2VA folder (LoRA merged by peft, SAM2 inside with ``g_weight``) -> ``sa2va-hf-to-native``:
+    the same logits as the references, and the same tensors as the conversion of the training checkpoint."""
+    from safetensors import safe_open
+
+    from maskport.convert.api import convert_sa2va_hf_to_native
+    from tests.internvl_factory import make_released_folder
+
+    fx = request.getfixturevalue("qwen_fx" if which == "qwen2" else "lm2_fx")
+    from_ckpt = request.getfixturevalue("qwen_export" if which == "qwen2" else "lm2_export")
+    src = make_released_folder(fx, tmp_path / "released")
+    assert any("g_weight" in k for k in safe_open(str(src / "model.safetensors"), "pt").keys())
+    res = convert_sa2va_hf_to_native(src, out=tmp_path / "native", progress=False, log=lambda *a: None,
+                                     sam2_config=fx.sam2_pt.with_suffix(".config.json"))  # tiny: no preset
+    assert res.family == "sa2va-internvl"
+    _compare_logits(fx, res.out_dir)
+    a = safe_open(str(res.out_dir / "model.safetensors"), "pt")
+    b = safe_open(str(from_ckpt.out_dir / "model.safetensors"), "pt")
+    assert sorted(a.keys()) == sorted(b.keys())
+    worst = max((a.get_tensor(k) - b.get_tensor(k)).abs().max().item() for k in a.keys())
+    assert worst <= 1e-5, worst
+    for k in a.keys():
+        if k.startswith(("sam2.", "text_hidden_fcs.", "mllm.model.vision_tower.")):
+            assert torch.equal(a.get_tensor(k), b.get_tensor(k)), k
+
+
+def test_released_import_refuses_a_plain_internvl_base(qwen_fx, tmp_path):
+    from maskport.convert.api import convert_sa2va_hf_to_native
+    from maskport.errors import WrongFamily
+
+    with pytest.raises(WrongFamily, match="no family imports a released folder"):
+        convert_sa2va_hf_to_native(qwen_fx.base_dir, out=tmp_path / "o", progress=False)

@@ -72,6 +72,38 @@ def convert_mmengine_to_hf_cmd(checkpoint, base, sam2, out, family, dtype, max_s
         click.echo(f"wrote {res.out_dir} ({len(res.report['shards'])} shard(s), {res.report['seconds']} s)")
 
 
+@convert.command("sa2va-hf-to-native")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), help="Output folder (must not exist).")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), help="Output dtype (default: the folder's).")
+@click.option("--max-shard-size", default="2GB", show_default=True, help="Largest shard, e.g. 2GB, 500MB.")
+@click.option("--sam2-config", type=click.Path(path_type=Path),
+              help="Meta SAM2 model config (JSON) when the SAM2 size cannot be told from the tensor shapes.")
+@click.option("--dry-run", is_flag=True, help="Plan and check coverage; write nothing.")
+@click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
+@click.option("--allow-unsafe-pickle", is_flag=True,
+              help="DANGEROUS: let .bin weights run arbitrary pickled code (only for files you trust).")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@_friendly
+def convert_sa2va_hf_to_native_cmd(folder, out, dtype, max_shard_size, sam2_config, dry_run, overwrite,
+                                   allow_unsafe_pickle, no_progress):
+    """Convert a released Sa2VA HF FOLDER (ByteDance/Sa2VA-1B/4B/8B/26B, Sa2VA-InternVL3-*) into maskport's native
+    export: stock transformers classes, no remote code of the folder run, quantizable and verifiable."""
+    from .convert.api import convert_sa2va_hf_to_native
+
+    res = convert_sa2va_hf_to_native(folder, out=out, dtype=dtype, max_shard_size=max_shard_size,
+                                     sam2_config=sam2_config, dry_run=dry_run, overwrite=overwrite,
+                                     allow_unsafe_pickle=allow_unsafe_pickle, progress=not no_progress)
+    click.echo(f"family: {res.family}")
+    click.echo(res.summary)
+    for n in res.notes:
+        click.echo(f"note: {n}")
+    if dry_run:
+        click.echo("dry run: plan is complete (every source tensor accounted for); nothing written")
+    else:
+        click.echo(f"wrote {res.out_dir} ({len(res.report['shards'])} shard(s), {res.report['seconds']} s)")
+
+
 from .verify.command import verify_command  # noqa: E402  (its heavy imports happen when it runs)
 
 from .quantize.command import quantize_command  # noqa: E402

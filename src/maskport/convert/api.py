@@ -110,6 +110,21 @@ def convert_mmengine_to_hf(
     prepared = fam.prepare(tc, cfg, options)
     out_dtype = DTYPES[dtype] if dtype else _training_dtype(tc.source)
 
+    inputs = {"checkpoint": {"path": str(ckpt), "format": tc.format}, "base": {"path": str(base)},
+              "sam2": {"path": str(sam2)}}
+    return plan_and_write(prepared, family=fam.name, mapping_version=fam.mapping_version, inputs=inputs,
+                          training_config_found=dict(cfg.found_in), out_dir=out_dir, out_dtype=out_dtype,
+                          shard_bytes=shard_bytes, dry_run=dry_run, progress=progress, t0=t0,
+                          input_sha256=("checkpoint", ckpt_sha))
+
+
+def plan_and_write(prepared, *, family: str, mapping_version: str, inputs: dict, training_config_found: dict,
+                   out_dir: Path | None, out_dtype: torch.dtype, shard_bytes: int, dry_run: bool, progress: bool,
+                   t0: float, input_sha256: tuple[str, Any] | None = None) -> ConversionResult:
+    """Steps 3 and 4 of every conversion: plan from shapes and validate coverage (raises before anything is
+    written), then stream the tensors into a temporary folder beside ``out_dir``, write the family's files, the
+    report and a model card, and rename the folder into place. ``input_sha256``: (an ``inputs`` entry, a
+    background hash of that input) to record."""
     # 3. plan and validate
     plan = build_plan(prepared.rules, prepared.sources, ctx=prepared.ctx, out_dtype=out_dtype,
                       expected=prepared.expected)
@@ -117,23 +132,19 @@ def convert_mmengine_to_hf(
     targets, drops = plan_entries(plan)
     report: dict[str, Any] = {
         "maskport_version": __version__,
-        "family": fam.name,
-        "mapping_version": fam.mapping_version,
-        "inputs": {
-            "checkpoint": {"path": str(ckpt), "format": tc.format},
-            "base": {"path": str(base)},
-            "sam2": {"path": str(sam2)},
-        },
+        "family": family,
+        "mapping_version": mapping_version,
+        "inputs": inputs,
         "settings": {**prepared.settings, "dtype": str(out_dtype).replace("torch.", ""),
                      "max_shard_size": shard_bytes},
-        "training_config_found": dict(cfg.found_in),
+        "training_config_found": training_config_found,
         "notes": prepared.notes,
         "coverage": coverage(plan),
         "targets": targets,
         "dropped": drops,
     }
     if dry_run:
-        return ConversionResult(fam.name, plan, None, report, summary, prepared.notes)
+        return ConversionResult(family, plan, None, report, summary, prepared.notes)
 
     # 4. stream into a temporary folder, then rename into place
     assert out_dir is not None
@@ -150,11 +161,12 @@ def convert_mmengine_to_hf(
             bar = tqdm(total=plan.total_bytes(), unit="B", unit_scale=True, unit_divisor=1024,
                        desc="writing tensors", file=sys.stderr)
         shards = write_shards(plan, tmp, max_shard_size=shard_bytes,
-                              metadata={"maskport_family": fam.name, "maskport_version": __version__},
+                              metadata={"maskport_family": family, "maskport_version": __version__},
                               progress=bar.update if bar else None)
         if bar:
             bar.close()
-        report["inputs"]["checkpoint"]["sha256"] = ckpt_sha.result()
+        if input_sha256 is not None:
+            report["inputs"][input_sha256[0]]["sha256"] = input_sha256[1].result()
         report["shards"] = [{"file": s.filename, "bytes": (tmp / s.filename).stat().st_size, "sha256": s.sha256,
                              "tensors": sum(len(ps.step.targets) for ps in s.steps)} for s in shards]
         report["files"] = prepared.write_files(tmp)
@@ -174,7 +186,55 @@ def convert_mmengine_to_hf(
     finally:
         for s in prepared.sources.values():
             s.close()
-    return ConversionResult(fam.name, plan, out_dir, report, summary, prepared.notes)
+    return ConversionResult(family, plan, out_dir, report, summary, prepared.notes)
+
+
+def convert_sa2va_hf_to_native(
+    src: str | Path,
+    *,
+    out: str | Path | None,
+    dtype: str | None = None,
+    max_shard_size: str | int = "2GB",
+    sam2_config: str | Path | None = None,
+    dry_run: bool = False,
+    overwrite: bool = False,
+    allow_unsafe_pickle: bool = False,
+    progress: bool = True,
+    log=print,
+) -> ConversionResult:
+    """Convert a released Sa2VA HF folder (e.g. ByteDance/Sa2VA-4B: remote-code ``Sa2VAChatModel``) into maskport's
+    native export (stock transformers classes, quantizable, verifiable), with no training checkpoint.
+
+    Steps: 1. read the folder's ``config.json`` as JSON (its code is never run) and pick the family that imports
+    it; 2. the family splits the folder into the MLLM part and the SAM2 part and builds rules and the export
+    config; 3-4. plan, validate and write exactly as ``convert_mmengine_to_hf`` does."""
+    from ..mappings._shared import read_json
+    from ..mappings.registry import detect_released_family
+
+    t0 = time.time()
+    src_dir = Path(src)
+    if not src_dir.is_dir():
+        raise MissingInput(f"released model folder {src_dir} does not exist (or is not a folder)")
+    if not dry_run and out is None:
+        raise MissingInput("-o/--out is required (or use --dry-run)")
+    out_dir = Path(out) if out is not None else None
+    if out_dir is not None and out_dir.exists() and not dry_run and not overwrite:
+        raise MissingInput(f"output folder {out_dir} already exists; pass --overwrite to replace it")
+    if dtype is not None and dtype not in DTYPES:
+        raise MissingInput(f"--dtype {dtype!r} is not one of {', '.join(sorted(DTYPES))}")
+    try:
+        shard_bytes = parse_size(max_shard_size)
+    except ValueError as exc:
+        raise MissingInput(str(exc)) from None
+    fam = detect_released_family(src_dir, read_json(src_dir / "config.json"))
+    options = ConvertOptions(sam2_config=Path(sam2_config) if sam2_config else None,
+                             allow_unsafe_pickle=allow_unsafe_pickle)
+    prepared = fam.prepare_released(src_dir, options)
+    out_dtype = DTYPES[dtype] if dtype else _training_dtype(prepared.sources["base"])
+    return plan_and_write(prepared, family=fam.name, mapping_version=fam.mapping_version,
+                          inputs={"released_folder": {"path": str(src_dir)}}, training_config_found={},
+                          out_dir=out_dir, out_dtype=out_dtype, shard_bytes=shard_bytes, dry_run=dry_run,
+                          progress=progress, t0=t0)
 
 
 class _Background:
@@ -203,7 +263,13 @@ class _Background:
 
 
 def _model_card(report: dict) -> str:
-    ck = report["inputs"]["checkpoint"]
+    inputs = report["inputs"]
+    if "checkpoint" in inputs:
+        ck = inputs["checkpoint"]
+        origin = (f"- source checkpoint: `{Path(ck['path']).name}` ({ck['format']}), sha256 `{ck.get('sha256', 'n/a')}`\n"
+                  f"- base model: `{inputs['base']['path']}`; SAM2: `{inputs['sam2']['path']}`")
+    else:
+        origin = "\n".join(f"- {name.replace('_', ' ')}: `{v['path']}`" for name, v in inputs.items())
     cov = report["coverage"]
     rows = "\n".join(f"| {n} | {c['tensors']} | {c['used']} | {c['dropped']} | {c['unaccounted']} |"
                      for n, c in cov["sources"].items())
@@ -215,8 +281,7 @@ tags: [maskport, segmentation, {report['family']}]
 # Converted with maskport {report['maskport_version']}
 
 - family: `{report['family']}` (mapping version {report['mapping_version']})
-- source checkpoint: `{Path(ck['path']).name}` ({ck['format']}), sha256 `{ck.get('sha256', 'n/a')}`
-- base model: `{report['inputs']['base']['path']}`; SAM2: `{report['inputs']['sam2']['path']}`
+{origin}
 - dtype: {report['settings']['dtype']}; LoRA: {report['settings'].get('lora')}
 
 ## Use

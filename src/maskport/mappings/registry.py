@@ -82,3 +82,15 @@ def detect_family(ckpt: TrainingCheckpoint) -> Family:
             f"known families: {', '.join(sorted(FAMILIES))}. Pass --family to force one."
         )
     raise WrongFamily(f"{ckpt.source.path}: several families match ({', '.join(f.name for f in hits)}); pass --family")
+
+
+def detect_released_family(folder: Path, folder_config: dict) -> Family:
+    """The family that imports a released HF folder (families with ``claims_released``/``prepare_released``)."""
+    hits = [f for f in FAMILIES.values() if getattr(f, "claims_released", None) and f.claims_released(folder_config)]
+    if len(hits) != 1:
+        known = [f.name for f in FAMILIES.values() if getattr(f, "claims_released", None)]
+        raise WrongFamily(f"{folder}: no family imports a released folder of model_type "
+                          f"{folder_config.get('model_type')!r} (families that import released folders: "
+                          f"{', '.join(known) or 'none'})" if not hits else
+                          f"{folder}: several families claim it: {', '.join(f.name for f in hits)}")
+    return hits[0]

@@ -101,13 +101,14 @@ def projector_rules(layout: str, trained: bool) -> list[Rule]:
     return out
 
 
-def qwen2_llm_rules(base: BaseLayout) -> list[Rule]:
+def qwen2_llm_rules(base: BaseLayout, lora: bool = True) -> list[Rule]:
     """Qwen2 language model: LoRA merged into every trained linear; embeddings / head from the checkpoint."""
     linear = "layers.{i}.{block}.{proj}"
+    merge = [LoraMerge(target=LM + linear + ".weight", base=base.decoder + linear + ".weight",
+                       a=PEFT + "model." + linear + ".lora_A.default.weight",
+                       b=PEFT + "model." + linear + ".lora_B.default.weight")] if lora else []
     return [
-        LoraMerge(target=LM + linear + ".weight", base=base.decoder + linear + ".weight",
-                  a=PEFT + "model." + linear + ".lora_A.default.weight",
-                  b=PEFT + "model." + linear + ".lora_B.default.weight"),
+        *merge,
         *_embedding_rules(base, embed="embed_tokens", head="lm_head"),
         CopyRest(target=LM + "{rest}", source=base.decoder + "{rest}"),
     ]
@@ -144,19 +145,21 @@ def internlm2_llm_rules(base: BaseLayout, lora_modules: set[str], text_cfg: dict
 
 
 def rules(layout: str, llm: str, *, base: BaseLayout, projector_trained: bool, lora_modules: set[str],
-          text_cfg: dict) -> list[Rule]:
-    """The whole table, top to bottom."""
+          text_cfg: dict, fcs_source: str = "ckpt", decoder_from: str | None = "ckpt:grounding_encoder.sam2_model.",
+          ) -> list[Rule]:
+    """The whole table, top to bottom. ``fcs_source``/``decoder_from``: where ``text_hidden_fcs`` and the fine-tuned
+    SAM2 mask decoder are (the training checkpoint; for a released folder, the folder and None)."""
     if llm == "internlm2":
         llm_rules = internlm2_llm_rules(base, lora_modules, text_cfg)
     else:
-        llm_rules = qwen2_llm_rules(base)
+        llm_rules = qwen2_llm_rules(base, lora=bool(lora_modules))
     vision = intern_vit_rules() if layout == REMOTE else [CopyRest(VT + "{rest}", "base:model.vision_tower.{rest}")]
     return [
         *llm_rules,                                                    # 1. language model (LoRA merged)
         *projector_rules(layout, projector_trained),                   # 2. projector
         *vision,                                                       # 3. vision tower
-        Rename(target="text_hidden_fcs.{rest}", source="ckpt:text_hidden_fcs.{rest}"),   # 4. [SEG] projection
-        *sam2map.sam2_rules(target_prefix="sam2.", mask_decoder_from="ckpt:grounding_encoder.sam2_model."),  # 5.
+        Rename(target="text_hidden_fcs.{rest}", source=fcs_source + ":text_hidden_fcs.{rest}"),  # 4. [SEG] projection
+        *sam2map.sam2_rules(target_prefix="sam2.", mask_decoder_from=decoder_from),          # 5. SAM2
     ]
 
 
@@ -184,7 +187,7 @@ def vision_config(intern_vit: dict) -> dict:
 def _detect_layout(base_cfg: dict, base_dir: Path) -> tuple[str, str, dict, dict]:
     """(layout, llm kind, vision config, LLM config dict) of an InternVL base folder."""
     mt = base_cfg.get("model_type")
-    if mt == "internvl_chat":
+    if mt in ("internvl_chat", "sa2va_chat"):  # sa2va_chat: a released Sa2VA folder (same layout + SAM2)
         llm_cfg = dict(base_cfg.get("llm_config") or {})
         vis = vision_config(base_cfg.get("vision_config") or {})
         if base_cfg.get("ps_version", "v2") != "v2":
@@ -256,6 +259,79 @@ def _load_tokenizer(base_dir: Path, llm: str):
         raise UnreadableFile(f"{base_dir}: cannot load its tokenizer ({exc})") from exc
 
 
+def _export(*, base_dir: Path, base_cfg: dict, layout: str, llm: str, vis_cfg: dict, llm_cfg: dict, vocab: int,
+            tokenizer, special: list[str], seg_id: int, image_token_id: int, template_in, sam2_config, preset: str,
+            out_dim: int, notes: list[str]):
+    """The export's config, the target model's tensor shapes, and the function writing the non-weight files."""
+    from transformers import InternVLConfig
+
+    from ..export.sa2va_internvl.configuration_sa2va_internvl import Sa2VAInternVLConfig, normalize_template
+    from ..export.sa2va_internvl.modeling_sa2va_internvl import Sa2VAInternVLModel
+
+    # 6. the export config
+    if llm == "internlm2":
+        text_cfg = internlm2_llama.llama_config(llm_cfg, vocab_size=vocab)
+    else:
+        text_cfg = {k: v for k, v in llm_cfg.items() if not k.startswith("_")}
+        text_cfg.update(model_type="qwen2", vocab_size=vocab, tie_word_embeddings=False,
+                        architectures=["Qwen2ForCausalLM"])
+    if layout == REMOTE:
+        ratio = float(base_cfg.get("downsample_ratio", 0.5))
+        select_layer = int(base_cfg.get("select_layer", -1))
+    else:
+        ratio = float(base_cfg.get("downsample_ratio", 0.5))
+        select_layer = int(base_cfg.get("vision_feature_layer", -1))
+    vis_size, patch = vis_cfg["image_size"], vis_cfg["patch_size"]
+    vis_size = vis_size[0] if isinstance(vis_size, (list, tuple)) else vis_size
+    patch = patch[0] if isinstance(patch, (list, tuple)) else patch
+    per_tile = int((vis_size // patch) ** 2 * ratio ** 2)
+    mllm_config = InternVLConfig(vision_config=vis_cfg, text_config=text_cfg, image_token_id=image_token_id,
+                                 image_seq_length=per_tile, downsample_ratio=ratio, projector_hidden_act="gelu",
+                                 vision_feature_layer=select_layer, vision_feature_select_strategy="default",
+                                 tie_word_embeddings=False)
+    template = template_in if template_in is not None else ("internlm2_chat" if llm == "internlm2" else "qwen_chat")
+    if template_in is None:
+        notes.append(f"no chat template given: using {template}")
+    try:
+        template = normalize_template(plain(template))
+    except ValueError as exc:
+        raise UnreadableFile(f"chat template: {exc}") from None
+    image_processor = {"image_size": vis_size}
+    for key in ("min_dynamic_patch", "max_dynamic_patch", "use_thumbnail"):
+        if key in base_cfg:
+            image_processor[key] = base_cfg[key]
+    from .. import __version__
+
+    config = Sa2VAInternVLConfig(
+        mllm_config=mllm_config.to_dict(), sam2_config=sam2_config.to_dict(), seg_token="[SEG]",
+        seg_token_id=seg_id, special_tokens=list(special), template=template, image_processor=image_processor,
+        add_bos_token=llm == "internlm2", text_hidden_fcs_out_dim=out_dim,
+        maskport={"version": __version__, "family": NAME, "mapping_version": MAPPING_VERSION,
+                  "sam2_preset": preset, "base_layout": layout, "llm": llm})
+    config.architectures = ["Sa2VAInternVLModel"]
+    config.auto_map = {"AutoConfig": "configuration_sa2va_internvl.Sa2VAInternVLConfig",
+                       "AutoModel": "modeling_sa2va_internvl.Sa2VAInternVLModel"}
+    with torch.device("meta"):
+        target_model = Sa2VAInternVLModel(config)
+    expected = {k: tuple(v.shape) for k, v in target_model.state_dict().items()}
+    del target_model
+
+    def write_files(out: Path) -> list[str]:
+        written = []
+        config.save_pretrained(out)
+        written.append("config.json")
+        for sub, f in EXPORT_FILES:
+            shutil.copy2(EXPORT_DIR / sub / f, out / f)
+            written.append(f)
+        tokenizer.save_pretrained(out)
+        written += tokenizer_files(out)
+        write_generation_config(base_dir, out, tokenizer, template)
+        written.append("generation_config.json")
+        return sorted(set(written))
+
+    return config, expected, write_files, text_cfg, template
+
+
 @dataclass
 class Ctx:
     lora_scaling: float | None
@@ -272,11 +348,6 @@ class Sa2VAInternVL:
             k.startswith("text_hidden_fcs.") for k in keys)
 
     def prepare(self, ckpt: TrainingCheckpoint, cfg: TrainingConfig, options: ConvertOptions) -> Prepared:
-        from transformers import InternVLConfig
-
-        from ..export.sa2va_internvl.configuration_sa2va_internvl import Sa2VAInternVLConfig, normalize_template
-        from ..export.sa2va_internvl.modeling_sa2va_internvl import Sa2VAInternVLModel
-
         notes: list[str] = []
         # 1. the base folder: layout and language model
         if options.base is None:
@@ -339,65 +410,10 @@ class Sa2VAInternVL:
             notes.append(f"tokenizer has {len(tokenizer)} tokens, embeddings {vocab} rows (padded vocabulary)")
 
         # 6. the export config
-        if llm == "internlm2":
-            text_cfg = internlm2_llama.llama_config(llm_cfg, vocab_size=vocab)
-        else:
-            text_cfg = {k: v for k, v in llm_cfg.items() if not k.startswith("_")}
-            text_cfg.update(model_type="qwen2", vocab_size=vocab, tie_word_embeddings=False,
-                            architectures=["Qwen2ForCausalLM"])
-        if layout == REMOTE:
-            ratio = float(base_cfg.get("downsample_ratio", 0.5))
-            select_layer = int(base_cfg.get("select_layer", -1))
-        else:
-            ratio = float(base_cfg.get("downsample_ratio", 0.5))
-            select_layer = int(base_cfg.get("vision_feature_layer", -1))
-        vis_size, patch = vis_cfg["image_size"], vis_cfg["patch_size"]
-        vis_size = vis_size[0] if isinstance(vis_size, (list, tuple)) else vis_size
-        patch = patch[0] if isinstance(patch, (list, tuple)) else patch
-        per_tile = int((vis_size // patch) ** 2 * ratio ** 2)
-        mllm_config = InternVLConfig(vision_config=vis_cfg, text_config=text_cfg, image_token_id=image_token_id,
-                                     image_seq_length=per_tile, downsample_ratio=ratio, projector_hidden_act="gelu",
-                                     vision_feature_layer=select_layer, vision_feature_select_strategy="default",
-                                     tie_word_embeddings=False)
-        template = cfg.template if cfg.template is not None else ("internlm2_chat" if llm == "internlm2" else "qwen_chat")
-        if cfg.template is None:
-            notes.append(f"no chat template in the training config: using {template}")
-        try:
-            template = normalize_template(plain(template))
-        except ValueError as exc:
-            raise UnreadableFile(f"chat template of the training config: {exc}") from None
-        image_processor = {"image_size": vis_size}
-        for key in ("min_dynamic_patch", "max_dynamic_patch", "use_thumbnail"):
-            if key in base_cfg:
-                image_processor[key] = base_cfg[key]
-        from .. import __version__
-
-        config = Sa2VAInternVLConfig(
-            mllm_config=mllm_config.to_dict(), sam2_config=sam2_config.to_dict(), seg_token="[SEG]",
-            seg_token_id=seg_id, special_tokens=list(special), template=template, image_processor=image_processor,
-            add_bos_token=llm == "internlm2", text_hidden_fcs_out_dim=out_dim,
-            maskport={"version": __version__, "family": NAME, "mapping_version": MAPPING_VERSION,
-                      "sam2_preset": preset, "base_layout": layout, "llm": llm})
-        config.architectures = ["Sa2VAInternVLModel"]
-        config.auto_map = {"AutoConfig": "configuration_sa2va_internvl.Sa2VAInternVLConfig",
-                           "AutoModel": "modeling_sa2va_internvl.Sa2VAInternVLModel"}
-        with torch.device("meta"):
-            target_model = Sa2VAInternVLModel(config)
-        expected = {k: tuple(v.shape) for k, v in target_model.state_dict().items()}
-        del target_model
-
-        def write_files(out: Path) -> list[str]:
-            written = []
-            config.save_pretrained(out)
-            written.append("config.json")
-            for sub, f in EXPORT_FILES:
-                shutil.copy2(EXPORT_DIR / sub / f, out / f)
-                written.append(f)
-            tokenizer.save_pretrained(out)
-            written += tokenizer_files(out)
-            write_generation_config(base_dir, out, tokenizer, template)
-            written.append("generation_config.json")
-            return sorted(set(written))
+        config, expected, write_files, text_cfg, template = _export(
+            base_dir=base_dir, base_cfg=base_cfg, layout=layout, llm=llm, vis_cfg=vis_cfg, llm_cfg=llm_cfg,
+            vocab=vocab, tokenizer=tokenizer, special=special, seg_id=seg_id, image_token_id=image_token_id,
+            template_in=cfg.template, sam2_config=sam2_config, preset=preset, out_dim=out_dim, notes=notes)
 
         settings = {
             "lora": {"r": r, "alpha": alpha, "use_rslora": rslora, "scaling": scaling, "modules": sorted(lora_modules),
@@ -413,6 +429,75 @@ class Sa2VAInternVL:
         return Prepared(sources={"ckpt": ckpt.source, "base": base, "sam2": sam2}, rules=table, ctx=Ctx(scaling),
                         expected=expected, export_config=config.to_dict(), write_files=write_files, notes=notes,
                         settings=settings)
+
+
+    # ---- released Sa2VA HF folders (ByteDance/Sa2VA-*) ------------------------------------------------------
+    def claims_released(self, folder_config: dict) -> bool:
+        return folder_config.get("model_type") == "sa2va_chat" and "llm_config" in folder_config
+
+    def prepare_released(self, src_dir: Path, options: ConvertOptions) -> Prepared:
+        """A released Sa2VA folder (``Sa2VAChatModel``: ``vision_model.*``, ``language_model.*``, ``mlp1.*``,
+        ``grounding_encoder.sam2_model.*`` in Meta's SAM2 names with ``g_weight`` for the layer-scale ``gamma``,
+        ``text_hidden_fcs.*``) -> the same native export as a converted training checkpoint. The folder's remote
+        code is never run: its config is read as JSON."""
+        from ..convert.sources import RenamedSource
+
+        notes: list[str] = []
+        src_cfg = read_json(src_dir / "config.json")
+        layout, llm, vis_cfg, llm_cfg = _detect_layout(src_cfg, src_dir)
+        folder, where = _open_base(src_dir, layout, llm, options.allow_unsafe_pickle)
+        keys = folder.keys()
+        gprefix = "grounding_encoder.sam2_model."
+        sam_keys = [k for k in keys if k.startswith(gprefix)]
+        if not sam_keys or not any(k.startswith("text_hidden_fcs.") for k in keys):
+            raise WrongFamily(f"{src_dir}: no grounding_encoder.sam2_model.* / text_hidden_fcs.* tensors: not a "
+                              "released Sa2VA folder (for a plain InternVL base, convert a training checkpoint)")
+        # Sa2VA's HF code renamed SAM2's 'gamma' parameters to 'g_weight' (transformers' loader renames 'gamma')
+        sam2 = RenamedSource(folder, {k: k[len(gprefix):].replace(".g_weight", ".gamma") for k in sam_keys},
+                             f"SAM2 inside {src_dir.name} (grounding_encoder.sam2_model.*, g_weight -> gamma)")
+        base = RenamedSource(folder, {k: k for k in keys if not k.startswith(gprefix)},
+                             f"{src_dir.name} without SAM2")
+        if options.sam2_config is not None:
+            preset, spec = "custom", sam2map.spec_from_meta_config(read_json(Path(options.sam2_config)))
+        else:
+            preset, spec = sam2map.detect_sam2_preset(sam2)
+        sam2_config = sam2map.hf_sam2_config(spec)
+        embed = where.decoder.split(":", 1)[1] + ("tok_embeddings.weight" if llm == "internlm2" else "embed_tokens.weight")
+        vocab = base.info(embed).shape[0]
+        hidden = int(llm_cfg["hidden_size"])
+        c_in = base.info("text_hidden_fcs.0.weight").shape[1]
+        if c_in != hidden:
+            raise ShapeMismatch(f"text_hidden_fcs.0.weight takes {c_in} features but the LLM's hidden size is {hidden}")
+        out_dim = base.info("text_hidden_fcs.2.weight").shape[0]
+        special = options.special_tokens or DEFAULT_SPECIAL_TOKENS
+        tokenizer = _load_tokenizer(src_dir, llm)
+        missing = [t for t in special if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
+        if missing:
+            raise UnreadableFile(f"{src_dir}: the tokenizer lacks Sa2VA's tokens {missing}: not a released Sa2VA folder?")
+        seg_id = tokenizer.convert_tokens_to_ids("[SEG]")
+        image_token_id = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+        if seg_id >= vocab or image_token_id >= vocab:
+            raise ShapeMismatch(f"token ids ([SEG] {seg_id}, <IMG_CONTEXT> {image_token_id}) exceed the {vocab} "
+                                "embedding rows")
+        template = src_cfg.get("template")
+        from ..export.sa2va_internvl.configuration_sa2va_internvl import TEMPLATES
+
+        if template not in TEMPLATES:
+            notes.append(f"the folder's template {template!r} is not one Sa2VA trains with; using the default")
+            template = None
+        config, expected, write_files, text_cfg, template = _export(
+            base_dir=src_dir, base_cfg=src_cfg, layout=layout, llm=llm, vis_cfg=vis_cfg, llm_cfg=llm_cfg,
+            vocab=vocab, tokenizer=tokenizer, special=special, seg_id=seg_id, image_token_id=image_token_id,
+            template_in=template, sam2_config=sam2_config, preset=preset, out_dim=out_dim, notes=notes)
+        table = rules(layout, llm, base=where, projector_trained=False, lora_modules=set(),
+                      text_cfg={"num_attention_heads": text_cfg["num_attention_heads"],
+                                "num_key_value_heads": text_cfg["num_key_value_heads"]},
+                      fcs_source="base", decoder_from=None)
+        settings = {"special_tokens": special, "seg_token_id": seg_id, "vocab_size": vocab,
+                    "image_token_id": image_token_id, "sam2_preset": preset, "template": template,
+                    "base_model_type": src_cfg.get("model_type"), "base_layout": "released Sa2VA folder", "llm": llm}
+        return Prepared(sources={"base": base, "sam2": sam2}, rules=table, ctx=Ctx(None), expected=expected,
+                        export_config=config.to_dict(), write_files=write_files, notes=notes, settings=settings)
 
 
 register(Sa2VAInternVL())
