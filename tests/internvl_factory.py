@@ -187,24 +187,34 @@ def make_internvl_fixture(root: Path, *, llm: str = "qwen2", version: str = "v2"
 
 
 def make_internlm2_tokenizer_dir(root: Path) -> Path:
-    """A folder laid out like InternLM2's tokenizer as InternVL2.5-8B ships it: ``tokenizer_config.json`` naming
-    the remote-code ``InternLM2Tokenizer`` (which maskport must not run), special tokens ``<s>``/``</s>``/``<unk>``,
-    the chat tokens and InternVL's image tokens; the vocabulary is the tiny BPE's, saved as ``tokenizer.json``."""
-    from tokenizers import AddedToken, Tokenizer
+    """A folder laid out like InternLM2's tokenizer as InternVL2.5-8B ships it: a SentencePiece BPE
+    ``tokenizer.model`` (byte fallback, no normalisation, dummy prefix, the chat tokens as user-defined pieces;
+    trained here on the tiny corpus), ``tokenizer_config.json`` naming the remote-code ``InternLM2Tokenizer`` (which
+    maskport must not run) and InternVL's image tokens as added tokens after the SentencePiece vocabulary."""
+    import io
 
-    from tests.factory import _raw_tokenizer_json
+    import sentencepiece as spm
+
+    from tests.factory import _WORDS
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    tok = Tokenizer.from_str(_raw_tokenizer_json())
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t in ["<unk>", "<s>", "</s>", *INTERNVL_TOKENS]])
-    tok.save(str(root / "tokenizer.json"))
+    corpus = [f"{w} {_WORDS[(i * 7) % len(_WORDS)]} {w.capitalize()}, {w}.\n" for i, w in enumerate(_WORDS)] * 3
+    corpus.append("0 1 2 3 4 5 6 7 8 9 ? ! : ; ' \" ( ) [ ] < > / - _")
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_writer=buf, vocab_size=500, model_type="bpe",
+                                   byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2,
+                                   pad_id=-1, split_digits=True, user_defined_symbols=["<|im_start|>", "<|im_end|>"],
+                                   normalization_rule_name="identity", add_dummy_prefix=True,
+                                   remove_extra_whitespaces=False, minloglevel=2)
+    (root / "tokenizer.model").write_bytes(buf.getvalue())
+    n = spm.SentencePieceProcessor(model_proto=buf.getvalue()).get_piece_size()
     (root / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "InternLM2Tokenizer",
         "auto_map": {"AutoTokenizer": ["tokenization_internlm2.InternLM2Tokenizer", None]},
         "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "</s>",
-        "add_bos_token": True, "add_eos_token": False}))
+        "add_bos_token": True, "add_eos_token": False,
+        "added_tokens_decoder": {str(n + i): {"content": t, "special": True} for i, t in enumerate(INTERNVL_TOKENS)}}))
     (root / "special_tokens_map.json").write_text(json.dumps(
         {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "</s>"}))
     (root / "tokenization_internlm2.py").write_text("raise RuntimeError('remote code must never run')\n")

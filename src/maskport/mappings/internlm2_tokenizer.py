@@ -59,6 +59,10 @@ def load(base_dir: str | Path):
     missing = [t for t in dict.fromkeys(extra) if tok.convert_tokens_to_ids(t) in (None, tok.unk_token_id)]
     if missing:
         tok.add_tokens(missing, special_tokens=True)
+    for i, v in decoder.items():  # the ids the folder's tokenizer gives its added tokens must not move
+        if isinstance(v, dict) and v.get("content") and tok.convert_tokens_to_ids(v["content"]) != int(i):
+            raise UnreadableFile(f"{base_dir}: added token {v['content']!r} would get id "
+                                 f"{tok.convert_tokens_to_ids(v['content'])}, the folder says {i}")
     tok.padding_side = cfg.get("padding_side", "right")
     return tok
 
