@@ -256,3 +256,81 @@ def test_released_import_refuses_a_plain_internvl_base(qwen_fx, tmp_path):
 
     with pytest.raises(WrongFamily, match="no family imports a released folder"):
         convert_sa2va_hf_to_native(qwen_fx.base_dir, out=tmp_path / "o", progress=False)
+
+
+def test_native_hf_base_layout(tmp_path):
+    """An InternVL ``-hf`` base (transformers' own ``InternVLForConditionalGeneration`` saved with
+    ``save_pretrained``) fine-tuned the Sa2VA way: the oracle is transformers' InternVL for the image features and
+    peft's un-merged LoRA on transformers' Qwen2 for the language model."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, Qwen2Config, Qwen2ForCausalLM
+
+    from maskport.convert.api import convert_mmengine_to_hf
+    from tests.factory import SPECIAL_TOKENS, _perturb_
+    from tests.internvl_factory import INTERNVL_TOKENS, LORA_ALPHA, LORA_R, _cfg_text, make_internvl_fixture
+
+    donor = make_internvl_fixture(tmp_path / "donor", llm="qwen2")  # its tokenizer and SAM2
+    base = tmp_path / "hf"
+    torch.manual_seed(3)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(donor.base_dir, trust_remote_code=False)
+    text = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    cfg = InternVLConfig(vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                            intermediate_size=64, image_size=[TILE, TILE], patch_size=[14, 14],
+                                            attention_bias=True),
+                         text_config=text.to_dict(), image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"),
+                         image_seq_length=4, tie_word_embeddings=False)
+    native = InternVLForConditionalGeneration(cfg).eval()
+    _perturb_(native.parameters(), torch.Generator().manual_seed(4), 0.02)
+    native.save_pretrained(base)
+    tok.save_pretrained(base)
+    saved = load_file(str(base / "model.safetensors"))
+    # transformers saves InternVL in the llava-style layout the hub's -hf folders have
+    assert any(k.startswith("vision_tower.") for k in saved) and any(k.startswith("language_model.") for k in saved)
+
+    # Sa2VA's training view of the LLM: a Qwen2ForCausalLM (its keys are the remote-code ones) with 5 more tokens
+    n = len(tok)
+    vocab = n + len(SPECIAL_TOKENS)
+    lm = Qwen2ForCausalLM(Qwen2Config(**{**text.to_dict(), "vocab_size": vocab}))
+    sd = {"model." + k[len("model.language_model."):]: v for k, v in native.state_dict().items()
+          if k.startswith("model.language_model.")}
+    gen = torch.Generator().manual_seed(5)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        src = native.state_dict()[name.replace("model.", "model.language_model.", 1) if name.startswith("model.")
+                                  else name]
+        sd[name] = torch.cat([src, torch.randn(len(SPECIAL_TOKENS), src.shape[1], generator=gen) * 0.02])
+    lm.load_state_dict(sd)
+    lm = get_peft_model(lm, LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        modules_to_save=["embed_tokens", "lm_head"])).eval()
+    _perturb_([p for k, p in lm.named_parameters() if "lora_B" in k or ".modules_to_save." in k], gen, 0.05)
+    proj = native.model.multi_modal_projector
+    _perturb_(proj.parameters(), gen, 0.01)  # trained projector (the oracle holds it)
+    ckpt_sd = {"mllm.model.language_model." + k: v.detach().clone() for k, v in lm.state_dict().items()
+               if ".lora_" in k or ".modules_to_save." in k}
+    for idx, name in (("0", "layer_norm"), ("1", "linear_1"), ("3", "linear_2")):
+        for p in ("weight", "bias"):
+            ckpt_sd[f"mllm.model.mlp1.{idx}.{p}"] = getattr(proj, name).state_dict()[p].detach().clone()
+    for k, v in donor.state_dict.items():
+        if k.startswith(("grounding_encoder.", "text_hidden_fcs.")):
+            ckpt_sd[k] = v
+    ckpt = tmp_path / "iter_1.pth"
+    torch.save({"state_dict": ckpt_sd, "meta": {"cfg": _cfg_text(base, "qwen_chat")}}, ckpt)
+    res = convert_mmengine_to_hf(ckpt, base=base, sam2=donor.sam2_pt, out=tmp_path / "out", dtype="fp32",
+                                 progress=False, log=lambda *a: None)
+    assert any("native (-hf) layout" in n for n in res.notes)
+    model, _ = _load(res.out_dir)
+
+    ids, pv = _inputs(donor)
+    with torch.no_grad():
+        image = native.model.get_image_features(pixel_values=pv, vision_feature_layer=-1,
+                                                vision_feature_select_strategy="default").pooler_output
+        emb = lm.get_input_embeddings()(ids).clone()
+        emb[0, ids[0] == cfg.image_token_id] = image.reshape(-1, emb.shape[-1])
+        ref = lm(inputs_embeds=emb).logits
+        got = model.mllm(input_ids=ids, pixel_values=pv).logits
+    assert (got - ref).abs().max().item() <= LOGIT_TOL
+    assert INTERNVL_TOKENS[2] == "<IMG_CONTEXT>"
