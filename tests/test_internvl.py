@@ -334,3 +334,74 @@ def test_native_hf_base_layout(tmp_path):
         got = model.mllm(input_ids=ids, pixel_values=pv).logits
     assert (got - ref).abs().max().item() <= LOGIT_TOL
     assert INTERNVL_TOKENS[2] == "<IMG_CONTEXT>"
+
+
+def test_pretrained_pth_chain(qwen_fx, qwen_export, tmp_path):
+    """A run that started from an earlier full checkpoint (Sa2VA's ``pretrained_pth``): its MLLM and SAM2 tensors
+    take the base's place, this run's trained tensors win over its. Oracle: the trained model with the earlier
+    checkpoint's weights under peft's LoRA."""
+    import copy
+
+    from safetensors import safe_open
+
+    from tests.factory import SPECIAL_TOKENS, _perturb_
+
+    fx = qwen_fx
+    gen = torch.Generator().manual_seed(11)
+    base_sd = {k: v.clone() for k, v in qwen_fx.oracle.state_dict().items()}
+    stage1 = {}
+    for k, v in base_sd.items():  # the earlier run's full model, in the training module's key names
+        if ".lora_" in k or "modules_to_save" in k or "original_module" in k or k.startswith("mlp1."):
+            continue
+        plain = k.replace("language_model.base_model.model.", "language_model.").replace(".base_layer.", ".")
+        stage1["mllm.model." + plain] = v + 0.01 * torch.randn(v.shape, generator=gen)
+    for name, trained in (("language_model.model.embed_tokens.weight",
+                           "language_model.base_model.model.model.embed_tokens.modules_to_save.default.weight"),
+                          ("language_model.lm_head.weight",
+                           "language_model.base_model.model.lm_head.modules_to_save.default.weight")):
+        stage1["mllm.model." + name] = base_sd[trained] - 0.3  # resized for Sa2VA's tokens in the earlier run
+    for k, v in fx.state_dict.items():  # its trained parts, which this run trained further
+        if k.startswith(("mllm.model.mlp1.", "text_hidden_fcs.")):
+            stage1[k] = v + 0.5
+    sam = {k: v.clone() for k, v in fx.sam2.state_dict().items()}
+    _perturb_([v for k, v in sam.items() if k.startswith("image_encoder.")], gen, 0.01)
+    for k, v in sam.items():
+        stage1["grounding_encoder.sam2_model." + k] = v
+    pre = tmp_path / "stage1.pth"
+    torch.save({"state_dict": stage1, "meta": {"cfg": "x = 1\n"}}, pre)
+
+    res = _convert(fx, tmp_path / "out", dtype="fp32", pretrained_pth=pre)
+    reasons = [d.get("reason", "") for d in res.report["dropped"]]
+    assert sum("replaced by --pretrained-pth" in r for r in reasons) > 100   # base + SAM2 tensors, each with a reason
+    # the earlier checkpoint's projector, mask decoder and text_hidden_fcs: this run's copies win
+    assert sum("trained further by this run" in r for r in reasons) == len(set(stage1) & set(fx.state_dict)) > 0
+
+    oracle = copy.deepcopy(fx.oracle)
+    own = oracle.state_dict()
+    with torch.no_grad():
+        for k, v in stage1.items():
+            if not k.startswith("mllm.model.") or k.startswith("mllm.model.mlp1.") or "embed_tokens" in k or "lm_head" in k:
+                continue
+            name = k[len("mllm.model."):]
+            if name.startswith("language_model."):
+                name = "language_model.base_model.model." + name[len("language_model."):]
+                if name not in own:
+                    name = name.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+            own[name].copy_(v)
+    model, _ = _load(res.out_dir)
+    ids, pv = _inputs(fx)
+    with torch.no_grad():
+        ref = oracle(ids, pv, fx.img_context_id)
+        got = model.mllm(input_ids=ids, pixel_values=pv).logits
+        before = fx.oracle(ids, pv, fx.img_context_id)
+    assert (got - ref).abs().max().item() <= LOGIT_TOL
+    assert (before - ref).abs().max().item() > 100 * LOGIT_TOL  # the earlier checkpoint matters
+    a = safe_open(str(res.out_dir / "model.safetensors"), "pt")
+    b = safe_open(str(qwen_export.out_dir / "model.safetensors"), "pt")
+    enc = [k for k in a.keys() if k.startswith("sam2.vision_encoder.")]
+    dec = [k for k in a.keys() if k.startswith("sam2.mask_decoder.")]
+    assert enc and dec
+    assert any(not torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in enc)  # SAM2 from the earlier checkpoint
+    assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in dec)      # this run's mask decoder
+    assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys() if k.startswith("text_hidden_fcs."))
+    assert SPECIAL_TOKENS[0] == "[SEG]"

@@ -40,6 +40,9 @@ def convert() -> None:
 @click.option("--lora-alpha", type=float, help="LoRA alpha (default: from the checkpoint's training config).")
 @click.option("--lora-r", type=int, help="LoRA rank, checked against the tensors.")
 @click.option("--special-tokens", help="Comma-separated special tokens added in training (default: from the config).")
+@click.option("--pretrained-pth", type=click.Path(path_type=Path),
+              help="The earlier checkpoint this run started from (Sa2VA's pretrained_pth); its tensors take the "
+                   "base's place. InternVL family.")
 @click.option("--dry-run", is_flag=True, help="Plan and check coverage; write nothing.")
 @click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("--report-json", is_flag=True, help="With --dry-run: print the full plan as JSON.")
@@ -48,15 +51,16 @@ def convert() -> None:
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @_friendly
 def convert_mmengine_to_hf_cmd(checkpoint, base, sam2, out, family, dtype, max_shard_size, sam2_config, lora_alpha,
-                               lora_r, special_tokens, dry_run, overwrite, report_json, allow_unsafe_pickle,
-                               no_progress):
+                               lora_r, special_tokens, pretrained_pth, dry_run, overwrite, report_json,
+                               allow_unsafe_pickle, no_progress):
     """Convert an mmengine/xtuner training CHECKPOINT (iter_N.pth, or a DeepSpeed ZeRO-1/2 folder)."""
     from .convert.api import convert_mmengine_to_hf
 
     res = convert_mmengine_to_hf(
         checkpoint, base=base, sam2=sam2, out=out, family=family, dtype=dtype, max_shard_size=max_shard_size,
         sam2_config=sam2_config, lora_r=lora_r, lora_alpha=lora_alpha,
-        special_tokens=special_tokens.split(",") if special_tokens else None, dry_run=dry_run,
+        special_tokens=special_tokens.split(",") if special_tokens else None, pretrained_pth=pretrained_pth,
+        dry_run=dry_run,
         overwrite=overwrite, allow_unsafe_pickle=allow_unsafe_pickle, progress=not no_progress,
     )
     if report_json:

@@ -60,6 +60,7 @@ def convert_mmengine_to_hf(
     lora_alpha: float | None = None,
     use_rslora: bool | None = None,
     special_tokens: list[str] | None = None,
+    pretrained_pth: str | Path | None = None,
     dry_run: bool = False,
     overwrite: bool = False,
     allow_unsafe_pickle: bool = False,
@@ -106,12 +107,15 @@ def convert_mmengine_to_hf(
     options = ConvertOptions(base=Path(base) if base else None, sam2=Path(sam2) if sam2 else None,
                              sam2_config=Path(sam2_config) if sam2_config else None, lora_r=lora_r,
                              lora_alpha=lora_alpha, use_rslora=use_rslora, special_tokens=special_tokens,
-                             allow_unsafe_pickle=allow_unsafe_pickle)
+                             allow_unsafe_pickle=allow_unsafe_pickle,
+                             pretrained_pth=Path(pretrained_pth) if pretrained_pth else None)
     prepared = fam.prepare(tc, cfg, options)
     out_dtype = DTYPES[dtype] if dtype else _training_dtype(tc.source)
 
     inputs = {"checkpoint": {"path": str(ckpt), "format": tc.format}, "base": {"path": str(base)},
               "sam2": {"path": str(sam2)}}
+    if pretrained_pth:
+        inputs["pretrained_pth"] = {"path": str(pretrained_pth)}
     return plan_and_write(prepared, family=fam.name, mapping_version=fam.mapping_version, inputs=inputs,
                           training_config_found=dict(cfg.found_in), out_dir=out_dir, out_dtype=out_dtype,
                           shard_bytes=shard_bytes, dry_run=dry_run, progress=progress, t0=t0,

@@ -25,6 +25,7 @@ class ConvertOptions:
     use_rslora: bool | None = None
     special_tokens: list[str] | None = None
     allow_unsafe_pickle: bool = False
+    pretrained_pth: Path | None = None  # an earlier checkpoint the run started from (Sa2VA's pretrained_pth)
 
 
 @dataclass

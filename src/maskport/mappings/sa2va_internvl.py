@@ -332,6 +332,54 @@ def _export(*, base_dir: Path, base_cfg: dict, layout: str, llm: str, vis_cfg: d
     return config, expected, write_files, text_cfg, template
 
 
+TRAINABLE_PREFIXES = ("mllm.model.language_model.base_model.", "mllm.model.mlp1.",
+                      "grounding_encoder.sam2_model.sam_mask_decoder.", "text_hidden_fcs.")
+
+
+def _chain_pretrained(ckpt: TrainingCheckpoint, base: TensorSource, sam2: TensorSource, path: Path, layout: str,
+                      allow_unsafe_pickle: bool, notes: list[str]):
+    """Put an earlier checkpoint (Sa2VA's ``pretrained_pth``) between the training checkpoint and the base.
+
+    Precedence: this run's checkpoint > the earlier checkpoint > the base folder / SAM2 ``.pt``. The earlier
+    checkpoint's tensors in the trainable key space (LoRA, ``modules_to_save``, projector, mask decoder,
+    ``text_hidden_fcs``) sit under this run's (a tensor both have is superseded by this run's); its other
+    ``mllm.model.*`` tensors replace the base's, its other ``grounding_encoder.sam2_model.*`` tensors replace
+    SAM2's. Every replaced tensor is dropped with that reason, so the report still accounts for all of them."""
+    from ..convert.overlay import overlay
+    from ..convert.sources import RenamedSource, open_training_checkpoint
+
+    if layout != REMOTE:
+        raise WrongFamily("--pretrained-pth is supported with a remote-code InternVL base only (its keys are in "
+                          "that layout)")
+    pre = open_training_checkpoint(path, allow_unsafe_pickle=allow_unsafe_pickle).source
+    keys = pre.keys()
+    trainable = [k for k in keys if k.startswith(TRAINABLE_PREFIXES)]
+    g = "grounding_encoder.sam2_model."
+    to_base = [k for k in keys if k.startswith("mllm.model.") and k not in trainable]
+    to_sam2 = [k for k in keys if k.startswith(g) and k not in trainable]
+    other = sorted(set(keys) - set(trainable) - set(to_base) - set(to_sam2))
+    if other:
+        raise ShapeMismatch(f"{path}: tensors outside mllm.model.* / grounding_encoder.sam2_model.* / "
+                            f"text_hidden_fcs.*: {other[:3]} (not a Sa2VA checkpoint?)")
+    what = f"--pretrained-pth {path.name}"
+    ck, ck_hidden, p1 = overlay(RenamedSource(pre, {k: k for k in trainable}, f"{path.name} (trainable part)"),
+                                ckpt.source, "this run's checkpoint")
+    b, b_hidden, p2 = overlay(base, RenamedSource(pre, {k: k[len("mllm.model."):] for k in to_base},
+                                                  f"{path.name} (MLLM)"), what)
+    sm, s_hidden, p3 = overlay(sam2, RenamedSource(pre, {k: k[len(g):] for k in to_sam2}, f"{path.name} (SAM2)"),
+                               what)
+    for problem in (p1 + p2 + p3)[:5]:  # e.g. embeddings resized for the added tokens; the plan checks what is used
+        notes.append(problem)
+    notes.append(f"{what}: {len(b_hidden.keys())} base and {len(s_hidden.keys())} SAM2 tensors taken from it; "
+                 f"{len(ck_hidden.keys())} of its trained tensors superseded by this run's")
+    sources = {"pretrained_superseded": ck_hidden, "base_replaced": b_hidden, "sam2_replaced": s_hidden}
+    drops = [Drop("pretrained_superseded:{rest}", reason="the earlier checkpoint's copy, trained further by this run",
+                  optional=True),
+             Drop("base_replaced:{rest}", reason=f"replaced by {what} (the run started from it)", optional=True),
+             Drop("sam2_replaced:{rest}", reason=f"replaced by {what} (the run started from it)", optional=True)]
+    return TrainingCheckpoint(ck, ckpt.format, ckpt.meta, ckpt.files), b, sm, sources, drops
+
+
 @dataclass
 class Ctx:
     lora_scaling: float | None
@@ -365,6 +413,16 @@ class Sa2VAInternVL:
         # 2. SAM2
         sam2, preset, sam2_config = open_sam2(options, notes)
 
+        # 2b. a chained fine-tune: the run started from an earlier checkpoint (--pretrained-pth)
+        extra_sources, extra_rules = {}, []
+        if options.pretrained_pth is not None:
+            ckpt, base, sam2, extra_sources, extra_rules = _chain_pretrained(
+                ckpt, base, sam2, Path(options.pretrained_pth), layout, options.allow_unsafe_pickle, notes)
+        elif cfg.pretrained_pth:
+            notes.append(f"the training config names pretrained_pth={cfg.pretrained_pth!r}: the run started from it. "
+                         "Its tensors are in this checkpoint only where this run trained them; pass "
+                         "--pretrained-pth with that file to export the others from it instead of from the base")
+
         # 3. sizes implied by the checkpoint, checked against the base
         keys = set(ckpt.source.keys())
         hidden = int(llm_cfg["hidden_size"])
@@ -379,7 +437,9 @@ class Sa2VAInternVL:
         embed_name = "tok_embeddings" if llm == "internlm2" else "embed_tokens"
         embed_keys = [k for k in (f"{peft}model.{embed_name}.modules_to_save.default.weight",
                                   f"{peft}model.{embed_name}.weight") if k in keys]
-        vocab = ckpt.source.info(embed_keys[0]).shape[0] if embed_keys else int(llm_cfg["vocab_size"])
+        base_embed = where.decoder.split(":", 1)[1] + embed_name + ".weight"
+        vocab = (ckpt.source.info(embed_keys[0]).shape[0] if embed_keys else
+                 base.info(base_embed).shape[0] if base_embed in base else int(llm_cfg["vocab_size"]))
         lora_modules = {k[len(peft) + len("model.layers."):].split(".", 1)[1].rsplit(".lora_A", 1)[0]
                         for k in keys if k.startswith(peft + "model.layers.") and ".lora_A." in k}
         unknown_lora = [k for k in keys if k.startswith(peft) and ".lora_" in k and not k.startswith(peft + "model.layers.")]
@@ -426,7 +486,8 @@ class Sa2VAInternVL:
                       text_cfg=llm_cfg if llm != "internlm2" else {
                           "num_attention_heads": text_cfg["num_attention_heads"],
                           "num_key_value_heads": text_cfg["num_key_value_heads"]})
-        return Prepared(sources={"ckpt": ckpt.source, "base": base, "sam2": sam2}, rules=table, ctx=Ctx(scaling),
+        return Prepared(sources={"ckpt": ckpt.source, "base": base, "sam2": sam2, **extra_sources},
+                        rules=[*table, *extra_rules], ctx=Ctx(scaling),
                         expected=expected, export_config=config.to_dict(), write_files=write_files, notes=notes,
                         settings=settings)
 

@@ -132,6 +132,8 @@ class Sa2VAQwen25VL:
         from ..export.sa2va_qwen2_5_vl.modeling_sa2va_qwen import Sa2VAQwenModel
 
         notes: list[str] = []
+        if options.pretrained_pth is not None:
+            raise MissingInput(f"--pretrained-pth is not supported by family {NAME} yet (InternVL family only)")
         # 1. the base MLLM folder
         if options.base is None:
             raise MissingInput("--base is required: the base MLLM folder the run fine-tuned "
