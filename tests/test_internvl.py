@@ -405,3 +405,41 @@ def test_pretrained_pth_chain(qwen_fx, qwen_export, tmp_path):
     assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in dec)      # this run's mask decoder
     assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys() if k.startswith("text_hidden_fcs."))
     assert SPECIAL_TOKENS[0] == "[SEG]"
+
+
+def test_cli_detects_the_family_and_imports_released_folders(qwen_fx, tmp_path):
+    from click.testing import CliRunner
+
+    from maskport.cli import main
+    from tests.internvl_factory import make_released_folder
+
+    r = CliRunner().invoke(main, ["convert", "mmengine-to-hf", str(qwen_fx.ckpt), "--base", str(qwen_fx.base_dir),
+                                  "--sam2", str(qwen_fx.sam2_pt), "--dry-run"])
+    assert r.exit_code == 0, r.output
+    assert "family: sa2va-internvl" in r.output and "base: InternVL, remote-code layout, qwen2" in r.output
+    src = make_released_folder(qwen_fx, tmp_path / "rel")
+    r = CliRunner().invoke(main, ["convert", "sa2va-hf-to-native", str(src), "--dry-run", "--sam2-config",
+                                  str(qwen_fx.sam2_pt.with_suffix(".config.json"))])
+    assert r.exit_code == 0, r.output
+    assert "dry run: plan is complete" in r.output
+    # errors are one line, exit code 2
+    r = CliRunner().invoke(main, ["convert", "sa2va-hf-to-native", str(qwen_fx.base_dir), "-o", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "no family imports a released folder" in r.output
+    assert len(r.output.strip().splitlines()) == 1
+    r = CliRunner().invoke(main, ["convert", "sa2va-hf-to-native", str(src), "-o", str(tmp_path / "y")])
+    assert r.exit_code == 2 and "matches none of the official presets" in r.output  # tiny SAM2: needs its config
+
+
+def test_verify_runs_on_an_internvl_export(qwen_fx, qwen_export, tmp_path):
+    """``maskport verify`` drives the export through predict_forward only: fp32 vs a bf16 conversion."""
+    from maskport.convert.api import convert_mmengine_to_hf
+    from maskport.quantize.bench import _synthetic_samples
+    from maskport.verify.api import verify
+
+    bf16 = convert_mmengine_to_hf(qwen_fx.ckpt, base=qwen_fx.base_dir, sam2=qwen_fx.sam2_pt, out=tmp_path / "bf16",
+                                  dtype="bf16", progress=False, log=lambda *a: None)
+    samples = _synthetic_samples(tmp_path / "s", 2, size=(100, 80))
+    res = verify(qwen_export.out_dir, bf16.out_dir, samples, report_dir=tmp_path / "rep", max_new_tokens=5,
+                 generation_kwargs={"sequence_bias": {"[SEG]": 30.0}}, progress=False)
+    assert res.passed, res.verdict  # bf16 rounding only: masks agree
+    assert (tmp_path / "rep" / "report.json").is_file()
