@@ -69,8 +69,12 @@ def _cfg_text(base_dir: Path, template: str) -> str:
             f"    llm_lora=dict(type='LoraConfig', r={LORA_R}, lora_alpha={LORA_ALPHA}, lora_dropout=0.05)))\n")
 
 
+VISION_6B = dict(VISION, qkv_bias=False, norm_type="rms_norm", qk_normalization=True)  # InternViT-6B style
+
+
 def make_internvl_fixture(root: Path, *, llm: str = "qwen2", version: str = "v2", seed: int = 0,
-                          deepspeed: bool = False, tokenizer_dir: Path | None = None) -> InternVLFixture:
+                          deepspeed: bool = False, tokenizer_dir: Path | None = None,
+                          vision: dict | None = None) -> InternVLFixture:
     """Build every input of a conversion under ``root``. ``tokenizer_dir``: a base tokenizer to copy (the
     InternLM2 fixture brings its own); default: the tiny byte-level BPE with InternVL's tokens added."""
     from peft import LoraConfig, get_peft_model
@@ -100,15 +104,17 @@ def make_internvl_fixture(root: Path, *, llm: str = "qwen2", version: str = "v2"
 
     # ---- the base InternVL (remote-code layout) ----------------------------------------------------------
     lm, llm_cfg, lora_targets = _llm(llm, n_base)
-    model = RefInternVLChat(VISION, lm, llm_cfg["hidden_size"])
+    vision = vision or VISION
+    model = RefInternVLChat(vision, lm, llm_cfg["hidden_size"])
     gen = torch.Generator().manual_seed(seed + 1)
     _perturb_(model.parameters(), gen, 0.02)
     sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     from safetensors.torch import save_file
 
     save_file(sd, str(base_dir / "model.safetensors"), metadata={"format": "pt"})
-    vis = dict(VISION, architectures=["InternVisionModel"], model_type="intern_vit_6b", norm_type="layer_norm",
-               qk_normalization=False, hidden_act="gelu", initializer_factor=0.1, num_channels=3)
+    vis = dict(vision, architectures=["InternVisionModel"], model_type="intern_vit_6b",
+               norm_type=vision.get("norm_type", "layer_norm"), qk_normalization=vision.get("qk_normalization", False),
+               hidden_act="gelu", initializer_factor=0.1, num_channels=3)
     (base_dir / "config.json").write_text(json.dumps({
         "architectures": ["InternVLChatModel"], "model_type": "internvl_chat", "auto_map": {
             "AutoConfig": "configuration_internvl_chat.InternVLChatConfig",

@@ -17,17 +17,24 @@ from torch import nn
 
 # ---- InternViT ---------------------------------------------------------------------------------------------
 class _Attn(nn.Module):
-    def __init__(self, dim, heads, qkv_bias):
+    def __init__(self, dim, heads, qkv_bias, qk_norm=False, eps=1e-6):
         super().__init__()
         self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
+        self.qk_norm = qk_norm
+        if qk_norm:  # InternViT-6B: RMSNorm over all heads together
+            self.q_norm = _RMSNorm(dim, eps)
+            self.k_norm = _RMSNorm(dim, eps)
 
     def forward(self, x):
         b, n, c = x.shape
         d = c // self.heads
         qkv = self.qkv(x).reshape(b, n, 3, self.heads, d).permute(2, 0, 3, 1, 4)  # 3, B, H, N, d
         q, k, v = qkv[0], qkv[1], qkv[2]
+        if self.qk_norm:
+            q = self.q_norm(q.transpose(1, 2).flatten(-2, -1)).view(b, n, self.heads, d).transpose(1, 2)
+            k = self.k_norm(k.transpose(1, 2).flatten(-2, -1)).view(b, n, self.heads, d).transpose(1, 2)
         attn = (q * d ** -0.5) @ k.transpose(-2, -1)
         out = attn.softmax(dim=-1) @ v
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
@@ -44,12 +51,13 @@ class _Mlp(nn.Module):
 
 
 class _VitLayer(nn.Module):
-    def __init__(self, dim, heads, hidden, eps, qkv_bias):
+    def __init__(self, dim, heads, hidden, eps, qkv_bias, norm_type="layer_norm", qk_norm=False):
         super().__init__()
-        self.attn = _Attn(dim, heads, qkv_bias)
+        self.attn = _Attn(dim, heads, qkv_bias, qk_norm, eps)
         self.mlp = _Mlp(dim, hidden)
-        self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        norm = (lambda: nn.LayerNorm(dim, eps=eps)) if norm_type == "layer_norm" else (lambda: _RMSNorm(dim, eps))
+        self.norm1 = norm()
+        self.norm2 = norm()
         self.ls1 = nn.Parameter(torch.ones(dim))
         self.ls2 = nn.Parameter(torch.ones(dim))
 
@@ -78,14 +86,16 @@ class _Encoder(nn.Module):
 
 
 class RefInternViT(nn.Module):
-    """InternViT-300M-style: LayerNorm, qkv bias, layer scale, no final norm (``last_hidden_state``)."""
+    """InternViT: layer scale, no final norm (``last_hidden_state``); 300M style (LayerNorm, qkv bias) or 6B style
+    (``norm_type="rms_norm"``, ``qk_normalization``, no qkv bias)."""
 
     def __init__(self, cfg: dict):
         super().__init__()
         dim = cfg["hidden_size"]
         self.embeddings = _Embeddings(dim, cfg["image_size"], cfg["patch_size"])
         self.encoder = _Encoder([_VitLayer(dim, cfg["num_attention_heads"], cfg["intermediate_size"],
-                                           cfg["layer_norm_eps"], cfg["qkv_bias"])
+                                           cfg["layer_norm_eps"], cfg["qkv_bias"], cfg.get("norm_type", "layer_norm"),
+                                           cfg.get("qk_normalization", False))
                                  for _ in range(cfg["num_hidden_layers"])])
 
     def forward(self, pixel_values):

@@ -443,3 +443,16 @@ def test_verify_runs_on_an_internvl_export(qwen_fx, qwen_export, tmp_path):
                  generation_kwargs={"sequence_bias": {"[SEG]": 30.0}}, progress=False)
     assert res.passed, res.verdict  # bf16 rounding only: masks agree
     assert (tmp_path / "rep" / "report.json").is_file()
+
+
+def test_internvit_6b_style_vision_tower(tmp_path):
+    """Sa2VA-26B's InternViT-6B: RMSNorm, q/k normalisation over all heads, no qkv bias (InternLM2 LLM)."""
+    from tests.internvl_factory import VISION_6B, make_internlm2_tokenizer_dir
+
+    tok_dir = make_internlm2_tokenizer_dir(tmp_path / "tok")
+    fx = make_internvl_fixture(tmp_path / "fx", llm="internlm2", tokenizer_dir=tok_dir, vision=VISION_6B)
+    assert any(k.endswith("attn.q_norm.weight") for k in fx.oracle.state_dict())
+    res = _convert(fx, tmp_path / "out", dtype="fp32")
+    cfg = json.loads((res.out_dir / "config.json").read_text())["mllm_config"]["vision_config"]
+    assert cfg["use_qk_norm"] is True and cfg["norm_type"] == "rms_norm" and cfg["attention_bias"] is False
+    _compare_logits(fx, res.out_dir, seed=2)
