@@ -34,7 +34,7 @@ def _convert(fx, out: Path, **kw):
 def export_bf16(fx, tmp_path_factory):
     """The default conversion (output dtype = training dtype, bf16)."""
     out = tmp_path_factory.mktemp("exports") / "sa2va-bf16"
-    return _convert(fx, out)
+    return _convert(fx, out, sha256=True)
 
 
 @pytest.fixture(scope="session")

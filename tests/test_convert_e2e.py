@@ -236,7 +236,8 @@ def test_deepspeed_zero2_folder_converts_to_the_same_weights(fx, export_bf16, tm
     from maskport.convert.api import convert_mmengine_to_hf
 
     assert fx.ds_ckpt is not None and fx.ds_ckpt.is_dir()
-    res = convert_mmengine_to_hf(fx.ds_ckpt, base=fx.base_dir, sam2=fx.sam2_pt, out=tmp_path / "ds", progress=False)
+    res = convert_mmengine_to_hf(fx.ds_ckpt, base=fx.base_dir, sam2=fx.sam2_pt, out=tmp_path / "ds", progress=False,
+                                 sha256=True)
     assert res.report["inputs"]["checkpoint"]["format"] == "deepspeed"
     assert res.report["coverage"]["unaccounted"] == []
     assert [s["sha256"] for s in res.report["shards"]] == [s["sha256"] for s in export_bf16.report["shards"]]

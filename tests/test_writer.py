@@ -47,7 +47,7 @@ def test_single_shard_round_trip(tmp_path):
 
 def test_sharding_index_and_sha256(tmp_path):
     plan, tensors, _ = make_plan(torch.float32)
-    shards = write_shards(plan, tmp_path, max_shard_size=64 * 32 * 4 * 2)  # two weights per shard
+    shards = write_shards(plan, tmp_path, max_shard_size=64 * 32 * 4 * 2, checksums=True)  # two weights per shard
     assert len(shards) >= 3
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(tensors)
@@ -80,3 +80,16 @@ def test_parse_size(text, expected):
 def test_parse_size_rejects(bad):
     with pytest.raises(ValueError):
         parse_size(bad)
+
+
+def test_checksums_are_optional_and_do_not_change_the_bytes(tmp_path):
+    plan, _, _ = make_plan(torch.float32)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = write_shards(plan, tmp_path / "a", max_shard_size=1 << 20)
+    b = write_shards(plan, tmp_path / "b", max_shard_size=1 << 20, checksums=True)
+    assert all(s.sha256 is None for s in a)
+    for sa, sb in zip(a, b):
+        data = (tmp_path / "a" / sa.filename).read_bytes()
+        assert data == (tmp_path / "b" / sb.filename).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == sb.sha256

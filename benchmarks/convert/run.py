@@ -196,6 +196,19 @@ def bench(size: str, root: Path, *, repeat: int, baseline: bool, log_dir: Path) 
         res["copy"].append(c.as_dict())
         print(f"[{size}] copy #{rep}: {c.wall_s} s for {c.extra['bytes'] / 1e9:.2f} GB, load {load}")
         shutil.rmtree(dest, ignore_errors=True)
+    # the same conversion with shard checksums on (--sha256, off by default), once, for the record
+    shutil.rmtree(out, ignore_errors=True)
+    settle()
+    warm(in_files)
+    load = loadavg()
+    m = measure.run("maskport --sha256", [maskport, "convert", "mmengine-to-hf", str(inp["ckpt"]), "--base",
+                                          str(inp["base"]), "--sam2", str(inp["sam2"]), "-o", str(out),
+                                          "--no-progress", "--sha256"],
+                    env=env, log=log_dir / f"{size}-maskport-sha256.log")
+    m.extra.update(loadavg_before=load, bytes_out=dir_bytes(out) if m.rc == 0 else 0)
+    res["maskport_sha256"] = m.as_dict()
+    print(f"[{size}] maskport --sha256: rc {m.rc}, {m.wall_s} s, max RSS {m.max_rss_kib / (1 << 20):.2f} GiB")
+    shutil.rmtree(out, ignore_errors=True)
     settle()
     p = subprocess.run([sys.executable, str(HERE / "lora_matmuls.py"), "--size", size,
                         "--threads", str(max(1, (os.cpu_count() or 2) - 1))], capture_output=True, text=True, env=env)
@@ -293,6 +306,11 @@ def render(results: list[dict], skipped: dict[str, str]) -> str:
         ]
         for i, x in enumerate(r["maskport"]):
             lines.append(f"| maskport #{i + 1} | {x['wall_s']} | {_gib(x['max_rss_kib'])} | {_gib(x['peak_anon_kib'])} / "
+                         f"{_gib(x['peak_file_kib'])} | {r['inputs']['bytes'] / 1e9:.2f} GB | "
+                         f"{x['extra'].get('bytes_out', 0) / 1e9:.2f} GB | {x['extra']['loadavg_before']} |")
+        if r.get("maskport_sha256"):
+            x = r["maskport_sha256"]
+            lines.append(f"| maskport --sha256 | {x['wall_s']} | {_gib(x['max_rss_kib'])} | {_gib(x['peak_anon_kib'])} / "
                          f"{_gib(x['peak_file_kib'])} | {r['inputs']['bytes'] / 1e9:.2f} GB | "
                          f"{x['extra'].get('bytes_out', 0) / 1e9:.2f} GB | {x['extra']['loadavg_before']} |")
         for i, x in enumerate(r["copy"]):

@@ -43,6 +43,8 @@ def convert() -> None:
 @click.option("--pretrained-pth", type=click.Path(path_type=Path),
               help="The earlier checkpoint this run started from (Sa2VA's pretrained_pth); its tensors take the "
                    "base's place. InternVL family.")
+@click.option("--sha256", is_flag=True,
+              help="Record each shard's sha256 in conversion_report.json (about 1 s of CPU per 1.5 GB).")
 @click.option("--dry-run", is_flag=True, help="Plan and check coverage; write nothing.")
 @click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("--report-json", is_flag=True, help="With --dry-run: print the full plan as JSON.")
@@ -51,7 +53,7 @@ def convert() -> None:
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @_friendly
 def convert_mmengine_to_hf_cmd(checkpoint, base, sam2, out, family, dtype, max_shard_size, sam2_config, lora_alpha,
-                               lora_r, special_tokens, pretrained_pth, dry_run, overwrite, report_json,
+                               lora_r, special_tokens, pretrained_pth, sha256, dry_run, overwrite, report_json,
                                allow_unsafe_pickle, no_progress):
     """Convert an mmengine/xtuner training CHECKPOINT (iter_N.pth, or a DeepSpeed ZeRO-1/2 folder)."""
     from .convert.api import convert_mmengine_to_hf
@@ -60,7 +62,7 @@ def convert_mmengine_to_hf_cmd(checkpoint, base, sam2, out, family, dtype, max_s
         checkpoint, base=base, sam2=sam2, out=out, family=family, dtype=dtype, max_shard_size=max_shard_size,
         sam2_config=sam2_config, lora_r=lora_r, lora_alpha=lora_alpha,
         special_tokens=special_tokens.split(",") if special_tokens else None, pretrained_pth=pretrained_pth,
-        dry_run=dry_run,
+        sha256=sha256, dry_run=dry_run,
         overwrite=overwrite, allow_unsafe_pickle=allow_unsafe_pickle, progress=not no_progress,
     )
     if report_json:
@@ -83,20 +85,22 @@ def convert_mmengine_to_hf_cmd(checkpoint, base, sam2, out, family, dtype, max_s
 @click.option("--max-shard-size", default="2GB", show_default=True, help="Largest shard, e.g. 2GB, 500MB.")
 @click.option("--sam2-config", type=click.Path(path_type=Path),
               help="Meta SAM2 model config (JSON) when the SAM2 size cannot be told from the tensor shapes.")
+@click.option("--sha256", is_flag=True,
+              help="Record each shard's sha256 in conversion_report.json (about 1 s of CPU per 1.5 GB).")
 @click.option("--dry-run", is_flag=True, help="Plan and check coverage; write nothing.")
 @click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("--allow-unsafe-pickle", is_flag=True,
               help="DANGEROUS: let .bin weights run arbitrary pickled code (only for files you trust).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @_friendly
-def convert_sa2va_hf_to_native_cmd(folder, out, dtype, max_shard_size, sam2_config, dry_run, overwrite,
+def convert_sa2va_hf_to_native_cmd(folder, out, dtype, max_shard_size, sam2_config, sha256, dry_run, overwrite,
                                    allow_unsafe_pickle, no_progress):
     """Convert a released Sa2VA HF FOLDER (ByteDance/Sa2VA-1B/4B/8B/26B, Sa2VA-InternVL3-*) into maskport's native
     export: stock transformers classes, no remote code of the folder run, quantizable and verifiable."""
     from .convert.api import convert_sa2va_hf_to_native
 
     res = convert_sa2va_hf_to_native(folder, out=out, dtype=dtype, max_shard_size=max_shard_size,
-                                     sam2_config=sam2_config, dry_run=dry_run, overwrite=overwrite,
+                                     sam2_config=sam2_config, sha256=sha256, dry_run=dry_run, overwrite=overwrite,
                                      allow_unsafe_pickle=allow_unsafe_pickle, progress=not no_progress)
     click.echo(f"family: {res.family}")
     click.echo(res.summary)

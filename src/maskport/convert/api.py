@@ -61,6 +61,7 @@ def convert_mmengine_to_hf(
     use_rslora: bool | None = None,
     special_tokens: list[str] | None = None,
     pretrained_pth: str | Path | None = None,
+    sha256: bool = False,
     dry_run: bool = False,
     overwrite: bool = False,
     allow_unsafe_pickle: bool = False,
@@ -119,16 +120,18 @@ def convert_mmengine_to_hf(
     return plan_and_write(prepared, family=fam.name, mapping_version=fam.mapping_version, inputs=inputs,
                           training_config_found=dict(cfg.found_in), out_dir=out_dir, out_dtype=out_dtype,
                           shard_bytes=shard_bytes, dry_run=dry_run, progress=progress, t0=t0,
-                          input_sha256=("checkpoint", ckpt_sha))
+                          input_sha256=("checkpoint", ckpt_sha), checksums=sha256)
 
 
 def plan_and_write(prepared, *, family: str, mapping_version: str, inputs: dict, training_config_found: dict,
                    out_dir: Path | None, out_dtype: torch.dtype, shard_bytes: int, dry_run: bool, progress: bool,
-                   t0: float, input_sha256: tuple[str, Any] | None = None) -> ConversionResult:
+                   t0: float, input_sha256: tuple[str, Any] | None = None,
+                   checksums: bool = False) -> ConversionResult:
     """Steps 3 and 4 of every conversion: plan from shapes and validate coverage (raises before anything is
     written), then stream the tensors into a temporary folder beside ``out_dir``, write the family's files, the
     report and a model card, and rename the folder into place. ``input_sha256``: (an ``inputs`` entry, a
-    background hash of that input) to record."""
+    background hash of that input) to record. ``checksums``: record each shard's sha256 (costs ~1 s per 1.5 GB of
+    CPU)."""
     # 3. plan and validate
     plan = build_plan(prepared.rules, prepared.sources, ctx=prepared.ctx, out_dtype=out_dtype,
                       expected=prepared.expected)
@@ -166,12 +169,13 @@ def plan_and_write(prepared, *, family: str, mapping_version: str, inputs: dict,
                        desc="writing tensors", file=sys.stderr)
         shards = write_shards(plan, tmp, max_shard_size=shard_bytes,
                               metadata={"maskport_family": family, "maskport_version": __version__},
-                              progress=bar.update if bar else None)
+                              progress=bar.update if bar else None, checksums=checksums)
         if bar:
             bar.close()
         if input_sha256 is not None:
             report["inputs"][input_sha256[0]]["sha256"] = input_sha256[1].result()
-        report["shards"] = [{"file": s.filename, "bytes": (tmp / s.filename).stat().st_size, "sha256": s.sha256,
+        report["shards"] = [{"file": s.filename, "bytes": (tmp / s.filename).stat().st_size,
+                             **({"sha256": s.sha256} if s.sha256 else {}),
                              "tensors": sum(len(ps.step.targets) for ps in s.steps)} for s in shards]
         report["files"] = prepared.write_files(tmp)
         report["seconds"] = round(time.time() - t0, 3)
@@ -200,6 +204,7 @@ def convert_sa2va_hf_to_native(
     dtype: str | None = None,
     max_shard_size: str | int = "2GB",
     sam2_config: str | Path | None = None,
+    sha256: bool = False,
     dry_run: bool = False,
     overwrite: bool = False,
     allow_unsafe_pickle: bool = False,
@@ -238,7 +243,7 @@ def convert_sa2va_hf_to_native(
     return plan_and_write(prepared, family=fam.name, mapping_version=fam.mapping_version,
                           inputs={"released_folder": {"path": str(src_dir)}}, training_config_found={},
                           out_dir=out_dir, out_dtype=out_dtype, shard_bytes=shard_bytes, dry_run=dry_run,
-                          progress=progress, t0=t0)
+                          progress=progress, t0=t0, checksums=sha256)
 
 
 class _Background:
@@ -277,7 +282,8 @@ def _model_card(report: dict) -> str:
     cov = report["coverage"]
     rows = "\n".join(f"| {n} | {c['tensors']} | {c['used']} | {c['dropped']} | {c['unaccounted']} |"
                      for n, c in cov["sources"].items())
-    shards = "\n".join(f"| {s['file']} | {s['bytes']} | `{s['sha256']}` |" for s in report.get("shards", []))
+    shards = "\n".join(f"| {s['file']} | {s['bytes']} | " + (f"`{s['sha256']}`" if s.get("sha256") else
+                        "not computed (convert with --sha256)") + " |" for s in report.get("shards", []))
     return f"""---
 library_name: transformers
 tags: [maskport, segmentation, {report['family']}]
