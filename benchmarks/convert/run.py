@@ -344,7 +344,14 @@ def render(results: list[dict], skipped: dict[str, str]) -> str:
             lines.append(f"- **time target** (wall <= 0.5 x baseline): {mk['wall_s']} / {bl['wall_s']} s = "
                          f"**{ratio:.2f} x** -> **{'met' if ratio <= 0.5 else 'NOT met'}**; memory "
                          f"{mk['max_rss_kib'] / bl['max_rss_kib']:.3f} x the baseline's.")
-        elif bl:
+        sh = r.get("maskport_sha256")
+        if sh and sh.get("rc") == 0:
+            ref = bl if bl and bl.get("rc") == 0 and not bl.get("oom") else b16
+            if ref and ref.get("rc") == 0 and not ref.get("oom"):
+                lines.append(f"- with `--sha256` (each shard's sha256 in the report; off by default since this run's "
+                             f"engine): {sh['wall_s']} s = {sh['wall_s'] / ref['wall_s']:.2f} x the "
+                             f"{'fp32' if ref is bl else 'bf16'} baseline (sha256 runs at ~1.5 GB/s on this CPU).")
+        if bl and not (bl.get("rc") == 0 and not bl.get("oom")):  # the fp32 baseline did not finish
             last = (bl["extra"].get("progress") or ["(nothing logged)"])[-1]
             lines.append(f"- **the fp32 baseline cannot run on this machine**: out of memory after {bl['wall_s']} s at "
                          f"{_gib(bl['max_rss_kib'] or bl['peak_rss_kib'])} GiB RSS ({bl['oom_detail']}); its last "
