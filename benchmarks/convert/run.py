@@ -298,6 +298,8 @@ def render(results: list[dict], skipped: dict[str, str]) -> str:
         if mk is None:
             lines += ["maskport failed: see the logs.", ""]
             continue
+        for note in r.get("notes", []):  # written by hand into results/<size>.json after a run
+            lines += [f"Note: {note}", ""]
         largest_name, largest = mk["extra"]["largest_target"]
         bound_kib = (1.5 * GIB + largest) / 1024
         lines += [
