@@ -268,14 +268,20 @@ def test_legacy_qwen_layout_still_loads(tmp_path, config, model):
 
 def test_exported_files_import_only_allowed_modules():
     allowed = {"torch", "transformers", "numpy", "PIL", "__future__", "math", "copy", "typing"}
-    for name in ("configuration_sa2va_qwen.py", "modeling_sa2va_qwen.py"):
-        tree = ast.parse((EXPORT_DIR / name).read_text())
+    files = {name: EXPORT_DIR / name for name in ("configuration_sa2va_qwen.py", "modeling_sa2va_qwen.py")}
+    files["sa2va_common.py"] = EXPORT_DIR.parent / "common" / "sa2va_common.py"  # copied beside them
+    internvl = EXPORT_DIR.parent / "sa2va_internvl"
+    for name in ("configuration_sa2va_internvl.py", "modeling_sa2va_internvl.py"):
+        files[name] = internvl / name
+    siblings = {"configuration_sa2va_qwen", "configuration_sa2va_internvl", "sa2va_common"}
+    for name, path in files.items():
+        tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 roots = {a.name.split(".")[0] for a in node.names}
             elif isinstance(node, ast.ImportFrom):
-                if node.level:  # relative: the sibling file only
-                    assert node.module == "configuration_sa2va_qwen", (name, node.module)
+                if node.level:  # relative: the sibling files only
+                    assert node.level == 1 and node.module in siblings, (name, node.module)
                     continue
                 roots = {node.module.split(".")[0]}
             else:
@@ -287,6 +293,7 @@ def test_automodel_trust_remote_code(tmp_path, config, model, tok, image):
     model.save_pretrained(tmp_path)
     for f in ("configuration_sa2va_qwen.py", "modeling_sa2va_qwen.py"):
         shutil.copy2(EXPORT_DIR / f, tmp_path / f)
+    shutil.copy2(EXPORT_DIR.parent / "common" / "sa2va_common.py", tmp_path / "sa2va_common.py")
     raw = json.loads((tmp_path / "config.json").read_text())
     raw["auto_map"] = {"AutoConfig": "configuration_sa2va_qwen.Sa2VAQwenConfig",
                        "AutoModel": "modeling_sa2va_qwen.Sa2VAQwenModel"}

@@ -23,6 +23,22 @@ def read_json(path: Path) -> dict:
         raise UnreadableFile(f"{path}: not valid JSON ({exc})") from exc
 
 
+EXPORT_DIR = Path(__file__).resolve().parent.parent / "export"
+
+
+def copy_export_code(out: Path, family_dir: str, names: tuple[str, ...]) -> list[str]:
+    """Copy a family's configuration/modeling files and the shared ``sa2va_common.py`` (which the modeling file
+    imports relatively) into the export folder ``out``; returns the file names."""
+    import shutil
+
+    written = []
+    for name in names:
+        shutil.copy2(EXPORT_DIR / family_dir / name, out / name)
+        written.append(name)
+    shutil.copy2(EXPORT_DIR / "common" / "sa2va_common.py", out / "sa2va_common.py")
+    return [*written, "sa2va_common.py"]
+
+
 def open_sam2(options: ConvertOptions, notes: list[str]):
     """Meta's SAM2 checkpoint (``--sam2``) as a source, its preset name and transformers' ``Sam2Config``; the
     architecture comes from ``--sam2-config``, a ``.config.json`` beside the checkpoint, or the tensor shapes."""

@@ -18,7 +18,6 @@ Target: ``Sa2VAInternVLModel`` (``maskport/export/sa2va_internvl``): ``mllm.*`` 
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,16 +29,15 @@ from ..convert.training_config import TrainingConfig
 from ..errors import MissingInput, ShapeMismatch, UnreadableFile, WrongFamily
 from . import internlm2_llama
 from . import sam2_meta_to_hf as sam2map
-from ._shared import lora_settings, open_sam2, plain, read_json, tokenizer_files, write_generation_config
+from ._shared import (copy_export_code, lora_settings, open_sam2, plain, read_json, tokenizer_files,
+                      write_generation_config)
 from .registry import ConvertOptions, Prepared, register
 
 NAME = "sa2va-internvl"
 MAPPING_VERSION = "1"
 PEFT = "ckpt:mllm.model.language_model.base_model.model."   # peft wraps the causal LM inside InternVLChatModel
 DEFAULT_SPECIAL_TOKENS = ["[SEG]", "<p>", "</p>", "<vp>", "</vp>"]
-EXPORT_DIR = Path(__file__).resolve().parent.parent / "export"
-EXPORT_FILES = (("sa2va_internvl", "configuration_sa2va_internvl.py"), ("sa2va_internvl", "modeling_sa2va_internvl.py"),
-                ("sa2va_internvl", "sa2va_common.py"))
+EXPORT_FILES = ("configuration_sa2va_internvl.py", "modeling_sa2va_internvl.py")
 VT = "mllm.model.vision_tower."
 PROJ = "mllm.model.multi_modal_projector."
 LM = "mllm.model.language_model."
@@ -320,9 +318,7 @@ def _export(*, base_dir: Path, base_cfg: dict, layout: str, llm: str, vis_cfg: d
         written = []
         config.save_pretrained(out)
         written.append("config.json")
-        for sub, f in EXPORT_FILES:
-            shutil.copy2(EXPORT_DIR / sub / f, out / f)
-            written.append(f)
+        written += copy_export_code(out, "sa2va_internvl", EXPORT_FILES)
         tokenizer.save_pretrained(out)
         written += tokenizer_files(out)
         write_generation_config(base_dir, out, tokenizer, template)

@@ -25,7 +25,7 @@ from ..convert.sources import RenamedSource, TensorSource, TrainingCheckpoint, o
 from ..convert.training_config import TrainingConfig
 from ..errors import MissingInput, ShapeMismatch, UnreadableFile, WrongFamily
 from . import sam2_meta_to_hf as sam2map
-from ._shared import lora_settings, open_sam2
+from ._shared import copy_export_code, lora_settings, open_sam2
 from ._shared import plain as _plain
 from ._shared import read_json as _read_json
 from ._shared import tokenizer_files as _tokenizer_files
@@ -226,10 +226,7 @@ class Sa2VAQwen25VL:
             written = []
             config.save_pretrained(out)
             written.append("config.json")
-            src_dir = Path(__file__).resolve().parent.parent / "export" / "sa2va_qwen2_5_vl"
-            for f in EXPORT_FILES:
-                shutil.copy2(src_dir / f, out / f)
-                written.append(f)
+            written += copy_export_code(out, "sa2va_qwen2_5_vl", EXPORT_FILES)
             tokenizer.save_pretrained(out)
             written += _tokenizer_files(out)
             for f in ("preprocessor_config.json", "chat_template.json", "chat_template.jinja",

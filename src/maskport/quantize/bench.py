@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 import sys
 import tempfile
 import time
@@ -104,9 +103,9 @@ def shaped(size, like, out, device, layers):
     with torch.device(device):
         model = M.Sa2VAQwenModel(cfg).to(torch.bfloat16)
     model.save_pretrained(out, max_shard_size="4GB")
-    src = Path(C.__file__).parent
-    for f in ("configuration_sa2va_qwen.py", "modeling_sa2va_qwen.py"):
-        shutil.copy2(src / f, Path(out) / f)
+    from ..mappings._shared import copy_export_code
+
+    copy_export_code(Path(out), "sa2va_qwen2_5_vl", ("configuration_sa2va_qwen.py", "modeling_sa2va_qwen.py"))
     AutoTokenizer.from_pretrained(like, trust_remote_code=True).save_pretrained(out)
     n = sum(p.numel() for p in model.parameters())
     click.echo(json.dumps({"out": str(out), "params": n, "seconds": round(time.time() - t, 1)}))
