@@ -26,6 +26,17 @@ def convert() -> None:
     """Convert checkpoints into HF export folders."""
 
 
+def _echo_conversion(res, dry_run: bool) -> None:
+    click.echo(f"family: {res.family}")
+    click.echo(res.summary)
+    for n in res.notes:
+        click.echo(f"note: {n}")
+    if dry_run:
+        click.echo("dry run: plan is complete (every source tensor accounted for); nothing written")
+    else:
+        click.echo(f"wrote {res.out_dir} ({len(res.report['shards'])} shard(s), {res.report['seconds']} s)")
+
+
 @convert.command("mmengine-to-hf")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--base", type=click.Path(path_type=Path), help="Base MLLM folder (e.g. Qwen2.5-VL-3B-Instruct).")
@@ -68,14 +79,7 @@ def convert_mmengine_to_hf_cmd(checkpoint, base, sam2, out, family, dtype, max_s
     if report_json:
         click.echo(json.dumps(res.report, indent=2))
         return
-    click.echo(f"family: {res.family}")
-    click.echo(res.summary)
-    for n in res.notes:
-        click.echo(f"note: {n}")
-    if dry_run:
-        click.echo("dry run: plan is complete (every source tensor accounted for); nothing written")
-    else:
-        click.echo(f"wrote {res.out_dir} ({len(res.report['shards'])} shard(s), {res.report['seconds']} s)")
+    _echo_conversion(res, dry_run)
 
 
 @convert.command("sa2va-hf-to-native")
@@ -102,14 +106,7 @@ def convert_sa2va_hf_to_native_cmd(folder, out, dtype, max_shard_size, sam2_conf
     res = convert_sa2va_hf_to_native(folder, out=out, dtype=dtype, max_shard_size=max_shard_size,
                                      sam2_config=sam2_config, sha256=sha256, dry_run=dry_run, overwrite=overwrite,
                                      allow_unsafe_pickle=allow_unsafe_pickle, progress=not no_progress)
-    click.echo(f"family: {res.family}")
-    click.echo(res.summary)
-    for n in res.notes:
-        click.echo(f"note: {n}")
-    if dry_run:
-        click.echo("dry run: plan is complete (every source tensor accounted for); nothing written")
-    else:
-        click.echo(f"wrote {res.out_dir} ({len(res.report['shards'])} shard(s), {res.report['seconds']} s)")
+    _echo_conversion(res, dry_run)
 
 
 from .verify.command import verify_command  # noqa: E402  (its heavy imports happen when it runs)

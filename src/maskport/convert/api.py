@@ -37,6 +37,22 @@ class ConversionResult:
     notes: list[str] = field(default_factory=list)
 
 
+def _check_output_options(out, dtype, max_shard_size, dry_run: bool, overwrite: bool) -> tuple[Path | None, int]:
+    """(output folder, shard size in bytes), or a one-line error for a missing/existing ``-o``, an unknown dtype or
+    an unreadable shard size."""
+    if not dry_run and out is None:
+        raise MissingInput("-o/--out is required (or use --dry-run)")
+    out_dir = Path(out) if out is not None else None
+    if out_dir is not None and out_dir.exists() and not dry_run and not overwrite:
+        raise MissingInput(f"output folder {out_dir} already exists; pass --overwrite to replace it")
+    if dtype is not None and dtype not in DTYPES:
+        raise MissingInput(f"--dtype {dtype!r} is not one of {', '.join(sorted(DTYPES))}")
+    try:
+        return out_dir, parse_size(max_shard_size)
+    except ValueError as exc:
+        raise MissingInput(str(exc)) from None
+
+
 def _training_dtype(source) -> torch.dtype:
     counts: dict[torch.dtype, int] = {}
     for k in source.keys():
@@ -81,17 +97,7 @@ def convert_mmengine_to_hf(
        temporary folder to ``out``.
     """
     t0 = time.time()
-    if not dry_run and out is None:
-        raise MissingInput("-o/--out is required (or use --dry-run)")
-    out_dir = Path(out) if out is not None else None
-    if out_dir is not None and out_dir.exists() and not dry_run and not overwrite:
-        raise MissingInput(f"output folder {out_dir} already exists; pass --overwrite to replace it")
-    if dtype is not None and dtype not in DTYPES:
-        raise MissingInput(f"--dtype {dtype!r} is not one of {', '.join(sorted(DTYPES))}")
-    try:
-        shard_bytes = parse_size(max_shard_size)
-    except ValueError as exc:
-        raise MissingInput(str(exc)) from None
+    out_dir, shard_bytes = _check_output_options(out, dtype, max_shard_size, dry_run, overwrite)
 
     # 1. the training checkpoint
     tc = open_training_checkpoint(ckpt, allow_unsafe_pickle=allow_unsafe_pickle)
@@ -224,17 +230,7 @@ def convert_sa2va_hf_to_native(
     src_dir = Path(src)
     if not src_dir.is_dir():
         raise MissingInput(f"released model folder {src_dir} does not exist (or is not a folder)")
-    if not dry_run and out is None:
-        raise MissingInput("-o/--out is required (or use --dry-run)")
-    out_dir = Path(out) if out is not None else None
-    if out_dir is not None and out_dir.exists() and not dry_run and not overwrite:
-        raise MissingInput(f"output folder {out_dir} already exists; pass --overwrite to replace it")
-    if dtype is not None and dtype not in DTYPES:
-        raise MissingInput(f"--dtype {dtype!r} is not one of {', '.join(sorted(DTYPES))}")
-    try:
-        shard_bytes = parse_size(max_shard_size)
-    except ValueError as exc:
-        raise MissingInput(str(exc)) from None
+    out_dir, shard_bytes = _check_output_options(out, dtype, max_shard_size, dry_run, overwrite)
     fam = detect_released_family(src_dir, read_json(src_dir / "config.json"))
     options = ConvertOptions(sam2_config=Path(sam2_config) if sam2_config else None,
                              allow_unsafe_pickle=allow_unsafe_pickle)

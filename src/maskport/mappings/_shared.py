@@ -39,6 +39,35 @@ def copy_export_code(out: Path, family_dir: str, names: tuple[str, ...]) -> list
     return [*written, "sa2va_common.py"]
 
 
+def target_shapes(model_cls, config) -> dict[str, tuple[int, ...]]:
+    """The export model's tensor shapes, from an instance built on the ``meta`` device (no memory)."""
+    import torch
+
+    with torch.device("meta"):
+        model = model_cls(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def write_export_files(out: Path, *, config, family_dir: str, code_files: tuple[str, ...], tokenizer, base_dir: Path,
+                       template: dict, base_files: tuple[str, ...] = ()) -> list[str]:
+    """Every non-weight file of an export folder: ``config.json``, the modeling code (+ ``sa2va_common.py``), the
+    tokenizer, ``generation_config.json`` (stop words of ``template``) and ``base_files`` copied from the base folder
+    when it has them. Returns the file names."""
+    import shutil
+
+    config.save_pretrained(out)
+    written = ["config.json", *copy_export_code(out, family_dir, code_files)]
+    tokenizer.save_pretrained(out)
+    written += tokenizer_files(out)
+    for f in base_files:
+        if (base_dir / f).is_file():
+            shutil.copy2(base_dir / f, out / f)
+            written.append(f)
+    write_generation_config(base_dir, out, tokenizer, template)
+    written.append("generation_config.json")
+    return sorted(set(written))
+
+
 def open_sam2(options: ConvertOptions, notes: list[str]):
     """Meta's SAM2 checkpoint (``--sam2``) as a source, its preset name and transformers' ``Sam2Config``; the
     architecture comes from ``--sam2-config``, a ``.config.json`` beside the checkpoint, or the tensor shapes."""

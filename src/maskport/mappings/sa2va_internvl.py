@@ -21,7 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 from ..convert.rules import CopyRest, Drop, LoraMerge, Rename, Rule, Split, Take
 from ..convert.sources import TensorSource, TrainingCheckpoint, open_hf_folder
@@ -29,8 +28,7 @@ from ..convert.training_config import TrainingConfig
 from ..errors import MissingInput, ShapeMismatch, UnreadableFile, WrongFamily
 from . import internlm2_llama
 from . import sam2_meta_to_hf as sam2map
-from ._shared import (copy_export_code, lora_settings, open_sam2, plain, read_json, tokenizer_files,
-                      write_generation_config)
+from ._shared import lora_settings, open_sam2, plain, read_json, target_shapes, write_export_files
 from .registry import ConvertOptions, Prepared, register
 
 NAME = "sa2va-internvl"
@@ -309,21 +307,11 @@ def _export(*, base_dir: Path, base_cfg: dict, layout: str, llm: str, vis_cfg: d
     config.architectures = ["Sa2VAInternVLModel"]
     config.auto_map = {"AutoConfig": "configuration_sa2va_internvl.Sa2VAInternVLConfig",
                        "AutoModel": "modeling_sa2va_internvl.Sa2VAInternVLModel"}
-    with torch.device("meta"):
-        target_model = Sa2VAInternVLModel(config)
-    expected = {k: tuple(v.shape) for k, v in target_model.state_dict().items()}
-    del target_model
+    expected = target_shapes(Sa2VAInternVLModel, config)
 
     def write_files(out: Path) -> list[str]:
-        written = []
-        config.save_pretrained(out)
-        written.append("config.json")
-        written += copy_export_code(out, "sa2va_internvl", EXPORT_FILES)
-        tokenizer.save_pretrained(out)
-        written += tokenizer_files(out)
-        write_generation_config(base_dir, out, tokenizer, template)
-        written.append("generation_config.json")
-        return sorted(set(written))
+        return write_export_files(out, config=config, family_dir="sa2va_internvl", code_files=EXPORT_FILES,
+                                  tokenizer=tokenizer, base_dir=base_dir, template=template)
 
     return config, expected, write_files, text_cfg, template
 

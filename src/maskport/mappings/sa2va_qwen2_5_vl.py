@@ -13,23 +13,19 @@ Target: ``Sa2VAQwenModel`` (``maskport/export/sa2va_qwen2_5_vl``): ``mllm.*`` (t
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from ..convert.rules import CopyRest, Drop, LoraMerge, Rename, Take
 from ..convert.sources import RenamedSource, TensorSource, TrainingCheckpoint, open_hf_folder
 from ..convert.training_config import TrainingConfig
 from ..errors import MissingInput, ShapeMismatch, UnreadableFile, WrongFamily
 from . import sam2_meta_to_hf as sam2map
-from ._shared import copy_export_code, lora_settings, open_sam2
+from ._shared import lora_settings, open_sam2, target_shapes, write_export_files
 from ._shared import plain as _plain
 from ._shared import read_json as _read_json
-from ._shared import tokenizer_files as _tokenizer_files
-from ._shared import write_generation_config as _write_generation_config
 from .registry import ConvertOptions, Prepared, register
 
 NAME = "sa2va-qwen2_5-vl"
@@ -217,26 +213,13 @@ class Sa2VAQwen25VL:
         config.architectures = ["Sa2VAQwenModel"]
         config.auto_map = {"AutoConfig": "configuration_sa2va_qwen.Sa2VAQwenConfig",
                            "AutoModel": "modeling_sa2va_qwen.Sa2VAQwenModel"}
-        with torch.device("meta"):
-            target_model = Sa2VAQwenModel(config)
-        expected = {k: tuple(v.shape) for k, v in target_model.state_dict().items()}
-        del target_model
+        expected = target_shapes(Sa2VAQwenModel, config)
 
         def write_files(out: Path) -> list[str]:
-            written = []
-            config.save_pretrained(out)
-            written.append("config.json")
-            written += copy_export_code(out, "sa2va_qwen2_5_vl", EXPORT_FILES)
-            tokenizer.save_pretrained(out)
-            written += _tokenizer_files(out)
-            for f in ("preprocessor_config.json", "chat_template.json", "chat_template.jinja",
-                      "video_preprocessor_config.json"):
-                if (base_dir / f).is_file():
-                    shutil.copy2(base_dir / f, out / f)
-                    written.append(f)
-            _write_generation_config(base_dir, out, tokenizer, template)
-            written.append("generation_config.json")
-            return sorted(set(written))
+            return write_export_files(out, config=config, family_dir="sa2va_qwen2_5_vl", code_files=EXPORT_FILES,
+                                      tokenizer=tokenizer, base_dir=base_dir, template=template,
+                                      base_files=("preprocessor_config.json", "chat_template.json",
+                                                  "chat_template.jinja", "video_preprocessor_config.json"))
 
         settings = {
             "lora": {"r": r, "alpha": alpha, "use_rslora": rslora, "scaling": scaling,

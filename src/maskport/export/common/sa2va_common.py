@@ -19,6 +19,30 @@ IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
+def sam2_head_settings(sam2_config, sam2_image_size=None, sam2_pixel_mean=None, sam2_pixel_std=None,
+                       sam2_multimask_output=True, mask_threshold=0.5, max_new_tokens=2048,
+                       text_hidden_fcs_out_dim=None) -> dict[str, Any]:
+    """The SAM2/mask settings every export config carries, checked: SAM2's input side comes from its
+    configuration (prompt-encoder grid), so a different ``sam2_image_size`` is an error; ImageNet normalisation by
+    default; ``text_hidden_fcs`` ends in SAM2's prompt size unless told otherwise."""
+    prompt_cfg = sam2_config.prompt_encoder_config
+    size = prompt_cfg.image_size
+    size = int(size[0] if isinstance(size, (list, tuple)) else size)
+    if sam2_image_size is not None and int(sam2_image_size) != size:
+        raise ValueError(f"sam2_image_size={sam2_image_size} disagrees with sam2_config "
+                         f"(prompt_encoder_config.image_size={size})")
+    return {
+        "sam2_image_size": size,
+        "sam2_pixel_mean": list(sam2_pixel_mean) if sam2_pixel_mean is not None else list(IMAGENET_MEAN),
+        "sam2_pixel_std": list(sam2_pixel_std) if sam2_pixel_std is not None else list(IMAGENET_STD),
+        "sam2_multimask_output": bool(sam2_multimask_output),
+        "mask_threshold": float(mask_threshold),
+        "max_new_tokens": int(max_new_tokens),
+        "text_hidden_fcs_out_dim": int(text_hidden_fcs_out_dim if text_hidden_fcs_out_dim is not None
+                                       else prompt_cfg.hidden_size),
+    }
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """RGB copy of a PIL image; transparent pixels are composited on white."""
     if image.mode == "RGB":
@@ -75,6 +99,11 @@ def module_device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
     for p in module.parameters():
         return p.device, p.dtype
     return torch.device("cpu"), torch.float32
+
+
+VIDEO_UNSUPPORTED = "video input is not supported by this export yet; pass frames one by one as images"
+MASK_PROMPTS_UNSUPPORTED = ("mask_prompts (visual prompts, <vp>) are not supported by this export yet; "
+                            "describe the region in text instead")
 
 
 class Sa2VAMaskHeadMixin:
@@ -168,6 +197,49 @@ class Sa2VAMaskHeadMixin:
             masks = masks.gather(2, index)
         return masks[:, :, 0].float()
 
+    def check_predict_inputs(self, image, video, text, mask_prompts, tokenizer, processor):
+        """``predict_forward``'s argument checks, shared by the families: returns (image as PIL or None, tokenizer)."""
+        if video is not None:
+            raise NotImplementedError(VIDEO_UNSUPPORTED)
+        if mask_prompts is not None:
+            raise NotImplementedError(MASK_PROMPTS_UNSUPPORTED)
+        if text is None:
+            raise ValueError("text is required")
+        if tokenizer is None and processor is not None:
+            tokenizer = getattr(processor, "tokenizer", None)
+        if tokenizer is None:
+            raise ValueError("pass tokenizer= (AutoTokenizer.from_pretrained(export_dir)) or processor=")
+        return (as_pil(image) if image is not None else None), tokenizer
+
+    def generate_and_segment(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mm: dict, tokenizer,
+                             image, mask_threshold=None, max_new_tokens=None, generation_kwargs=None,
+                             return_probabilities: bool = False) -> dict[str, Any]:
+        """Steps 3-4 of ``predict_forward``: greedy ``self.mllm.generate`` (stop on the template's stop words;
+        ``generation_kwargs`` override the defaults, except the hidden-state settings the masks need), the answer
+        decoded with special tokens kept, then :meth:`masks_from_generation` when there is an image."""
+        threshold = self.config.mask_threshold if mask_threshold is None else float(mask_threshold)
+        max_new = self.config.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+        stop_ids = self.stop_token_ids(tokenizer)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop_ids[0] if stop_ids else 0)
+        gen_kwargs = dict(max_new_tokens=max_new, do_sample=False, num_beams=1,
+                          eos_token_id=stop_ids or None, pad_token_id=pad_id, use_cache=True)
+        gen_kwargs.update(generation_kwargs or {})
+        gen_kwargs.update(output_hidden_states=True, return_dict_in_generate=True)
+        out = self.mllm.generate(input_ids=input_ids, attention_mask=attention_mask, **mm, **gen_kwargs)
+        prompt_length = input_ids.shape[1]
+        prediction = tokenizer.decode(out.sequences[0, prompt_length:], skip_special_tokens=False).strip()
+        result: dict[str, Any] = {"prediction": prediction, "prediction_masks": []}
+        if return_probabilities:
+            result["prediction_probabilities"] = []
+        if image is None:
+            return result
+        masks, probs = self.masks_from_generation(out, prompt_length, image, tokenizer, threshold,
+                                                  return_probabilities)
+        result["prediction_masks"] = masks
+        if return_probabilities:
+            result["prediction_probabilities"] = probs
+        return result
+
     def stop_token_ids(self, tokenizer) -> list[int]:
         ids = []
         for word in self.config.template.get("stop_words") or []:
@@ -215,5 +287,5 @@ class Sa2VAMaskHeadMixin:
         return masks, probabilities
 
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Sa2VAMaskHeadMixin", "as_pil", "module_device_dtype",
-           "select_seg_hidden_states", "to_rgb"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "MASK_PROMPTS_UNSUPPORTED", "Sa2VAMaskHeadMixin", "VIDEO_UNSUPPORTED",
+           "as_pil", "module_device_dtype", "sam2_head_settings", "select_seg_hidden_states", "to_rgb"]

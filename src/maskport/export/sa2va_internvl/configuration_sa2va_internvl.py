@@ -1,7 +1,8 @@
 """Configuration of a maskport export of Sa2VA on InternVL (family ``sa2va-internvl``).
 
 Copied verbatim into every export folder and loaded with ``trust_remote_code=True`` on machines without
-maskport: it may import only torch, transformers, numpy and PIL.
+maskport: it may import only torch, transformers, numpy and PIL, and its sibling ``sa2va_common``
+(the SAM2 settings shared by the families' exports).
 
 Two sub-configurations (transformers' ``sub_configs``): ``mllm_config``, an ``InternVLConfig`` (transformers'
 native InternVL: InternViT vision tower, projector, and a Qwen2 or Llama language model -- InternLM2 is exported
@@ -14,6 +15,8 @@ import copy
 from typing import Any
 
 from transformers import InternVLConfig, PretrainedConfig, Sam2Config
+
+from .sa2va_common import sam2_head_settings
 
 DEFAULT_SPECIAL_TOKENS = ["[SEG]", "<p>", "</p>", "<vp>", "</vp>"]
 
@@ -57,8 +60,6 @@ DEFAULT_IMAGE_PROCESSOR: dict[str, Any] = {
     "image_placeholder": "<image>",
 }
 
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
 def normalize_template(template: dict | str | None) -> dict[str, Any]:
@@ -138,20 +139,10 @@ class Sa2VAInternVLConfig(PretrainedConfig):
         ip.update(copy.deepcopy(dict(image_processor or {})))
         self.image_processor = ip
         self.add_bos_token = bool(add_bos_token)
-        prompt_cfg = sam2_config.prompt_encoder_config
-        cfg_size = prompt_cfg.image_size
-        cfg_size = int(cfg_size[0] if isinstance(cfg_size, (list, tuple)) else cfg_size)
-        if sam2_image_size is not None and int(sam2_image_size) != cfg_size:
-            raise ValueError(f"sam2_image_size={sam2_image_size} disagrees with sam2_config "
-                             f"(prompt_encoder_config.image_size={cfg_size})")
-        self.sam2_image_size = cfg_size
-        self.sam2_pixel_mean = list(sam2_pixel_mean) if sam2_pixel_mean is not None else list(IMAGENET_MEAN)
-        self.sam2_pixel_std = list(sam2_pixel_std) if sam2_pixel_std is not None else list(IMAGENET_STD)
-        self.sam2_multimask_output = bool(sam2_multimask_output)
-        self.mask_threshold = float(mask_threshold)
-        self.max_new_tokens = int(max_new_tokens)
-        self.text_hidden_fcs_out_dim = int(text_hidden_fcs_out_dim if text_hidden_fcs_out_dim is not None
-                                           else prompt_cfg.hidden_size)
+        for key, value in sam2_head_settings(
+                sam2_config, sam2_image_size, sam2_pixel_mean, sam2_pixel_std, sam2_multimask_output, mask_threshold,
+                max_new_tokens, text_hidden_fcs_out_dim).items():
+            setattr(self, key, value)
         self.maskport = dict(maskport) if maskport is not None else {"family": "sa2va-internvl"}
         super().__init__(**kwargs)
 

@@ -28,11 +28,7 @@ from torch import nn
 from transformers import InternVLForConditionalGeneration, PreTrainedModel, Sam2Model
 
 from .configuration_sa2va_internvl import Sa2VAInternVLConfig
-from .sa2va_common import Sa2VAMaskHeadMixin, as_pil, module_device_dtype, to_rgb
-
-_VIDEO_UNSUPPORTED = "video input is not supported by this export yet; pass frames one by one as images"
-_MASK_PROMPTS_UNSUPPORTED = ("mask_prompts (visual prompts, <vp>) are not supported by this export yet; "
-                             "describe the region in text instead")
+from .sa2va_common import Sa2VAMaskHeadMixin, module_device_dtype, to_rgb
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -191,20 +187,7 @@ class Sa2VAInternVLModel(Sa2VAMaskHeadMixin, PreTrainedModel):
         4. SAM2 with the embedding as a prompt (best of the multi-mask outputs), bilinear to the SAM2 size then to
            H x W, sigmoid, ``> mask_threshold``.
         """
-        if video is not None:
-            raise NotImplementedError(_VIDEO_UNSUPPORTED)
-        if mask_prompts is not None:
-            raise NotImplementedError(_MASK_PROMPTS_UNSUPPORTED)
-        if text is None:
-            raise ValueError("text is required")
-        if tokenizer is None and processor is not None:
-            tokenizer = getattr(processor, "tokenizer", None)
-        if tokenizer is None:
-            raise ValueError("pass tokenizer= (AutoTokenizer.from_pretrained(export_dir)) or processor=")
-        if image is not None:
-            image = as_pil(image)
-        threshold = self.config.mask_threshold if mask_threshold is None else float(mask_threshold)
-        max_new = self.config.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+        image, tokenizer = self.check_predict_inputs(image, video, text, mask_prompts, tokenizer, processor)
         device, _ = module_device_dtype(self.mllm)
 
         mm: dict[str, torch.Tensor] = {}
@@ -220,26 +203,8 @@ class Sa2VAInternVLModel(Sa2VAMaskHeadMixin, PreTrainedModel):
         input_ids = torch.tensor([ids], dtype=torch.long, device=device)
         attention_mask = torch.ones_like(input_ids)
 
-        stop_ids = self.stop_token_ids(tokenizer)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop_ids[0] if stop_ids else 0)
-        gen_kwargs = dict(max_new_tokens=max_new, do_sample=False, num_beams=1,
-                          eos_token_id=stop_ids or None, pad_token_id=pad_id, use_cache=True)
-        gen_kwargs.update(generation_kwargs or {})
-        gen_kwargs.update(output_hidden_states=True, return_dict_in_generate=True)
-        out = self.mllm.generate(input_ids=input_ids, attention_mask=attention_mask, **mm, **gen_kwargs)
-        prompt_length = input_ids.shape[1]
-        prediction = tokenizer.decode(out.sequences[0, prompt_length:], skip_special_tokens=False).strip()
-        result: dict[str, Any] = {"prediction": prediction, "prediction_masks": []}
-        if return_probabilities:
-            result["prediction_probabilities"] = []
-        if image is None:
-            return result
-        masks, probs = self.masks_from_generation(out, prompt_length, image, tokenizer, threshold,
-                                                  return_probabilities)
-        result["prediction_masks"] = masks
-        if return_probabilities:
-            result["prediction_probabilities"] = probs
-        return result
+        return self.generate_and_segment(input_ids, attention_mask, mm, tokenizer, image, mask_threshold,
+                                         max_new_tokens, generation_kwargs, return_probabilities)
 
 
 __all__ = ["Sa2VAInternVLModel", "build_prompt", "dynamic_tiles", "tile_grids", "choose_grid"]

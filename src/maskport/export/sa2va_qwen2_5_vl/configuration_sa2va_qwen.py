@@ -1,7 +1,8 @@
 """Configuration of a maskport export of Sa2VA on Qwen2.5-VL (family ``sa2va-qwen2_5-vl``).
 
 This file is copied verbatim into every export folder and loaded with ``trust_remote_code=True`` on machines
-that do not have maskport installed: it may import only torch, transformers, numpy and PIL.
+that do not have maskport installed: it may import only torch, transformers, numpy and PIL, and its sibling ``sa2va_common``
+(the SAM2 settings shared by the families' exports).
 
 The configuration holds two sub-configurations (transformers' ``sub_configs`` mechanism, so that
 ``save_pretrained``/``from_pretrained`` and the attention-implementation dispatch recurse into them):
@@ -19,6 +20,8 @@ import copy
 from typing import Any
 
 from transformers import PretrainedConfig, Qwen2_5_VLConfig, Sam2Config
+
+from .sa2va_common import sam2_head_settings
 
 # Sa2VA's added tokens, in the order Sa2VA adds them to the tokenizer (so the ids match training).
 DEFAULT_SPECIAL_TOKENS = ["[SEG]", "<p>", "</p>", "<vp>", "</vp>"]
@@ -60,8 +63,6 @@ DEFAULT_IMAGE_PROCESSOR: dict[str, Any] = {
     "pre_resize": {"min_pixels": 4 * 28 * 28, "max_pixels": 16384 * 28 * 28},
 }
 
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
 def normalize_template(template: dict | None) -> dict[str, Any]:
@@ -163,22 +164,10 @@ class Sa2VAQwenConfig(PretrainedConfig):
         self.template = normalize_template(template)
         self.image_processor = normalize_image_processor(image_processor)
 
-        # SAM2's input side is fixed by its configuration (prompt encoder grid, backbone feature sizes).
-        prompt_cfg = sam2_config.prompt_encoder_config
-        cfg_size = prompt_cfg.image_size
-        cfg_size = int(cfg_size[0] if isinstance(cfg_size, (list, tuple)) else cfg_size)
-        if sam2_image_size is not None and int(sam2_image_size) != cfg_size:
-            raise ValueError(f"sam2_image_size={sam2_image_size} disagrees with sam2_config "
-                             f"(prompt_encoder_config.image_size={cfg_size})")
-        self.sam2_image_size = cfg_size
-        self.sam2_pixel_mean = list(sam2_pixel_mean) if sam2_pixel_mean is not None else list(IMAGENET_MEAN)
-        self.sam2_pixel_std = list(sam2_pixel_std) if sam2_pixel_std is not None else list(IMAGENET_STD)
-        self.sam2_multimask_output = bool(sam2_multimask_output)
-        self.mask_threshold = float(mask_threshold)
-        self.max_new_tokens = int(max_new_tokens)
-        if text_hidden_fcs_out_dim is None:
-            text_hidden_fcs_out_dim = prompt_cfg.hidden_size
-        self.text_hidden_fcs_out_dim = int(text_hidden_fcs_out_dim)
+        for key, value in sam2_head_settings(
+                sam2_config, sam2_image_size, sam2_pixel_mean, sam2_pixel_std, sam2_multimask_output, mask_threshold,
+                max_new_tokens, text_hidden_fcs_out_dim).items():
+            setattr(self, key, value)
         self.maskport = dict(maskport) if maskport is not None else {
             "family": "sa2va-qwen2_5-vl", "version": None, "mapping_version": None}
         super().__init__(**kwargs)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import nn
@@ -29,10 +28,6 @@ from transformers import PreTrainedModel, Qwen2_5_VLForConditionalGeneration, Sa
 
 from .configuration_sa2va_qwen import Sa2VAQwenConfig
 from .sa2va_common import Sa2VAMaskHeadMixin, module_device_dtype, select_seg_hidden_states, to_rgb
-
-_VIDEO_UNSUPPORTED = ("video input is not supported by this export yet; pass frames one by one as images")
-_MASK_PROMPTS_UNSUPPORTED = ("mask_prompts (visual prompts, <vp>) are not supported by this export yet; "
-                             "describe the region in text instead")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -221,23 +216,7 @@ class Sa2VAQwenModel(Sa2VAMaskHeadMixin, PreTrainedModel):
 
         The answer is decoded with special tokens kept (so ``[SEG]`` stays visible) and stripped, like Sa2VA.
         """
-        if video is not None:
-            raise NotImplementedError(_VIDEO_UNSUPPORTED)
-        if mask_prompts is not None:
-            raise NotImplementedError(_MASK_PROMPTS_UNSUPPORTED)
-        if text is None:
-            raise ValueError("text is required")
-        if tokenizer is None and processor is not None:
-            tokenizer = getattr(processor, "tokenizer", None)
-        if tokenizer is None:
-            raise ValueError("pass tokenizer= (AutoTokenizer.from_pretrained(export_dir)) or processor=")
-        if image is not None and not isinstance(image, Image.Image):
-            if isinstance(image, np.ndarray):
-                image = Image.fromarray(image)
-            else:
-                raise TypeError(f"image must be a PIL.Image (or an HxWx3 uint8 array), got {type(image).__name__}")
-        threshold = self.config.mask_threshold if mask_threshold is None else float(mask_threshold)
-        max_new = self.config.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+        image, tokenizer = self.check_predict_inputs(image, video, text, mask_prompts, tokenizer, processor)
         template = self.config.template
         mllm_device, _ = self._module_device_dtype(self.mllm)
 
@@ -254,28 +233,9 @@ class Sa2VAQwenModel(Sa2VAMaskHeadMixin, PreTrainedModel):
         attention_mask = enc.get("attention_mask", torch.ones_like(enc["input_ids"])).to(mllm_device)
         mm = {k: v.to(mllm_device) for k, v in mm.items()}
 
-        # 3. generate
-        stop_ids = self.stop_token_ids(tokenizer)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop_ids[0] if stop_ids else 0)
-        gen_kwargs = dict(max_new_tokens=max_new, do_sample=False, num_beams=1,
-                          eos_token_id=stop_ids or None, pad_token_id=pad_id, use_cache=True)
-        gen_kwargs.update(generation_kwargs or {})
-        gen_kwargs.update(output_hidden_states=True, return_dict_in_generate=True)
-        out = self.mllm.generate(input_ids=input_ids, attention_mask=attention_mask, **mm, **gen_kwargs)
-        prompt_length = input_ids.shape[1]
-        prediction = tokenizer.decode(out.sequences[0, prompt_length:], skip_special_tokens=False).strip()
-        result: dict[str, Any] = {"prediction": prediction, "prediction_masks": []}
-        if return_probabilities:
-            result["prediction_probabilities"] = []
-        if image is None:
-            return result
-
-        masks, probs = self.masks_from_generation(out, prompt_length, image, tokenizer, threshold,
-                                                  return_probabilities)
-        result["prediction_masks"] = masks
-        if return_probabilities:
-            result["prediction_probabilities"] = probs
-        return result
+        # 3-4. generate, then SAM2 for every [SEG]
+        return self.generate_and_segment(input_ids, attention_mask, mm, tokenizer, image, mask_threshold,
+                                         max_new_tokens, generation_kwargs, return_probabilities)
 
 
 __all__ = ["Sa2VAQwenModel", "select_seg_hidden_states", "build_prompt", "smart_resize"]
