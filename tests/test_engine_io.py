@@ -235,6 +235,7 @@ def test_pool_budget_covers_the_largest_step(tmp_path):
     need = max(sum(writer._round(n) for n in writer._step_buffer_plan(ps, plan)[0] if n >= writer._SMALL)
                for ps in plan.steps)
     assert writer.pool_budget(plan) == max(need, writer.MIN_BUDGET)
+    assert need < writer.MIN_BUDGET  # renamed tensors (passthrough) need no buffer
 
 
 def test_write_order_interleaves_merges_with_copies(tmp_path):
@@ -247,3 +248,128 @@ def test_write_order_interleaves_merges_with_copies(tmp_path):
     assert others == [ps for ps in plan.steps if ps in others]
     assert order[0] in merges and order[-1] in others  # mixed, not all merges first
     assert writer.write_order(plan) == order
+
+
+def _shard_bytes(out):
+    return (out / "model.safetensors").read_bytes()
+
+
+def _write(plan, out, **kw):
+    out.mkdir()
+    shards = writer.write_shards(plan, out, max_shard_size=10**9, **kw)
+    return shards, _shard_bytes(out)
+
+
+def test_file_spans_are_exactly_the_tensors_bytes(tmp_path):
+    import os
+
+    sd = _odd_state_dict()
+    p = tmp_path / "iter_1.pth"
+    torch.save({"state_dict": sd}, p)
+    src = open_training_checkpoint(p).source
+    spans = {k: src.file_span(k) for k in sd}
+    # contiguous tensors (views at an offset of a shared storage included) have one; strided ones do not
+    assert {k for k, s in spans.items() if s is None} == {"strided", "t", "big_t", "block", "empty"}
+    for k, span in spans.items():
+        if span is not None:
+            fd, offset, nbytes = span
+            t = sd[k].contiguous()
+            assert nbytes == t.numel() * t.element_size()
+            assert os.pread(fd, nbytes, offset) == t.view(torch.uint8).numpy().tobytes() if t.dim() else True, k
+    save_file({"a": torch.randn(3, 5), "b": torch.arange(7)}, tmp_path / "m.safetensors")
+    st = SafetensorsSource("s", tmp_path, {"a": tmp_path / "m.safetensors", "b": tmp_path / "m.safetensors"}, "s")
+    for k in ("a", "b"):
+        fd, offset, nbytes = st.file_span(k)
+        assert os.pread(fd, nbytes, offset) == st.load(k).view(torch.uint8).numpy().tobytes()
+    assert sources.RenamedSource(st, {"a": "x", "b": "y"}).file_span("x") == st.file_span("a")
+    assert sources.StateDictSource("m", tmp_path, {"a": torch.ones(2)}, "m").file_span("a") is None
+
+
+@pytest.mark.parametrize("checksums", [False, True])
+def test_renamed_tensors_are_copied_file_to_file_byte_identical(tmp_path, monkeypatch, checksums):
+    import hashlib
+
+    plan, _, _ = _file_plan(tmp_path, torch.bfloat16)
+    kinds = {ps.step.targets[0]: writer._step_buffer_plan(ps, plan)[2] for ps in plan.steps}
+    # same-dtype renamings out of a file are copied; the fp32 (cast) and non-contiguous tensor is not
+    assert kinds == {"lin.weight": "lora", "extra": "identity", "norm.weight": "passthrough",
+                     "big.weight": "passthrough"}
+    shards, got = _write(plan, tmp_path / "fast", checksums=checksums)
+    # the same plan through pooled buffers (no file-to-file copies)
+    monkeypatch.setattr(writer, "_file_span", lambda ps, plan: None)
+    assert {writer._step_buffer_plan(ps, plan)[2] for ps in plan.steps} == {"lora", "identity"}
+    shards2, ref = _write(plan, tmp_path / "pooled", checksums=checksums)
+    assert got == ref
+    if checksums:
+        assert shards[0].sha256 == shards2[0].sha256 == hashlib.sha256(got).hexdigest()
+    else:
+        assert shards[0].sha256 is None
+
+
+@pytest.mark.parametrize("how", ["unsupported", "missing"])
+@pytest.mark.parametrize("checksums", [False, True])
+def test_file_to_file_copy_falls_back_when_the_kernel_cannot(tmp_path, monkeypatch, how, checksums):
+    import errno
+    import hashlib
+    import os
+
+    plan, _, _ = _file_plan(tmp_path, torch.bfloat16)
+    _, ref = _write(plan, tmp_path / "ref")
+    calls = []
+    if how == "missing":
+        monkeypatch.delattr(os, "copy_file_range", raising=False)
+    else:
+        def cross_device(*a, **k):
+            calls.append(a)
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+        monkeypatch.setattr(os, "copy_file_range", cross_device)
+    shards, got = _write(plan, tmp_path / "out", checksums=checksums)
+    assert got == ref
+    if checksums:
+        assert shards[0].sha256 == hashlib.sha256(ref).hexdigest()
+    if how == "unsupported" and not checksums:
+        assert len(calls) == 1  # tried once, then the fallback for the rest of the conversion
+
+
+def test_file_to_file_copy_of_a_truncated_input_fails(tmp_path):
+    import os
+
+    plan, _, _ = _file_plan(tmp_path, torch.bfloat16)
+    f = tmp_path / "base" / "model.safetensors"
+    os.truncate(f, f.stat().st_size - 1000)  # after planning: the last tensor's bytes are cut short
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(UnreadableFile, match="truncated"):
+        writer.write_shards(plan, out, max_shard_size=10**9)
+    assert not [t for t in threading.enumerate() if t.name.startswith("maskport-")]
+
+
+def test_shard_sha256_is_of_the_file_as_written_across_hash_windows(tmp_path, monkeypatch):
+    import hashlib
+
+    monkeypatch.setattr(writer, "_HASH_WINDOW", 100_000)  # windows that start at unaligned offsets
+    plan, _, _ = _file_plan(tmp_path, torch.bfloat16)
+    out = tmp_path / "out"
+    out.mkdir()
+    shards = writer.write_shards(plan, out, max_shard_size=1_500_000, checksums=True)
+    assert len(shards) >= 2
+    for s in shards:
+        assert s.sha256 == hashlib.sha256((out / s.filename).read_bytes()).hexdigest(), s.filename
+    assert not [t for t in threading.enumerate() if t.name.startswith("maskport-")]
+
+
+def test_hasher_errors_surface_and_nothing_hangs(tmp_path, monkeypatch):
+    plan, _, _ = _file_plan(tmp_path, torch.bfloat16)
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def broken(fd, offset, nbytes, h):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(writer, "_hash_range", broken)
+    t0 = time.time()
+    with pytest.raises(OSError, match="Input/output"):
+        writer.write_shards(plan, out, max_shard_size=10**9, checksums=True)
+    assert time.time() - t0 < 30
+    assert not [t for t in threading.enumerate() if t.name.startswith("maskport-")]

@@ -87,6 +87,13 @@ class TensorSource:
     def prefetch(self, key: str) -> None:
         """Hint that ``key`` will be read soon (file-backed sources ask the kernel to read ahead)."""
 
+    def file_span(self, key: str) -> tuple[int, int, int] | None:
+        """``(fd, offset, nbytes)`` when ``key``'s bytes lie in one file exactly as :meth:`load` returns them: a
+        contiguous row-major tensor of :meth:`info`'s dtype and shape, ``nbytes`` long at ``offset`` of the open,
+        read-only ``fd`` (owned by the source: valid until :meth:`close`). A writer can then copy them file to file
+        without loading them. ``None`` when that is not so (the default)."""
+        return None
+
     def __contains__(self, key: str) -> bool:
         return key in self._keyset()
 
@@ -310,6 +317,16 @@ class TorchFileSource(StateDictSource):
         if span is not None:
             _fadvise_willneed(self._files.fd(span[0]), span[1], span[2])
 
+    def file_span(self, key: str) -> tuple[int, int, int] | None:
+        span = self._span(key)
+        if span is None:
+            return None
+        t = self._tensors[key]
+        # the spanned bytes are the tensor's only when it is contiguous (a strided view spans more, or other order)
+        if not t.is_contiguous() or span[2] != t.numel() * t.element_size():
+            return None
+        return self._files.fd(span[0]), span[1], span[2]
+
     def close(self) -> None:
         self._files.close()
 
@@ -414,6 +431,10 @@ class SafetensorsSource(TensorSource):
         e = self._entries[key]
         _fadvise_willneed(self._files.fd(e.file), e.offset, e.info.nbytes)
 
+    def file_span(self, key: str) -> tuple[int, int, int] | None:
+        e = self._entries[key]
+        return self._files.fd(e.file), e.offset, e.info.nbytes
+
     def close(self) -> None:
         self._files.close()
 
@@ -446,6 +467,9 @@ class RenamedSource(TensorSource):
 
     def prefetch(self, key: str) -> None:
         self.inner.prefetch(self._to_inner[key])
+
+    def file_span(self, key: str) -> tuple[int, int, int] | None:
+        return self.inner.file_span(self._to_inner[key])
 
     def close(self) -> None:
         self.inner.close()

@@ -10,24 +10,32 @@ Memory and speed (see ``benchmarks/convert/``):
 - every large tensor lives in a buffer of a small pool that is reused from step to step. Fresh memory costs a
   page fault per 4 KiB page on first touch (on the benchmark machine 0.6 GB/s, ten times slower than writing
   memory that is already mapped), and a 3B conversion would otherwise fault in ~30 GB;
-- the pool has a byte budget: the largest single step's needs, or 128 MiB if more. A step waits until its
-  buffers fit, so at most ``budget`` bytes of tensors are alive, whatever the model size;
+- the pool has a byte budget: the largest single step's needs, or :data:`MIN_BUDGET` (384 MiB) if more, room
+  for the reader to work a few steps ahead. A step waits until its buffers fit, so at most ``budget`` bytes of
+  tensors are alive, whatever the model size;
 - a reader thread reads the steps' inputs, in order and ahead of the computation, straight into pool buffers
-  (:meth:`~maskport.convert.sources.TensorSource.load_into`); a LoRA
-  merge runs in a pooled float32 buffer and is cast back into its input's buffer; an unchanged tensor is
-  written from the buffer it was read into;
+  (:meth:`~maskport.convert.sources.TensorSource.load_into`); a LoRA merge runs a few MB of float32 rows at a
+  time and writes back into its input's buffer (:func:`~maskport.convert.ops.lora_merge_rows`); a tensor
+  converted to another dtype is written from a second buffer;
+- a tensor that is only renamed (same dtype, and its source can say where its bytes lie in the file:
+  :meth:`~maskport.convert.sources.TensorSource.file_span`) takes no buffer at all: the writer copies it file to
+  file in the kernel (``os.copy_file_range``, falling back to ``pread``/``write`` through a small buffer where the
+  kernel refuses). At 3B that is 2.6 of the 8.6 GB written (the vision tower, the embeddings, the norms);
 - writing runs on a thread of its own (it releases the GIL), overlapping the next steps' reading and LoRA
   matmuls; a buffer returns to the pool once it is written. The next step's inputs are announced to the kernel
   (``posix_fadvise``) for read-ahead;
-- shard checksums are optional (``checksums=True``, CLI ``--sha256``): sha256 runs at ~1.5 GB/s on the benchmark
-  machine, which made it a fifth of a 3B conversion on 2 cores (``benchmarks/convert/RESULTS.md``). When on, the
-  writer hashes each 1 MiB chunk right before writing it, while it is in the caches;
+- shard checksums (``checksums=True``, CLI ``--sha256``) are computed by a hasher thread from the shard file
+  itself, following the writer through read-only mappings of the written bytes (no copy; one 64 MiB window
+  mapped at a time), so the sha256 is that of the bytes in the file, and hashing (~1.5 GB/s here) overlaps the
+  writer's time in ``write``, where the kernel throttles it to the disk's speed;
+- the reader, writer and hasher threads run at a lower priority (nice +10) than the computing thread;
 - meanwhile torch computes with one thread fewer than the machine has cores (at least one): on a 2-core
   laptop a second OpenMP thread only competes with the I/O (measured: slower).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import mmap
@@ -45,7 +53,8 @@ import torch
 from . import ops
 from ..errors import ShapeMismatch
 from .plan import Plan, PlannedStep
-from .sources import TensorInfo
+from ..errors import UnreadableFile
+from .sources import TensorInfo, pread_into
 
 ST_DTYPE_NAMES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -130,7 +139,7 @@ def _as_bytes(t: torch.Tensor) -> memoryview:
     t = t.contiguous()
     if t.dim() == 0:
         t = t.reshape(1)
-    return memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+    return memoryview(t.view(torch.uint8).reshape(-1).numpy()) if t.numel() else memoryview(b"")  # 1-D: len = bytes
 
 
 _prefetched = threading.local()
@@ -157,7 +166,7 @@ def run_step(ps: PlannedStep, plan: Plan) -> list[torch.Tensor]:
 
 _SMALL = 1 << 20          # tensors under 1 MiB are not pooled (the allocator reuses small blocks itself)
 _ROUND = 2 << 20          # pooled buffer sizes are rounded up to 2 MiB, so buffers fit more requests
-MIN_BUDGET = 128 << 20
+MIN_BUDGET = 384 << 20  # read-ahead room: with 128 MiB the reader waited on the pool for most of a 3B run
 
 
 def _round(n: int) -> int:
@@ -251,7 +260,6 @@ class _Pool:
             self.cond.notify_all()
 
 
-_HASH_CHUNK = 1 << 20
 IO_NICENESS = int(os.environ.get("MASKPORT_IO_NICENESS", "10"))
 
 
@@ -327,10 +335,166 @@ def _write_all(fd: int, data: memoryview) -> None:
         pos += os.write(fd, data[pos:pos + (1 << 30)])
 
 
+_COPY_CHUNK = 8 << 20  # bytes per pread/write pass when the kernel cannot copy
+_KERNEL_COPY_MAX = 1 << 30
+_NO_KERNEL_COPY = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF,
+                   errno.EPERM}
+
+
+class _Copier:
+    """Copies byte ranges of input files to a shard (at its file position) without loading them: the kernel
+    copies page cache to page cache (``os.copy_file_range``: one copy, a third of the CPU time of ``pread`` +
+    ``write``); where that is missing or refused (another file system, an old kernel), a loop of
+    ``pread``/``write`` through one small buffer, for the rest of the conversion."""
+
+    def __init__(self) -> None:
+        self.kernel = hasattr(os, "copy_file_range")
+        self._scratch: memoryview | None = None
+
+    def copy(self, src: int, offset: int, nbytes: int, dst: int) -> None:
+        pos = 0
+        while pos < nbytes:
+            if self.kernel:
+                try:
+                    got = os.copy_file_range(src, dst, min(nbytes - pos, _KERNEL_COPY_MAX), offset + pos)
+                except OSError as exc:
+                    if exc.errno not in _NO_KERNEL_COPY:
+                        raise
+                    self.kernel = False  # nothing was copied by the failed call: go on with the fallback
+                    continue
+                if got <= 0:
+                    raise UnreadableFile(f"unexpected end of an input file at byte {offset + pos} (truncated?)")
+                pos += got
+                continue
+            if self._scratch is None:
+                self._scratch = memoryview(bytearray(_COPY_CHUNK))
+            buf = self._scratch[:min(nbytes - pos, _COPY_CHUNK)]
+            pread_into(src, buf, offset + pos)
+            _write_all(dst, buf)
+            pos += len(buf)
+
+
+_HASH_WINDOW = 64 << 20  # bytes of a shard mapped at a time for hashing
+
+
+@dataclass
+class _Written:
+    """How far the writer got in one shard (shared with the hasher under its condition)."""
+
+    shard: Shard
+    path: Path
+    nbytes: int = 0
+    closed: bool = False
+
+
+class _ShardHasher(threading.Thread):
+    """The sha256 of every shard, of the bytes in the file as written: follows the writer through read-only
+    mappings of the shard, a window at a time (no copy: the pages are the page cache the writer just filled, and
+    at most one window counts towards the resident set). On its own thread, so hashing (~1.5 GB/s) overlaps the
+    writer's time in ``write``, where the kernel may throttle it to the disk's speed."""
+
+    def __init__(self) -> None:
+        super().__init__(name="maskport-sha256", daemon=True)
+        self.cond = threading.Condition()
+        self.shards: list[_Written] = []
+        self.last = False      # no more shards will be added
+        self.abort = False
+        self.error: BaseException | None = None
+
+    def add(self, shard: Shard, path: Path) -> _Written:
+        with self.cond:
+            w = _Written(shard, path)
+            self.shards.append(w)
+            self.cond.notify_all()
+            return w
+
+    def wrote(self, w: _Written, nbytes: int) -> None:
+        with self.cond:
+            w.nbytes += nbytes
+            self.cond.notify_all()
+
+    def closed(self, w: _Written) -> None:
+        with self.cond:
+            w.closed = True
+            self.cond.notify_all()
+
+    def no_more(self) -> None:
+        with self.cond:
+            self.last = True
+            self.cond.notify_all()
+
+    def stop(self) -> None:
+        with self.cond:
+            self.abort = True
+            self.cond.notify_all()
+        self.join()
+
+    def run(self) -> None:
+        lower_thread_priority()
+        try:
+            i = 0
+            while True:
+                with self.cond:
+                    while i >= len(self.shards) and not self.last and not self.abort:
+                        self.cond.wait(0.5)
+                    if self.abort or i >= len(self.shards):
+                        return
+                    w = self.shards[i]
+                self._hash(w)
+                i += 1
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            self.error = exc
+
+    def _hash(self, w: _Written) -> None:
+        h = hashlib.sha256()
+        pos = 0
+        fd = -1
+        try:
+            while True:
+                with self.cond:
+                    while w.nbytes <= pos and not w.closed and not self.abort:
+                        self.cond.wait(0.5)
+                    if self.abort:
+                        return
+                    end, closed = w.nbytes, w.closed
+                if pos >= end and closed:
+                    break
+                if fd < 0:
+                    fd = os.open(w.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+                while pos < end:
+                    n = min(end - pos, _HASH_WINDOW)
+                    _hash_range(fd, pos, n, h)
+                    pos += n
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        w.shard.sha256 = h.hexdigest()
+
+
+def _hash_range(fd: int, offset: int, nbytes: int, h) -> None:
+    """Feed ``nbytes`` of ``fd`` at ``offset`` to ``h`` through a read-only mapping (pages mapped up front);
+    through ``pread`` where the file cannot be mapped."""
+    lo = offset - offset % mmap.ALLOCATIONGRANULARITY
+    try:
+        mm = mmap.mmap(fd, offset + nbytes - lo, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                       prot=mmap.PROT_READ, offset=lo)
+    except (OSError, ValueError, AttributeError, TypeError):  # pragma: no cover - no file mappings here
+        buf = bytearray(nbytes)
+        pread_into(fd, memoryview(buf), offset)
+        h.update(buf)
+        return
+    try:
+        with memoryview(mm) as view:
+            h.update(view[offset - lo:])
+    finally:
+        mm.close()
+
+
 def _step_buffer_plan(ps: PlannedStep, plan: Plan) -> tuple[list[int], int, str]:
     """(pooled buffer sizes, extra bytes reserved, kind) for one step. Buffers: one per input (as the source
-    reads it), then for a LoRA merge a float32 output buffer or an output buffer of another dtype (none when merged in place); for a renaming
-    that changes dtype an output buffer. ``kind`` is ``lora``, ``identity`` or ``generic``."""
+    reads it), then for a LoRA merge a float32 output buffer or an output buffer of another dtype (none when merged
+    in place); for a renaming that changes dtype an output buffer. ``kind`` is ``lora``, ``identity``,
+    ``passthrough`` (a renaming copied file to file by the writer: no buffers) or ``generic``."""
     step = ps.step
     ins = [plan.sources[r.source].buffer_nbytes(r.key) for r in step.inputs]
     outs = [i.nbytes for i in ps.output_infos]
@@ -347,10 +511,22 @@ def _step_buffer_plan(ps: PlannedStep, plan: Plan) -> tuple[list[int], int, str]
         return ins + acc + extra, work, "lora"  # work: the float32 row block and A in float32
     if step.compute is ops.identity and len(step.inputs) == 1 and len(outs) == 1:
         same = ps.input_infos[0].dtype == ps.output_infos[0].dtype
+        if same and _file_span(ps, plan) is not None:
+            return [], 0, "passthrough"  # copied file to file by the writer: no buffer
         return ins + ([] if same else outs), 0, "identity"
     # anything else: the op allocates its own outputs (natural dtype, then the cast)
     natural = sum(i.nbytes * 2 for i in ps.output_infos)
     return ins, natural, "generic"
+
+
+def _file_span(ps: PlannedStep, plan: Plan) -> tuple[int, int, int] | None:
+    """The input's ``(fd, offset, nbytes)`` when a renaming step's output bytes are exactly the input's bytes in
+    its file (same dtype, contiguous, as many bytes as planned), so the writer can copy them file to file."""
+    r = ps.step.inputs[0]
+    span = plan.sources[r.source].file_span(r.key)
+    if span is None or span[2] != ps.output_infos[0].nbytes or ps.input_infos[0] != ps.output_infos[0]:
+        return None
+    return span
 
 
 def pool_budget(plan: Plan) -> int:
@@ -392,6 +568,8 @@ class _Loaded:
 def _read_step(ps: PlannedStep, plan: Plan, pool: _Pool) -> _Loaded:
     """Take the step's buffers from the pool (waiting while they do not fit) and read its inputs into them."""
     sizes, reserve, kind = _step_buffer_plan(ps, plan)
+    if kind == "passthrough":
+        return _Loaded(ps, [], [], 0, kind)
     bufs = pool.take(sizes, reserve)
     try:
         xs = [plan.sources[r.source].load_into(r.key, bufs[i]) for i, r in enumerate(ps.step.inputs)]
@@ -404,6 +582,8 @@ def _read_step(ps: PlannedStep, plan: Plan, pool: _Pool) -> _Loaded:
 def _compute_step(ld: _Loaded) -> list[torch.Tensor]:
     """The step's outputs, contiguous, in the planned dtypes (in the step's buffers where possible)."""
     ps, xs, bufs, step = ld.ps, ld.xs, ld.bufs, ld.ps.step
+    if ld.kind == "passthrough":
+        return []  # nothing in memory: the writer copies the input's bytes file to file
     info = ps.output_infos[0]
     if ld.kind == "lora":
         w, a, b = xs
@@ -503,8 +683,8 @@ def write_shards(
     """Write every step of ``plan`` into ``out_dir`` (which must exist) and return the shards (with their sha256
     when ``checksums``). Also writes ``model.safetensors.index.json`` when there is more than one shard.
 
-    Three threads: a reader (inputs into pool buffers), this one (computes), a writer (which also hashes, a chunk
-    at a time right before writing it, when ``checksums``).
+    Threads: a reader (inputs into pool buffers), this one (computes), a writer (writes buffers, copies renamed
+    tensors file to file), and with ``checksums`` a hasher (reads the shards back through mappings as written).
     ``budget``: bytes of tensor buffers alive at once (default :func:`pool_budget`; raised to that if lower)."""
     if sys.byteorder != "little":  # pragma: no cover - safetensors data is little-endian
         raise RuntimeError("big-endian hosts are not supported")
@@ -514,34 +694,42 @@ def write_shards(
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 2) - 1)))
     writer = _Worker("maskport-write")
+    hasher = _ShardHasher() if checksums else None
     reader = _Reader([ps for s in shards for ps in s.steps], plan, pool)
 
     def failed() -> BaseException | None:
         if reader.abort:
             return _Aborted("conversion stopped")
-        return writer.error
+        return writer.error or (hasher.error if hasher else None)
 
     pool.failed = failed
     fds: dict[str, int] = {}
+    copier = _Copier()
     writer.start()
+    if hasher:
+        hasher.start()
     reader.start()
     try:
         for shard in shards:
             path = out_dir / shard.filename
             header = _header(shard, meta)
-            h = hashlib.sha256() if checksums else None
+            done = hasher.add(shard, path) if hasher else None
 
-            def open_and_write(path=path, header=header, h=h):
+            def wrote(n: int, done=done) -> None:
+                if done is not None:
+                    hasher.wrote(done, n)
+
+            def open_and_write(path=path, header=header, wrote=wrote):
                 fds[str(path)] = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0),
                                          0o644)
                 _write_all(fds[str(path)], memoryview(header))
-                if h is not None:
-                    h.update(header)
+                wrote(len(header))
 
             writer.put(open_and_write)
             for ps in shard.steps:
-                if writer.error is not None:
-                    raise writer.error
+                err = failed()
+                if err is not None:
+                    raise err
                 ld = reader.get(failed)
                 assert ld.ps is ps
                 _prefetched.step = ld
@@ -552,40 +740,53 @@ def write_shards(
                     raise
                 finally:
                     _prefetched.step = None
-                release = _Release(pool, ld.held, ld.reserve, holders=1)
-                views = [_as_bytes(t) for t in outs]  # each view keeps its tensor's memory alive
-                del ld, outs
+                nbytes = sum(i.nbytes for i in ps.output_infos)
+                if ld.kind == "passthrough":
+                    src, offset, _ = _file_span(ps, plan)
 
-                def write(views=views, path=path, h=h):
-                    fd = fds[str(path)]
-                    for v in views:
-                        if h is None:
+                    def copy(path=path, src=src, offset=offset, nbytes=nbytes, wrote=wrote):
+                        copier.copy(src, offset, nbytes, fds[str(path)])
+                        wrote(nbytes)
+
+                    writer.put(copy)
+                else:
+                    release = _Release(pool, ld.held, ld.reserve)
+                    views = [_as_bytes(t) for t in outs]  # each view keeps its tensor's memory alive
+
+                    def write(views=views, path=path, wrote=wrote):
+                        fd = fds[str(path)]
+                        for v in views:
                             _write_all(fd, v)
-                            continue
-                        # each chunk is hashed, then written while it is still in the caches: one pass over memory
-                        for i in range(0, len(v), _HASH_CHUNK):
-                            chunk = v[i:i + _HASH_CHUNK]
-                            h.update(chunk)
-                            _write_all(fd, chunk)
+                            wrote(v.nbytes)
 
-                writer.put(write, release.done)
-                del views
+                    writer.put(write, release.done)
+                    del views
+                del ld, outs
                 if progress:
-                    progress(sum(i.nbytes for i in ps.output_infos))
+                    progress(nbytes)
 
-            def close(path=path, shard=shard, h=h):
+            def close(path=path, done=done):
                 os.close(fds.pop(str(path)))
-                shard.sha256 = h.hexdigest() if h is not None else None
+                if done is not None:
+                    hasher.closed(done)
 
             writer.put(close)
+        if hasher:
+            hasher.no_more()
         reader.join()
         writer.stop()
         if writer.error is not None:
             raise writer.error
+        if hasher:
+            hasher.join()
+            if hasher.error is not None:
+                raise hasher.error
     except BaseException:
         writer.abort = True
         reader.stop()
         writer.stop()
+        if hasher:
+            hasher.stop()
         raise
     finally:
         torch.set_num_threads(threads)
