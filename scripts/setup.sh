@@ -3,6 +3,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# pip keeps no second copy of the (multi-GB) wheels it downloads: CI machines may have little disk.
+export PIP_NO_CACHE_DIR=${PIP_NO_CACHE_DIR:-1}
+free_kb=$(df -Pk . | awk 'NR==2 {print $4}')
+if [ -n "$free_kb" ] && [ "$free_kb" -lt $((8 * 1024 * 1024)) ] && [ ! -x .venv/bin/python ]; then
+  echo "warning: only $((free_kb / 1024)) MiB free here; the pinned set needs about 8 GiB in .venv (torch with CUDA libraries)" >&2
+fi
 # gptqmodel's dependency PyPcre compiles against PCRE2: make sure its headers and pkg-config are there.
 if ! (command -v pkg-config >/dev/null 2>&1 && pkg-config --exists libpcre2-8); then
   if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then

@@ -43,6 +43,9 @@ class OverlaySource(TensorSource):
     def prefetch(self, key: str) -> None:
         self._src(key).prefetch(key)
 
+    def file_span(self, key: str) -> tuple[int, int, int] | None:
+        return self._src(key).file_span(key)
+
     def close(self) -> None:
         self.under.close()
         self.over.close()
