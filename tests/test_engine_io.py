@@ -282,7 +282,14 @@ def test_file_spans_are_exactly_the_tensors_bytes(tmp_path):
         fd, offset, nbytes = st.file_span(k)
         assert os.pread(fd, nbytes, offset) == st.load(k).view(torch.uint8).numpy().tobytes()
     assert sources.RenamedSource(st, {"a": "x", "b": "y"}).file_span("x") == st.file_span("a")
-    assert sources.StateDictSource("m", tmp_path, {"a": torch.ones(2)}, "m").file_span("a") is None
+    mem = sources.StateDictSource("m", tmp_path, {"a": torch.ones(3, 5)}, "m")
+    assert mem.file_span("a") is None
+    # a chained fine-tune's overlay: each key's span is the one of the source it is read from
+    from maskport.convert.overlay import overlay
+
+    merged, _, problems = overlay(st, mem, "pretrained_pth")
+    assert not problems
+    assert merged.file_span("a") is None and merged.file_span("b") == st.file_span("b")
 
 
 @pytest.mark.parametrize("checksums", [False, True])
