@@ -373,7 +373,7 @@ def render(results: list[dict], skipped: dict[str, str]) -> str:
             ratio_kill = mk["wall_s"] / bl["wall_s"]
             lines.append(f"- maskport's whole conversion took {ratio_kill:.2f} x the time after which the fp32 "
                          f"baseline was killed, unfinished.")
-        else:
+        elif not bl:
             lines.append("- time target: baseline not run.")
         if cp:
             lines.append(f"- **distance to the plain-copy bound**: {mk['wall_s']} / {cp['wall_s']} s = "
