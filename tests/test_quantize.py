@@ -314,3 +314,16 @@ def test_failed_verify_gate_fails_the_command_and_keeps_the_report(export_bf16, 
     assert calls and calls[0][1] == out and calls[0][3]["min_dice"] == 0.97
     rep = json.loads((out / "quantization_report.json").read_text())
     assert rep["verify"]["passed"] is False and rep["calibration"]["source"] == "text-only"
+
+
+def test_a_folder_of_another_model_type_is_refused_naming_the_known_families(tmp_path):
+    from click.testing import CliRunner
+
+    from maskport.quantize.command import quantize_command
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl"}))
+    r = CliRunner().invoke(quantize_command, [str(tmp_path / "m"), "-o", str(tmp_path / "q"), "--calib-text-only"])
+    assert r.exit_code == 2, r.output
+    assert "model_type='qwen2_5_vl'" in r.output and "sa2va-internvl" in r.output and "sa2va-qwen2_5-vl" in r.output
+    assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "q").exists()

@@ -8,8 +8,9 @@
 Steps:
 1. load the unquantized export (``AutoModel``, trust_remote_code) and build calibration batches from the user's
    samples with its own preprocessing (``calibration.py``);
-2. save its ``mllm`` (a plain ``Qwen2_5_VLForConditionalGeneration``) + tokenizer + processor to a staging folder
-   and quantize it with GPTQModel (``backend.py``): only ``model.language_model.layers.*`` linears;
+2. save its ``mllm`` (a plain ``Qwen2_5_VLForConditionalGeneration`` or ``InternVLForConditionalGeneration``:
+   the family's ``targets`` module says how) + tokenizer + processor to a staging folder and quantize it with
+   GPTQModel (``backend.py``): only ``model.language_model.layers.*`` linears;
 3. write the output folder (``folder.py``): packed decoder linears + every other tensor copied from the export,
    ``config.json`` with a transformers-readable ``quantization_config`` whose ``modules_to_not_convert`` names
    the full prefixes that stay floating point, ``quantization_report.json``, the model card;
@@ -36,7 +37,6 @@ from ..errors import MaskportError, MissingInput, UnreadableFile
 from .backend import QuantizeError, QuantSettings, check_shapes, quantize_mllm, versions
 from .calibration import build_calibration
 from .folder import (
-    EXCLUDED_PREFIXES,
     _tensor_info,
     composite_quantization_config,
     copy_side_files,
@@ -48,8 +48,7 @@ from .folder import (
     write_config,
     write_tensors,
 )
-
-FAMILY_MODEL_TYPE = "maskport_sa2va_qwen2_5_vl"
+from .targets import QuantTarget, target_for
 
 
 class VerifyGateFailed(MaskportError):
@@ -75,7 +74,7 @@ def _parse_size(s: str | int) -> int:
     return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " "))
 
 
-def _check_export(export_dir: Path) -> dict:
+def _check_export(export_dir: Path) -> tuple[dict, QuantTarget]:
     cfg_path = export_dir / "config.json"
     if not cfg_path.is_file():
         raise MissingInput(f"{export_dir} is not an export folder (no config.json)")
@@ -83,13 +82,11 @@ def _check_export(export_dir: Path) -> dict:
         cfg = json.loads(cfg_path.read_text())
     except ValueError as exc:
         raise UnreadableFile(f"{cfg_path}: not JSON ({exc})") from exc
-    if cfg.get("model_type") != FAMILY_MODEL_TYPE:
-        raise MissingInput(f"{export_dir} is not a maskport sa2va-qwen2_5-vl export (model_type="
-                           f"{cfg.get('model_type')!r}); run maskport convert first")
+    target = target_for(cfg.get("model_type"), str(export_dir))
     if cfg.get("quantization_config"):
         raise MissingInput(f"{export_dir} is already quantized ({cfg['quantization_config'].get('quant_method')}); "
                            f"quantize the unquantized export")
-    return cfg
+    return cfg, target
 
 
 def _load_samples(path):
@@ -120,24 +117,6 @@ def _decoder_linear_shapes(model) -> dict[str, tuple[int, int]]:
     return out
 
 
-def _stage_mllm(model, tokenizer, stage: Path) -> None:
-    """The MLLM as a standalone Qwen2.5-VL folder (weights, config, tokenizer, processor) for GPTQModel."""
-    from transformers import Qwen2_5_VLProcessor
-
-    model.mllm.save_pretrained(stage)
-    tokenizer.save_pretrained(stage)
-    ip = model._qwen_image_processor()
-    kwargs = {}
-    try:
-        from transformers import Qwen2VLVideoProcessor
-
-        kwargs["video_processor"] = Qwen2VLVideoProcessor()
-    except Exception as exc:  # noqa: BLE001 - e.g. no torchvision: the processor is saved without one
-        kwargs.clear()
-        _ = exc
-    Qwen2_5_VLProcessor(image_processor=ip, tokenizer=tokenizer, **kwargs).save_pretrained(stage)
-
-
 def quantize_export(export_dir, out, *, method: str = "gptq", bits: int = 4, group_size: int = 128,
                     desc_act: bool = False, sym: bool | None = None, damp: float = 0.05, awq_format: str = "gemm",
                     calib=None, calib_samples: int = 128, max_seq_len: int = 2048, calib_text_only: bool = False,
@@ -150,7 +129,7 @@ def quantize_export(export_dir, out, *, method: str = "gptq", bits: int = 4, gro
 
     t_start = time.time()
     export_dir, out = Path(export_dir), Path(out)
-    _check_export(export_dir)
+    _, target = _check_export(export_dir)
     settings = QuantSettings(method=method, bits=int(bits), group_size=int(group_size), desc_act=bool(desc_act),
                              sym=sym, damp=float(damp), awq_format=awq_format, device=_resolve_device(device),
                              offload_to_disk=bool(offload_to_disk), kernel=kernel)
@@ -191,7 +170,7 @@ def quantize_export(export_dir, out, *, method: str = "gptq", bits: int = 4, gro
         if calib is not None:
             calib_set.stats["file"] = str(calib)
         stage = work / "mllm-stage"
-        _stage_mllm(model, tokenizer, stage)
+        target.stage(model, tokenizer, stage)
         del model
         gc.collect()
         t_prep = time.time() - t0
@@ -212,7 +191,7 @@ def quantize_export(export_dir, out, *, method: str = "gptq", bits: int = 4, gro
         partial.mkdir()
         entries, qmods = plan_tensors(export_dir, qdir)
         shards = write_tensors(entries, partial, shard_bytes)
-        qc = composite_quantization_config(qdir, settings.method)
+        qc = composite_quantization_config(qdir, settings.method, target)
         copy_side_files(export_dir, partial, skip=("config.json",))
         provenance = {"method": settings.method, "bits": settings.bits, "group_size": settings.group_size,
                       "source_export": str(export_dir), "maskport_version": __version__,
@@ -228,12 +207,13 @@ def quantize_export(export_dir, out, *, method: str = "gptq", bits: int = 4, gro
                          "awq_format": settings.awq_format if settings.method == "awq" else None,
                          "device": settings.device, "offload_to_disk": settings.offload_to_disk},
             "quantization_config": qc,
-            "excluded_prefixes": list(EXCLUDED_PREFIXES),
+            "family": target.family,
+            "excluded_prefixes": list(target.excluded_prefixes),
             "quantized_modules_count": len(qmods),
             "quantized_modules": qmods,
             "calibration": calib_set.stats,
-            "sizes": {"before": {"files_bytes": weight_file_bytes(export_dir), "param_bytes": param_bytes(before_info)},
-                      "after": {"files_bytes": weight_file_bytes(partial), "param_bytes": param_bytes(after_info),
+            "sizes": {"before": {"files_bytes": weight_file_bytes(export_dir), "param_bytes": param_bytes(before_info, target)},
+                      "after": {"files_bytes": weight_file_bytes(partial), "param_bytes": param_bytes(after_info, target),
                                 "shards": shards}},
             "timings_s": {"load_and_calibration": round(t_prep, 2), "quantize": round(t_quant, 2)},
             "peak_gpu_bytes": peak_gpu,
@@ -249,7 +229,7 @@ def quantize_export(export_dir, out, *, method: str = "gptq", bits: int = 4, gro
                     raise MissingInput(f"{save_mllm} exists; pass --overwrite to replace it")
                 shutil.rmtree(save_mllm)
             shutil.copytree(qdir, save_mllm)
-            mark_standalone_exclusions(save_mllm, settings.method)
+            mark_standalone_exclusions(save_mllm, settings.method, target)
             report["standalone_mllm"] = str(save_mllm)
         report["timings_s"]["total"] = round(time.time() - t_start, 2)
         (partial / "quantization_report.json").write_text(json.dumps(report, indent=2) + "\n")

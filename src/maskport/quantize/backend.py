@@ -14,8 +14,8 @@ Everything that touches ``gptqmodel`` is here, so that a version bump is reviewe
   clip search (they keep AWQ's scaling, as ``q_proj``/``k_proj`` always do) instead of crashing the run.
 - Log files: GPTQModel writes one per run into ``./logs`` of the current directory; they go to maskport's
   temporary work folder instead.
-- Calibration batches: the Qwen2.5-VL model definition builds calibration batches from chat "conversations"
-  with its own processor. maskport builds them with the export's own preprocessing (``calibration.py``), so the
+- Calibration batches: the Qwen2.5-VL and InternVL model definitions build calibration batches from chat
+  "conversations" with their own processor. maskport builds them with the export's own preprocessing (``calibration.py``), so the
   model instance's ``prepare_dataset`` is replaced by the identity for the batches we pass.
 """
 
@@ -30,7 +30,7 @@ from typing import Any
 from ..errors import MaskportError, MissingInput
 
 PINNED_GPTQMODEL = "7.6.0"
-# The decoder linears of a Qwen2.5-VL layer, as GPTQModel's ``module_tree`` for qwen2_5_vl lists them.
+# The decoder linears of a layer, as GPTQModel's ``module_tree`` for qwen2_5_vl and internvl lists them.
 DECODER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 AWQ_CLIP_MULTIPLE = 64
@@ -180,10 +180,10 @@ def resolve_kernel(name: str):
 
 def quantize_mllm(stage_dir: Path, out_dir: Path, calibration: list[dict], settings: QuantSettings,
                   log=print) -> dict[str, Any]:
-    """Quantize the Qwen2.5-VL folder ``stage_dir`` (HF layout, with its processor) with GPTQModel and save the
+    """Quantize the MLLM folder ``stage_dir`` (HF layout, with its processor) with GPTQModel and save the
     result (GPTQModel's own format: HF config + ``quantize_config.json`` + packed safetensors) to ``out_dir``.
     Only the decoder layers (``model.language_model.layers.*``) are quantized: that is GPTQModel's module tree
-    for Qwen2.5-VL; the vision tower, embeddings and lm_head are never touched."""
+    for Qwen2.5-VL and InternVL; the vision tower, projector, embeddings and lm_head are never touched."""
     import_gptqmodel()
     from gptqmodel import BACKEND, GPTQModel
 

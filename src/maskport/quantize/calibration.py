@@ -1,25 +1,20 @@
 """Calibration batches for the language model, built by the export's own preprocessing.
 
-Each sample of the user's JSONL (the format ``maskport verify`` reads) becomes one batch for the Qwen2.5-VL
-MLLM, exactly as ``predict_forward`` would feed it, plus the answer teacher-forced after the assistant prefix:
+Each sample of the user's JSONL (the format ``maskport verify`` reads) becomes one batch for the export's MLLM,
+exactly as ``predict_forward`` would feed it, plus the answer teacher-forced after the assistant prefix (the
+family's :class:`~maskport.quantize.targets.QuantTarget` builds it: Qwen2.5-VL image tokens and
+``image_grid_thw``, or InternVL's dynamic tiles), so the decoder layers see real image-token activations and the
+hidden state of ``[SEG]``, which is what the masks are made from. ``answer`` is the sample's ``answer`` field,
+else ``"Sure, [SEG]."`` (Sa2VA's answer for a referring-segmentation prompt), followed by the template's suffix.
 
-    <system><user><|vision_start|><|image_pad|> * N<|vision_end|>{prompt}<|im_end|>\\n<|im_start|>assistant\\n
-    {answer}<|im_end|>
-
-``pixel_values``/``image_grid_thw`` come from the export's Qwen2-VL image processing (``_mllm_image_inputs``),
-so the decoder layers see real image-token activations and the hidden state of ``[SEG]``, which is what the
-masks are made from. ``answer`` is the sample's ``answer`` field, else ``"Sure, [SEG]."`` (Sa2VA's answer for a
-referring-segmentation prompt).
-
-``max_seq_len``: when a sample is longer (large images make thousands of image tokens), the image is given a
-smaller pixel budget so that the sequence fits (recorded per sample as ``image_tokens``); a sample whose text
-alone exceeds the limit is skipped. The text-only fallback (``text_only=True``) drops the images and
-calibrates on the prompts + answers; it is only used when asked for.
+``max_seq_len``: when a sample is longer (large images make thousands of image tokens), the image is given fewer
+tokens so that the sequence fits (recorded per sample); a sample that cannot fit is skipped. The text-only
+fallback (``text_only=True``) drops the images and calibrates on the prompts + answers; it is only used when
+asked for.
 """
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,42 +36,18 @@ class CalibrationSet:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-def _module_of(model):
-    return sys.modules[type(model).__module__]
-
-
 def _answer_text(template: dict, answer: str | None) -> str:
     return (answer if answer is not None else DEFAULT_ANSWER) + (template.get("suffix") or "")
 
 
-def _image_inputs_within(model, image, max_image_tokens: int) -> dict[str, torch.Tensor]:
-    """The export's image preprocessing with a pixel budget of at most ``max_image_tokens`` merged tokens."""
-    s = model.config.image_processor
-    merge = int(s["merge_size"])
-    factor = int(s["patch_size"]) * merge
-    mm = model._mllm_image_inputs(image)
-    n = int(mm["image_grid_thw"].prod(dim=-1).sum().item()) // (merge * merge)
-    if n <= max_image_tokens:
-        return mm
-    budget = max(1, max_image_tokens) * factor * factor
-    ip = model._qwen_image_processor()
-    mod = _module_of(model)
-    rgb = mod.to_rgb(image)
-    h, w = mod.smart_resize(rgb.height, rgb.width, factor=factor, min_pixels=factor * factor,
-                            max_pixels=budget)
-    if (w, h) != rgb.size:
-        rgb = rgb.resize((w, h), resample=mod.Image.BICUBIC)
-    out = ip(images=[rgb], return_tensors="pt", min_pixels=factor * factor, max_pixels=budget)
-    return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
-
-
 def build_calibration(model, tokenizer, samples: list | None, *, n_samples: int = 128, max_seq_len: int = 2048,
                       text_only: bool = False, log=print) -> CalibrationSet:
-    """Calibration batches (``input_ids``, ``attention_mask``[, ``pixel_values``, ``image_grid_thw``]) for
-    ``model.mllm``; ``model`` is the loaded unquantized export (``Sa2VAQwenModel``)."""
-    mod = _module_of(model)
+    """Calibration batches (``input_ids``, ``attention_mask`` and the family's image inputs) for ``model.mllm``;
+    ``model`` is the loaded unquantized export."""
+    from .targets import target_for
+
+    target = target_for(getattr(model.config, "model_type", None))
     template = model.config.template
-    merge = int(model.config.image_processor["merge_size"])
     batches: list[dict[str, torch.Tensor]] = []
     skipped: list[str] = []
     reduced: list[str] = []
@@ -91,38 +62,25 @@ def build_calibration(model, tokenizer, samples: list | None, *, n_samples: int 
         items = [(s.id, s, s.prompt, getattr(s, "answer", None)) for s in samples]
     items = items[: max(1, int(n_samples))]
 
-    def encode(text: str) -> dict[str, torch.Tensor]:
-        enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
-        return {"input_ids": enc["input_ids"], "attention_mask": torch.ones_like(enc["input_ids"])}
-
     for sid, sample, prompt, answer in items:
         answer_text = _answer_text(template, answer)
         if text_only or sample is None:
-            enc = encode(mod.build_prompt(template, prompt, "", None) + answer_text)
+            enc = target.text_batch(model, tokenizer, prompt, answer_text)
             if enc["input_ids"].shape[1] > max_seq_len:
                 skipped.append(sid)
                 continue
             batches.append(enc)
             tokens += enc["input_ids"].shape[1]
             continue
-        text_len = encode(mod.build_prompt(template, prompt, "", 0) + answer_text)["input_ids"].shape[1]
-        room = max_seq_len - text_len
-        if room < 4:
+        got = target.image_batch(model, tokenizer, prompt, answer_text, sample.image(), max_seq_len)
+        if got is None:
             skipped.append(sid)
             continue
-        image = sample.image()
-        mm = _image_inputs_within(model, image, room)
-        n_img = int(mm["image_grid_thw"].prod(dim=-1).sum().item()) // (merge * merge)
-        full = model._mllm_image_inputs(image)
-        if int(full["image_grid_thw"].prod(dim=-1).sum().item()) // (merge * merge) != n_img:
+        if got.reduced:
             reduced.append(sid)
-        enc = encode(mod.build_prompt(template, prompt, "", n_img) + answer_text)
-        if enc["input_ids"].shape[1] > max_seq_len:
-            skipped.append(sid)
-            continue
-        batches.append({**enc, "pixel_values": mm["pixel_values"], "image_grid_thw": mm["image_grid_thw"]})
-        tokens += enc["input_ids"].shape[1]
-        image_tokens += n_img
+        batches.append(got.batch)
+        tokens += got.batch["input_ids"].shape[1]
+        image_tokens += got.image_tokens
 
     if not batches:
         raise ValueError(f"no calibration sample fits --max-seq-len {max_seq_len} ({len(skipped)} skipped)")
@@ -136,7 +94,7 @@ def build_calibration(model, tokenizer, samples: list | None, *, n_samples: int 
     if skipped:
         log(f"calibration: skipped {len(skipped)} sample(s) longer than --max-seq-len {max_seq_len}")
     if reduced:
-        log(f"calibration: {len(reduced)} image(s) given a smaller pixel budget to fit --max-seq-len")
+        log(f"calibration: {len(reduced)} image(s) given fewer tokens to fit --max-seq-len")
     return CalibrationSet(batches, stats)
 
 

@@ -42,7 +42,7 @@ def _mb(n: int) -> str:
               "own choice; on a Hopper GPU without internet name one: its choice there builds Machete from a "
               "downloaded CUTLASS).")
 @click.option("--save-mllm", type=click.Path(path_type=Path),
-              help="Also keep the quantized Qwen2.5-VL on its own (GPTQModel/vLLM-loadable folder).")
+              help="Also keep the quantized MLLM (Qwen2.5-VL / InternVL) on its own (GPTQModel/vLLM-loadable folder).")
 @click.option("--verify-samples", type=click.Path(path_type=Path),
               help="Run maskport verify (quantized vs the unquantized export, and vs GT) and fail on its gate.")
 @click.option("--min-dice", type=float, help="verify gate: mean Dice vs the unquantized export (default: verify's).")

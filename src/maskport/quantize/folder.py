@@ -14,7 +14,8 @@ when ``AutoModel.from_pretrained`` builds the composite model:
   else;
 - AWQ (gptqmodel): transformers replaces *every* ``nn.Linear`` not matched by ``modules_to_not_convert``, so the
   list names the full prefixes of everything that must stay floating point.
-Both carry ``modules_to_not_convert`` = ``EXCLUDED_PREFIXES`` so the exclusions are explicit in the file.
+Both carry ``modules_to_not_convert`` = the family's excluded prefixes (its
+:class:`~maskport.quantize.targets.QuantTarget`) so the exclusions are explicit in the file.
 """
 
 from __future__ import annotations
@@ -28,10 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .backend import DECODER_LINEARS, QuantizeError
-
-# Modules that stay in the export's dtype; full prefixes in the composite model.
-EXCLUDED_PREFIXES = ["mllm.model.visual", "mllm.lm_head", "sam2", "text_hidden_fcs"]
-DECODER_BLOCK = "mllm.model.language_model.layers"
+from .targets import DECODER_BLOCK, QuantTarget
 _QMOD_RE = re.compile(r"^model\.language_model\.layers\.\d+\.(" +
                       "|".join(re.escape(n) for n in DECODER_LINEARS) + r")$")
 WEIGHT_FILES_RE = re.compile(r"^model(-\d+-of-\d+)?\.safetensors(\.index\.json)?$")
@@ -69,12 +67,12 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
-def part_of(name: str) -> str:
+def part_of(name: str, target: QuantTarget) -> str:
     """Which part of the composite a tensor belongs to (for the size table)."""
     if name.startswith("mllm.model.language_model.layers."):
         mod = name[len("mllm."):].rsplit(".", 1)[0]
         return "decoder_linears" if _QMOD_RE.match(mod) else "decoder_other"
-    if name.startswith("mllm.model.visual."):
+    if name.startswith(target.vision_prefixes):
         return "vision"
     if name.startswith("mllm."):
         return "embeddings_lm_head_norm"
@@ -85,13 +83,14 @@ def part_of(name: str) -> str:
     return "other"
 
 
-def param_bytes(info: dict[str, tuple[str, list[int]]]) -> dict[str, int]:
+def param_bytes(info: dict[str, tuple[str, list[int]]], target: QuantTarget) -> dict[str, int]:
     out: dict[str, int] = {}
     for name, (dtype, shape) in info.items():
         n = 1
         for d in shape:
             n *= int(d)
-        out[part_of(name)] = out.get(part_of(name), 0) + n * _DTYPE_BYTES.get(dtype, 4)
+        part = part_of(name, target)
+        out[part] = out.get(part, 0) + n * _DTYPE_BYTES.get(dtype, 4)
     out["total"] = sum(v for k, v in out.items())
     return out
 
@@ -100,7 +99,7 @@ def weight_file_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and p.name.endswith(".safetensors"))
 
 
-def composite_quantization_config(qmllm_dir: Path, method: str) -> dict[str, Any]:
+def composite_quantization_config(qmllm_dir: Path, method: str, target: QuantTarget) -> dict[str, Any]:
     """transformers-readable ``quantization_config`` for the composite, from GPTQModel's saved one."""
     raw = json.loads((qmllm_dir / "config.json").read_text()).get("quantization_config")
     if not raw:
@@ -117,7 +116,7 @@ def composite_quantization_config(qmllm_dir: Path, method: str) -> dict[str, Any
         qc.update(quant_method="awq", version=fmt, format=fmt, zero_point=bool(raw.get("zero_point", True)))
         qc.pop("desc_act", None)
         qc["sym"] = not qc["zero_point"]
-    qc["modules_to_not_convert"] = list(EXCLUDED_PREFIXES)
+    qc["modules_to_not_convert"] = list(target.excluded_prefixes)
     qc["lm_head"] = False
     qc["quantized_by"] = {"tool": "maskport", "backend": "gptqmodel",
                           "note": "only " + DECODER_BLOCK + ".*.{" + ",".join(DECODER_LINEARS) +
@@ -125,11 +124,8 @@ def composite_quantization_config(qmllm_dir: Path, method: str) -> dict[str, Any
     return qc
 
 
-STANDALONE_EXCLUDED = ["model.visual", "lm_head"]
-
-
-def mark_standalone_exclusions(qmllm_dir: Path, method: str) -> dict[str, Any]:
-    """Make GPTQModel's standalone Qwen2.5-VL folder safe for other loaders.
+def mark_standalone_exclusions(qmllm_dir: Path, method: str, target: QuantTarget) -> dict[str, Any]:
+    """Make GPTQModel's standalone MLLM folder safe for other loaders.
 
     GPTQModel 7.6 writes an AWQ ``quantization_config`` without ``modules_to_not_convert``; transformers then
     turns every linear of the vision tower into an AWQ layer that the checkpoint has no packed weights for
@@ -145,7 +141,7 @@ def mark_standalone_exclusions(qmllm_dir: Path, method: str) -> dict[str, Any]:
         qc = data.get("quantization_config") if fname == "config.json" else data
         if not isinstance(qc, dict):
             continue
-        qc["modules_to_not_convert"] = list(STANDALONE_EXCLUDED)
+        qc["modules_to_not_convert"] = list(target.standalone_excluded)
         if method == "gptq":
             qc["block_name_to_quantize"] = "model.language_model.layers"
         path.write_text(json.dumps(data, indent=2) + "\n")
@@ -278,7 +274,8 @@ def model_card_section(report: dict[str, Any]) -> str:
         f"- method: **{s['method'].upper()}**, {s['bits']}-bit, group size {s['group_size']}, "
         f"{'sym' if s['sym'] else 'asym (zero-point)'}" + (", desc_act" if s.get("desc_act") else ""),
         f"- quantized: the language model's decoder linears only ({report['quantized_modules_count']} modules "
-        f"under `{DECODER_BLOCK}`); kept in the export's dtype: " + ", ".join(f"`{p}`" for p in EXCLUDED_PREFIXES),
+        f"under `{DECODER_BLOCK}`); kept in the export's dtype: "
+        + ", ".join(f"`{p}`" for p in report["excluded_prefixes"]),
         (f"- calibration: {report['calibration']['samples']} sample(s), {report['calibration']['source']}, "
         f"{report['calibration']['tokens']} tokens"),
         f"- weights: {sz['before']['files_bytes'] / 1e6:.1f} MB -> {sz['after']['files_bytes'] / 1e6:.1f} MB",
