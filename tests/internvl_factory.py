@@ -74,9 +74,10 @@ VISION_6B = dict(VISION, qkv_bias=False, norm_type="rms_norm", qk_normalization=
 
 def make_internvl_fixture(root: Path, *, llm: str = "qwen2", version: str = "v2", seed: int = 0,
                           deepspeed: bool = False, tokenizer_dir: Path | None = None,
-                          vision: dict | None = None) -> InternVLFixture:
+                          vision: dict | None = None, head_lora: bool = False) -> InternVLFixture:
     """Build every input of a conversion under ``root``. ``tokenizer_dir``: a base tokenizer to copy (the
-    InternLM2 fixture brings its own); default: the tiny byte-level BPE with InternVL's tokens added."""
+    InternLM2 fixture brings its own); default: the tiny byte-level BPE with InternVL's tokens added.
+    ``head_lora``: LoRA on the LM head too (``output``/``lm_head`` among the targets, as older v1 runs had)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer
 
@@ -150,6 +151,10 @@ def make_internvl_fixture(root: Path, *, llm: str = "qwen2", version: str = "v2"
         model.language_model.model.tok_embeddings = new_emb
         model.language_model.output = new_head
         save = ["tok_embeddings", "output"] if version == "v2" else None
+    head_name = "lm_head" if llm == "qwen2" else "output"
+    if head_lora:
+        assert version == "v1", "peft cannot put LoRA on a modules_to_save module"
+        lora_targets = [*lora_targets, head_name]
     model.language_model = get_peft_model(model.language_model, LoraConfig(
         r=LORA_R, lora_alpha=LORA_ALPHA, target_modules=lora_targets, modules_to_save=save, lora_dropout=0.0))
     named = dict(model.language_model.named_parameters())
@@ -169,7 +174,7 @@ def make_internvl_fixture(root: Path, *, llm: str = "qwen2", version: str = "v2"
     for k, v in model.language_model.state_dict().items():
         trained = ".lora_" in k or ".modules_to_save." in k or (
             version == "v1" and any(f"{n}.weight" in k for n in ("embed_tokens", "lm_head", "tok_embeddings", "output"))
-            and ".original_module." not in k)
+            and ".original_module." not in k) or (head_lora and k.endswith(f"{head_name}.base_layer.weight"))
         if trained:
             ckpt_sd[PEFT_PREFIX + k] = v.detach().clone()
     for k, v in model.mlp1.state_dict().items():

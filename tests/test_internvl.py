@@ -185,6 +185,28 @@ def test_v1_checkpoints_and_deepspeed_directories(tmp_path, llm, version, deepsp
     _compare_logits(fx, res.out_dir, seed=1)
 
 
+def test_v1_internlm2_head_with_lora(tmp_path):
+    """An older v1 InternLM2 run with LoRA on ``output`` too: the trained full head (peft's ``base_layer``) with its
+    LoRA merged matches peft's un-merged model; the base's head is dropped with a reason."""
+    from tests.internvl_factory import make_internlm2_tokenizer_dir
+
+    fx = make_internvl_fixture(tmp_path / "fx", llm="internlm2", version="v1", head_lora=True,
+                               tokenizer_dir=make_internlm2_tokenizer_dir(tmp_path / "tok"))
+    peft_head = "mllm.model.language_model.base_model.model.output."
+    assert {peft_head + "base_layer.weight", peft_head + "lora_A.default.weight"} <= set(fx.state_dict)
+    res = _convert(fx, tmp_path / "out", dtype="fp32")
+    _compare_logits(fx, res.out_dir, seed=2)
+    # the head's LoRA matters: without it the head differs
+    from safetensors import safe_open
+
+    with safe_open(str(res.out_dir / "model.safetensors"), "pt") as f:
+        head = f.get_tensor("mllm.lm_head.weight")
+    assert (head - fx.state_dict[peft_head + "base_layer.weight"].float()).abs().max() > 1e-4
+    assert any("LoRA on the LM head" in n for n in res.report["notes"])
+    dropped = {d["source"] if isinstance(d, dict) else str(d) for d in res.report["dropped"]}
+    assert any("output.weight" in d for d in dropped), dropped
+
+
 def test_export_loads_and_predicts_without_maskport(qwen_export, tmp_path):
     import subprocess
     import sys

@@ -97,7 +97,7 @@ def projector_rules(layout: str, trained: bool) -> list[Rule]:
     return out
 
 
-def qwen2_llm_rules(base: BaseLayout, lora: bool = True) -> list[Rule]:
+def qwen2_llm_rules(base: BaseLayout, lora: bool = True, head_lora_base: str | None = None) -> list[Rule]:
     """Qwen2 language model: LoRA merged into every trained linear; embeddings / head from the checkpoint."""
     linear = "layers.{i}.{block}.{proj}"
     merge = [LoraMerge(target=LM + linear + ".weight", base=base.decoder + linear + ".weight",
@@ -105,50 +105,66 @@ def qwen2_llm_rules(base: BaseLayout, lora: bool = True) -> list[Rule]:
                        b=PEFT + "model." + linear + ".lora_B.default.weight")] if lora else []
     return [
         *merge,
-        *_embedding_rules(base, embed="embed_tokens", head="lm_head"),
+        *_embedding_rules(base, embed="embed_tokens", head="lm_head", head_lora_base=head_lora_base),
         CopyRest(target=LM + "{rest}", source=base.decoder + "{rest}"),
     ]
 
 
-def _embedding_rules(base: BaseLayout, *, embed: str, head: str) -> list[Rule]:
+def _embedding_rules(base: BaseLayout, *, embed: str, head: str, head_lora_base: str | None = None) -> list[Rule]:
     """Trained copies of the embeddings (``embed`` under the decoder) and the LM head (``head`` under the causal LM)
-    supersede the base's: v2 checkpoints keep peft ``modules_to_save`` copies, v1 full tensors."""
+    supersede the base's: v2 checkpoints keep peft ``modules_to_save`` copies, v1 full tensors.
+
+    ``head_lora_base``: the head carries LoRA (older v1 InternLM2 runs put ``output`` among the LoRA targets); the
+    key of the weight it is merged into: the checkpoint's trained head (peft's ``base_layer.weight``, or
+    ``weight`` in peft versions before ``base_layer``), or the base's head when the run did not train it."""
     base_embed = (base.decoder + embed + ".weight",)
     base_head = (base.lm_head,) if base.has_lm_head else ()  # a base that ties its head saves none
+    if head_lora_base is None:
+        head_rules: list[Rule] = [
+            Take("mllm.lm_head.weight", PEFT + f"{head}.modules_to_save.default.weight", replaces=base_head,
+                 optional=True),
+            Take("mllm.lm_head.weight", PEFT + f"{head}.weight", replaces=base_head,
+                 why="trained full copy (v1 checkpoint) replaces the base tensor", optional=True),
+            CopyRest(target="mllm.lm_head.weight", source=base.lm_head, optional=True),
+        ]
+    else:
+        head_rules = [LoraMerge(target="mllm.lm_head.weight", base=head_lora_base,
+                                a=PEFT + f"{head}.lora_A.default.weight", b=PEFT + f"{head}.lora_B.default.weight")]
+        if head_lora_base.startswith("ckpt:") and base.has_lm_head:
+            head_rules.append(Drop(base.lm_head, reason="the checkpoint's trained head (LoRA merged into it) "
+                                                         "replaces the base's"))
     return [
         Take(LM + "embed_tokens.weight", PEFT + f"model.{embed}.modules_to_save.default.weight", replaces=base_embed,
              optional=True),
-        Take("mllm.lm_head.weight", PEFT + f"{head}.modules_to_save.default.weight", replaces=base_head,
-             optional=True),
         Take(LM + "embed_tokens.weight", PEFT + f"model.{embed}.weight", replaces=base_embed,
              why="trained full copy (v1 checkpoint) replaces the base tensor", optional=True),
-        Take("mllm.lm_head.weight", PEFT + f"{head}.weight", replaces=base_head,
-             why="trained full copy (v1 checkpoint) replaces the base tensor", optional=True),
+        *head_rules,
         Drop(PEFT + "{rest}.original_module.weight",
              reason="frozen pre-training copy kept by peft modules_to_save; superseded by the trained copy",
              optional=True),
         # untouched by training: the base's (CopyRest claims only what no rule above took)
         CopyRest(target=LM + "embed_tokens.weight", source=base.decoder + embed + ".weight", optional=True),
-        CopyRest(target="mllm.lm_head.weight", source=base.lm_head, optional=True),
     ]
 
 
-def internlm2_llm_rules(base: BaseLayout, lora_modules: set[str], text_cfg: dict) -> list[Rule]:
+def internlm2_llm_rules(base: BaseLayout, lora_modules: set[str], text_cfg: dict,
+                        head_lora_base: str | None = None) -> list[Rule]:
     rules = internlm2_llama.rules(base=base.llm, target=LM, lm_head_target="mllm.lm_head.weight", peft=PEFT,
                                   lora_modules=lora_modules, num_heads=int(text_cfg["num_attention_heads"]),
                                   num_kv_heads=int(text_cfg["num_key_value_heads"]))
-    return [*rules, *_embedding_rules(base, embed="tok_embeddings", head="output")]
+    return [*rules, *_embedding_rules(base, embed="tok_embeddings", head="output", head_lora_base=head_lora_base)]
 
 
 def rules(layout: str, llm: str, *, base: BaseLayout, projector_trained: bool, lora_modules: set[str],
           text_cfg: dict, fcs_source: str = "ckpt", decoder_from: str | None = "ckpt:grounding_encoder.sam2_model.",
-          ) -> list[Rule]:
+          head_lora_base: str | None = None) -> list[Rule]:
     """The whole table, top to bottom. ``fcs_source``/``decoder_from``: where ``text_hidden_fcs`` and the fine-tuned
-    SAM2 mask decoder are (the training checkpoint; for a released folder, the folder and None)."""
+    SAM2 mask decoder are (the training checkpoint; for a released folder, the folder and None);
+    ``head_lora_base``: see :func:`_embedding_rules`."""
     if llm == "internlm2":
-        llm_rules = internlm2_llm_rules(base, lora_modules, text_cfg)
+        llm_rules = internlm2_llm_rules(base, lora_modules, text_cfg, head_lora_base)
     else:
-        llm_rules = qwen2_llm_rules(base, lora=bool(lora_modules))
+        llm_rules = qwen2_llm_rules(base, lora=bool(lora_modules), head_lora_base=head_lora_base)
     vision = intern_vit_rules() if layout == REMOTE else [CopyRest(VT + "{rest}", "base:model.vision_tower.{rest}")]
     return [
         *llm_rules,                                                    # 1. language model (LoRA merged)
@@ -426,9 +442,25 @@ class Sa2VAInternVL:
                  base.info(base_embed).shape[0] if base_embed in base else int(llm_cfg["vocab_size"]))
         lora_modules = {k[len(peft) + len("model.layers."):].split(".", 1)[1].rsplit(".lora_A", 1)[0]
                         for k in keys if k.startswith(peft + "model.layers.") and ".lora_A." in k}
-        unknown_lora = [k for k in keys if k.startswith(peft) and ".lora_" in k and not k.startswith(peft + "model.layers.")]
+        head_name = "output" if llm == "internlm2" else "lm_head"
+        head_lora_base = None
+        if f"{peft}{head_name}.lora_A.default.weight" in keys:  # LoRA on the head (older v1 InternLM2 runs)
+            trained = [PEFT + f"{head_name}.{w}" for w in ("base_layer.weight", "weight")
+                       if f"{peft}{head_name}.{w}" in keys]
+            if trained:
+                head_lora_base = trained[0]
+            elif where.has_lm_head:
+                head_lora_base = where.lm_head
+            else:
+                raise ShapeMismatch(f"the checkpoint has LoRA on {head_name} but neither it nor the base holds the "
+                                    f"head's weight (a tied head cannot take a LoRA of its own)")
+            notes.append(f"LoRA on the LM head ({head_name}): merged into "
+                         f"{'the trained head in the checkpoint' if trained else 'the base head'}")
+        unknown_lora = [k for k in keys if k.startswith(peft) and ".lora_" in k
+                        and not k.startswith((peft + "model.layers.", f"{peft}{head_name}.lora_"))]
         if unknown_lora:
-            raise ShapeMismatch(f"LoRA outside the decoder layers is not supported yet: {unknown_lora[:3]}")
+            raise ShapeMismatch(f"LoRA outside the decoder layers and the LM head is not supported: "
+                                f"{unknown_lora[:3]}")
         projector_trained = any(k.startswith("mllm.model.mlp1.") for k in keys)
         if not projector_trained:
             notes.append("the checkpoint has no projector (mlp1): the base's is exported")
@@ -467,7 +499,7 @@ class Sa2VAInternVL:
             "base_layout": layout, "llm": llm, "training_config_base_path": cfg.base_path,
         }
         table = rules(layout, llm, base=where, projector_trained=projector_trained, lora_modules=lora_modules,
-                      text_cfg=llm_cfg if llm != "internlm2" else {
+                      head_lora_base=head_lora_base, text_cfg=llm_cfg if llm != "internlm2" else {
                           "num_attention_heads": text_cfg["num_attention_heads"],
                           "num_key_value_heads": text_cfg["num_key_value_heads"]})
         return Prepared(sources={"ckpt": ckpt.source, "base": base, "sam2": sam2, **extra_sources},
