@@ -5,6 +5,7 @@
 
     # real shapes, random weights, on a GPU
     python -m maskport.quantize.bench shaped --size 3b --like exports/demo -o /tmp/sa2va-3b
+    python -m maskport.quantize.bench shaped-internvl --size sa2va-8b --like exports/tiny-internlm2 -o /tmp/ivl8b
     python -m maskport.quantize.bench gpu --export /tmp/sa2va-3b --methods gptq,awq --bits 4
 
 ``shaped`` writes an export folder of Sa2VA-Qwen2.5-VL-3B/7B *shapes* (Qwen2.5-VL-3B/7B-Instruct text and
@@ -106,6 +107,70 @@ def shaped(size, like, out, device, layers):
     from ..mappings._shared import copy_export_code
 
     copy_export_code(Path(out), "sa2va_qwen2_5_vl", ("configuration_sa2va_qwen.py", "modeling_sa2va_qwen.py"))
+    AutoTokenizer.from_pretrained(like, trust_remote_code=True).save_pretrained(out)
+    n = sum(p.numel() for p in model.parameters())
+    click.echo(json.dumps({"out": str(out), "params": n, "seconds": round(time.time() - t, 1)}))
+
+
+# InternVL shapes: InternViT-300M-448px-V2_5 (both) and the language models of InternVL3-8B (Qwen2.5-7B) and
+# Sa2VA-8B / InternVL2.5-8B (InternLM2.5-7B, exported as Llama); vocabularies with Sa2VA's 5 added tokens
+INTERNVIT_300M = {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096,
+                  "image_size": [448, 448], "patch_size": [14, 14], "norm_type": "layer_norm", "use_qk_norm": False,
+                  "attention_bias": True}
+INTERNVL = {
+    "internvl3-8b": {"llm": "qwen2", "text": {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+                                             "num_attention_heads": 28, "num_key_value_heads": 4,
+                                             "vocab_size": 151679}},
+    "sa2va-8b": {"llm": "llama", "text": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                                         "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+                                         "vocab_size": 92558}},
+}
+
+
+@main.command("shaped-internvl")
+@click.option("--size", type=click.Choice(sorted(INTERNVL)), required=True)
+@click.option("--like", type=click.Path(path_type=Path), required=True,
+              help="A maskport sa2va-internvl export with the same kind of language model to borrow from.")
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True)
+@click.option("--device", default="auto")
+@click.option("--layers", type=int, default=None, help="Fewer decoder layers (real widths, less memory and time).")
+def shaped_internvl(size, like, out, device, layers):
+    """Write a random-weight export with real Sa2VA-InternVL shapes (448 px tiles, 256 tokens per tile)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from ..export.sa2va_internvl import configuration_sa2va_internvl as C
+    from ..export.sa2va_internvl import modeling_sa2va_internvl as M
+    from ..mappings._shared import copy_export_code
+    from ..mappings.sam2_meta_to_hf import SAM2_PRESETS, hf_sam2_config
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    like_cfg = json.loads((Path(like) / "config.json").read_text())
+    spec = INTERNVL[size]
+    mllm = copy.deepcopy(like_cfg["mllm_config"])
+    if mllm["text_config"]["model_type"] != spec["llm"]:
+        raise click.UsageError(f"--like has a {mllm['text_config']['model_type']} language model; {size} needs "
+                               f"{spec['llm']}")
+    mllm["text_config"].update(spec["text"])
+    if layers:
+        mllm["text_config"]["num_hidden_layers"] = int(layers)
+    mllm["text_config"].pop("layer_types", None)
+    mllm["vision_config"].update(INTERNVIT_300M)
+    mllm.update(image_seq_length=256, downsample_ratio=0.5, tie_word_embeddings=False)
+    image_processor = dict(like_cfg["image_processor"], image_size=448, max_dynamic_patch=12, use_thumbnail=True)
+    kw = {k: like_cfg[k] for k in ("seg_token", "seg_token_id", "special_tokens", "template", "add_bos_token",
+                                   "sam2_multimask_output", "mask_threshold", "max_new_tokens") if k in like_cfg}
+    cfg = C.Sa2VAInternVLConfig(mllm_config=mllm, sam2_config=hf_sam2_config(SAM2_PRESETS["sam2_hiera_large"]).to_dict(),
+                                image_processor=image_processor, maskport={
+                                    "family": "sa2va-internvl", "benchmark": f"random weights, {size} shapes"}, **kw)
+    cfg.auto_map = dict(like_cfg["auto_map"])
+    t = time.time()
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = M.Sa2VAInternVLModel(cfg).to(torch.bfloat16)
+    model.save_pretrained(out, max_shard_size="4GB")
+    copy_export_code(Path(out), "sa2va_internvl", ("configuration_sa2va_internvl.py", "modeling_sa2va_internvl.py"))
     AutoTokenizer.from_pretrained(like, trust_remote_code=True).save_pretrained(out)
     n = sum(p.numel() for p in model.parameters())
     click.echo(json.dumps({"out": str(out), "params": n, "seconds": round(time.time() - t, 1)}))
