@@ -74,15 +74,10 @@ def main():
 @click.option("--layers", type=int, default=None, help="Fewer decoder layers (a quick check of the shapes).")
 def shaped(size, like, out, device, layers):
     """Write a random-weight export with real Sa2VA-Qwen2.5-VL shapes."""
-    import torch
-    from transformers import AutoTokenizer
-
     from ..export.sa2va_qwen2_5_vl import configuration_sa2va_qwen as C
     from ..export.sa2va_qwen2_5_vl import modeling_sa2va_qwen as M
     from ..mappings.sam2_meta_to_hf import SAM2_PRESETS, hf_sam2_config
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     like_cfg = json.loads((Path(like) / "config.json").read_text())
     mllm = copy.deepcopy(like_cfg["mllm_config"])
     spec = QWEN25_VL[size]
@@ -99,14 +94,26 @@ def shaped(size, like, out, device, layers):
         "family": "sa2va-qwen2_5-vl", "benchmark": f"random weights, Sa2VA-Qwen2.5-VL-{size.upper()} shapes"}, **kw)
     cfg.auto_map = {"AutoConfig": "configuration_sa2va_qwen.Sa2VAQwenConfig",
                     "AutoModel": "modeling_sa2va_qwen.Sa2VAQwenModel"}
+    _write_shaped(M.Sa2VAQwenModel, cfg, out, like, device, "sa2va_qwen2_5_vl",
+                  ("configuration_sa2va_qwen.py", "modeling_sa2va_qwen.py"))
+
+
+def _write_shaped(model_cls, cfg, out, like, device: str, family_dir: str, code_files: tuple[str, ...]) -> None:
+    """Instantiate ``model_cls(cfg)`` with random bf16 weights on ``device`` and write it as an export folder with
+    the family's code and ``like``'s tokenizer."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from ..mappings._shared import copy_export_code
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     t = time.time()
     torch.manual_seed(0)
     with torch.device(device):
-        model = M.Sa2VAQwenModel(cfg).to(torch.bfloat16)
+        model = model_cls(cfg).to(torch.bfloat16)
     model.save_pretrained(out, max_shard_size="4GB")
-    from ..mappings._shared import copy_export_code
-
-    copy_export_code(Path(out), "sa2va_qwen2_5_vl", ("configuration_sa2va_qwen.py", "modeling_sa2va_qwen.py"))
+    copy_export_code(Path(out), family_dir, code_files)
     AutoTokenizer.from_pretrained(like, trust_remote_code=True).save_pretrained(out)
     n = sum(p.numel() for p in model.parameters())
     click.echo(json.dumps({"out": str(out), "params": n, "seconds": round(time.time() - t, 1)}))
@@ -136,16 +143,10 @@ INTERNVL = {
 @click.option("--layers", type=int, default=None, help="Fewer decoder layers (real widths, less memory and time).")
 def shaped_internvl(size, like, out, device, layers):
     """Write a random-weight export with real Sa2VA-InternVL shapes (448 px tiles, 256 tokens per tile)."""
-    import torch
-    from transformers import AutoTokenizer
-
     from ..export.sa2va_internvl import configuration_sa2va_internvl as C
     from ..export.sa2va_internvl import modeling_sa2va_internvl as M
-    from ..mappings._shared import copy_export_code
     from ..mappings.sam2_meta_to_hf import SAM2_PRESETS, hf_sam2_config
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     like_cfg = json.loads((Path(like) / "config.json").read_text())
     spec = INTERNVL[size]
     mllm = copy.deepcopy(like_cfg["mllm_config"])
@@ -165,15 +166,8 @@ def shaped_internvl(size, like, out, device, layers):
                                 image_processor=image_processor, maskport={
                                     "family": "sa2va-internvl", "benchmark": f"random weights, {size} shapes"}, **kw)
     cfg.auto_map = dict(like_cfg["auto_map"])
-    t = time.time()
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = M.Sa2VAInternVLModel(cfg).to(torch.bfloat16)
-    model.save_pretrained(out, max_shard_size="4GB")
-    copy_export_code(Path(out), "sa2va_internvl", ("configuration_sa2va_internvl.py", "modeling_sa2va_internvl.py"))
-    AutoTokenizer.from_pretrained(like, trust_remote_code=True).save_pretrained(out)
-    n = sum(p.numel() for p in model.parameters())
-    click.echo(json.dumps({"out": str(out), "params": n, "seconds": round(time.time() - t, 1)}))
+    _write_shaped(M.Sa2VAInternVLModel, cfg, out, like, device, "sa2va_internvl",
+                  ("configuration_sa2va_internvl.py", "modeling_sa2va_internvl.py"))
 
 
 def _kernel_override(method: str, bits: int, kernel: str):
