@@ -41,13 +41,13 @@ class InternVLFixture:
     vocab: int
 
 
-def _llm(kind: str, vocab: int):
+def _llm(kind: str, vocab: int, tied: bool = False):
     if kind == "qwen2":
         from transformers import Qwen2Config, Qwen2ForCausalLM
 
         cfg = Qwen2Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=10000.0,
-                          max_position_embeddings=512, tie_word_embeddings=False, use_sliding_window=False,
+                          max_position_embeddings=512, tie_word_embeddings=tied, use_sliding_window=False,
                           attn_implementation="eager")
         model = Qwen2ForCausalLM(cfg)
         d = cfg.to_dict()
@@ -74,10 +74,12 @@ VISION_6B = dict(VISION, qkv_bias=False, norm_type="rms_norm", qk_normalization=
 
 def make_internvl_fixture(root: Path, *, llm: str = "qwen2", version: str = "v2", seed: int = 0,
                           deepspeed: bool = False, tokenizer_dir: Path | None = None,
-                          vision: dict | None = None, head_lora: bool = False) -> InternVLFixture:
+                          vision: dict | None = None, head_lora: bool = False, tied: bool = False) -> InternVLFixture:
     """Build every input of a conversion under ``root``. ``tokenizer_dir``: a base tokenizer to copy (the
     InternLM2 fixture brings its own); default: the tiny byte-level BPE with InternVL's tokens added.
-    ``head_lora``: LoRA on the LM head too (``output``/``lm_head`` among the targets, as older v1 runs had)."""
+    ``head_lora``: LoRA on the LM head too (``output``/``lm_head`` among the targets, as older v1 runs had).
+    ``tied``: a Qwen2 LLM that ties its head to the embeddings (Qwen2.5-0.5B/1.5B in InternVL2.5-1B / InternVL3-2B,
+    i.e. Sa2VA-1B / Sa2VA-InternVL3-2B): the base folder saves no ``lm_head.weight``."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer
 
@@ -104,12 +106,16 @@ def make_internvl_fixture(root: Path, *, llm: str = "qwen2", version: str = "v2"
                internlm2_tokenizer.load(base_dir).convert_tokens_to_ids("<IMG_CONTEXT>"))
 
     # ---- the base InternVL (remote-code layout) ----------------------------------------------------------
-    lm, llm_cfg, lora_targets = _llm(llm, n_base)
+    assert not tied or llm == "qwen2"
+    lm, llm_cfg, lora_targets = _llm(llm, n_base, tied)
     vision = vision or VISION
     model = RefInternVLChat(vision, lm, llm_cfg["hidden_size"])
     gen = torch.Generator().manual_seed(seed + 1)
     _perturb_(model.parameters(), gen, 0.02)
     sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    if tied:  # as save_pretrained writes a tied model: the head is the embeddings, stored once
+        assert model.language_model.lm_head.weight is model.language_model.model.embed_tokens.weight
+        del sd["language_model.lm_head.weight"]
     from safetensors.torch import save_file
 
     save_file(sd, str(base_dir / "model.safetensors"), metadata={"format": "pt"})

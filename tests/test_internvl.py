@@ -185,6 +185,23 @@ def test_v1_checkpoints_and_deepspeed_directories(tmp_path, llm, version, deepsp
     _compare_logits(fx, res.out_dir, seed=1)
 
 
+@pytest.mark.parametrize("version", ["v2", "v1"])
+def test_tied_qwen2_base(tmp_path, version):
+    """Sa2VA-1B / Sa2VA-InternVL3-2B: the base's Qwen2.5-0.5B/1.5B ties its head to the embeddings, so the base
+    folder has no ``lm_head.weight``; the trained head comes from the checkpoint and the export unties it."""
+    fx = make_internvl_fixture(tmp_path / "fx", llm="qwen2", version=version, tied=True)
+    from safetensors import safe_open
+
+    with safe_open(str(fx.base_dir / "model.safetensors"), "pt") as f:
+        assert not any("lm_head" in k for k in f.keys())  # noqa: SIM118
+    assert json.loads((fx.base_dir / "config.json").read_text())["llm_config"]["tie_word_embeddings"] is True
+    res = _convert(fx, tmp_path / "out", dtype="fp32")
+    model = _compare_logits(fx, res.out_dir, seed=3)
+    assert model.config.mllm_config.tie_word_embeddings is False
+    assert model.mllm.lm_head.weight.data_ptr() != model.mllm.get_input_embeddings().weight.data_ptr()
+    assert res.report["coverage"]["unaccounted"] == []
+
+
 def test_v1_internlm2_head_with_lora(tmp_path):
     """An older v1 InternLM2 run with LoRA on ``output`` too: the trained full head (peft's ``base_layer``) with its
     LoRA merged matches peft's un-merged model; the base's head is dropped with a reason."""
