@@ -172,7 +172,8 @@ def make_internvl_fixture(root: Path, *, llm: str = "qwen2", version: str = "v2"
     _perturb_(model.mlp1.parameters(), gen, 0.01)
     _perturb_(sam2.sam_mask_decoder.parameters(), gen, 0.01)
     fcs = nn.Sequential(nn.Linear(llm_cfg["hidden_size"], llm_cfg["hidden_size"]), nn.ReLU(),
-                        nn.Linear(llm_cfg["hidden_size"], 32), nn.Dropout(0.0))
+                        nn.Linear(llm_cfg["hidden_size"], sam2_cfg["model"]["image_encoder"]["neck"]["d_model"]),
+                        nn.Dropout(0.0))  # into SAM2's prompt width (32 for the tiny SAM2, 256 for the real ones)
     model.eval()
 
     # ---- what Sa2VAModel.state_dict() saves ------------------------------------------------------------------

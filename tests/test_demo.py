@@ -35,8 +35,9 @@ def art():
 def _convert(ckpt, art, out):
     from maskport.convert.api import convert_mmengine_to_hf
 
+    # as `maskport demo` converts it: the example trained with float32 SAM2 normalisation ("exact")
     return convert_mmengine_to_hf(ckpt, base=art.base, sam2=art.sam2, out=out, dtype="fp32", progress=False,
-                                  log=lambda *_: None)
+                                  sam2_normalization="exact", log=lambda *_: None)
 
 
 @pytest.fixture(scope="module")

@@ -54,6 +54,10 @@ def _echo_conversion(res, dry_run: bool) -> None:
 @click.option("--pretrained-pth", type=click.Path(path_type=Path),
               help="The earlier checkpoint this run started from (Sa2VA's pretrained_pth); its tensors take the "
                    "base's place. InternVL family.")
+@click.option("--sam2-normalization", type=click.Choice(["sa2va", "exact"]), default="sa2va", show_default=True,
+              help="SAM2 input mean/std: 'sa2va' = ImageNet's rounded to bfloat16, as Sa2VA's code computes them "
+                   "(masks equal Sa2VA's own predict_forward); 'exact' for models trained with float32 "
+                   "preprocessing.")
 @click.option("--sha256", is_flag=True,
               help="Record each shard's sha256 in conversion_report.json (about 1 s of CPU per 1.5 GB).")
 @click.option("--dry-run", is_flag=True, help="Plan and check coverage; write nothing.")
@@ -64,7 +68,7 @@ def _echo_conversion(res, dry_run: bool) -> None:
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @_friendly
 def convert_mmengine_to_hf_cmd(checkpoint, base, sam2, out, family, dtype, max_shard_size, sam2_config, lora_alpha,
-                               lora_r, special_tokens, pretrained_pth, sha256, dry_run, overwrite, report_json,
+                               lora_r, special_tokens, pretrained_pth, sam2_normalization, sha256, dry_run, overwrite, report_json,
                                allow_unsafe_pickle, no_progress):
     """Convert an mmengine/xtuner training CHECKPOINT (iter_N.pth, or a DeepSpeed ZeRO-1/2 folder)."""
     from .convert.api import convert_mmengine_to_hf
@@ -73,7 +77,7 @@ def convert_mmengine_to_hf_cmd(checkpoint, base, sam2, out, family, dtype, max_s
         checkpoint, base=base, sam2=sam2, out=out, family=family, dtype=dtype, max_shard_size=max_shard_size,
         sam2_config=sam2_config, lora_r=lora_r, lora_alpha=lora_alpha,
         special_tokens=special_tokens.split(",") if special_tokens else None, pretrained_pth=pretrained_pth,
-        sha256=sha256, dry_run=dry_run,
+        sam2_normalization=sam2_normalization, sha256=sha256, dry_run=dry_run,
         overwrite=overwrite, allow_unsafe_pickle=allow_unsafe_pickle, progress=not no_progress,
     )
     if report_json:
@@ -89,6 +93,10 @@ def convert_mmengine_to_hf_cmd(checkpoint, base, sam2, out, family, dtype, max_s
 @click.option("--max-shard-size", default="2GB", show_default=True, help="Largest shard, e.g. 2GB, 500MB.")
 @click.option("--sam2-config", type=click.Path(path_type=Path),
               help="Meta SAM2 model config (JSON) when the SAM2 size cannot be told from the tensor shapes.")
+@click.option("--sam2-normalization", type=click.Choice(["sa2va", "exact"]), default="sa2va", show_default=True,
+              help="SAM2 input mean/std: 'sa2va' = ImageNet's rounded to bfloat16, as Sa2VA's code computes them "
+                   "(masks equal Sa2VA's own predict_forward); 'exact' for models trained with float32 "
+                   "preprocessing.")
 @click.option("--sha256", is_flag=True,
               help="Record each shard's sha256 in conversion_report.json (about 1 s of CPU per 1.5 GB).")
 @click.option("--dry-run", is_flag=True, help="Plan and check coverage; write nothing.")
@@ -97,14 +105,14 @@ def convert_mmengine_to_hf_cmd(checkpoint, base, sam2, out, family, dtype, max_s
               help="DANGEROUS: let .bin weights run arbitrary pickled code (only for files you trust).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @_friendly
-def convert_sa2va_hf_to_native_cmd(folder, out, dtype, max_shard_size, sam2_config, sha256, dry_run, overwrite,
+def convert_sa2va_hf_to_native_cmd(folder, out, dtype, max_shard_size, sam2_config, sam2_normalization, sha256, dry_run, overwrite,
                                    allow_unsafe_pickle, no_progress):
     """Convert a released Sa2VA HF FOLDER (ByteDance/Sa2VA-1B/4B/8B/26B, Sa2VA-InternVL3-*) into maskport's native
     export: stock transformers classes, no remote code of the folder run, quantizable and verifiable."""
     from .convert.api import convert_sa2va_hf_to_native
 
     res = convert_sa2va_hf_to_native(folder, out=out, dtype=dtype, max_shard_size=max_shard_size,
-                                     sam2_config=sam2_config, sha256=sha256, dry_run=dry_run, overwrite=overwrite,
+                                     sam2_config=sam2_config, sam2_normalization=sam2_normalization, sha256=sha256, dry_run=dry_run, overwrite=overwrite,
                                      allow_unsafe_pickle=allow_unsafe_pickle, progress=not no_progress)
     _echo_conversion(res, dry_run)
 

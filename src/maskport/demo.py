@@ -247,7 +247,9 @@ def _convert(ckpt: Path, art: DemoArtifacts, out: Path, progress: bool, log: Cal
     from .convert.api import convert_mmengine_to_hf
 
     # fp32 output: CPUs run bf16 matmuls slowly; the values are the trained (bf16) ones, the LoRA merge exact
+    # the example's training normalises SAM2's input with the exact float32 ImageNet constants (model.py)
     return convert_mmengine_to_hf(ckpt, base=art.base, sam2=art.sam2, out=out, dtype="fp32", overwrite=True,
+                                  sam2_normalization="exact",
                                   progress=progress, log=log)
 
 

@@ -53,6 +53,12 @@ def _check_output_options(out, dtype, max_shard_size, dry_run: bool, overwrite: 
         raise MissingInput(str(exc)) from None
 
 
+def _sam2_normalization(mode: str) -> None:
+    from ..mappings._shared import sam2_normalization
+
+    sam2_normalization(mode)
+
+
 def _training_dtype(source) -> torch.dtype:
     counts: dict[torch.dtype, int] = {}
     for k in source.keys():
@@ -77,6 +83,7 @@ def convert_mmengine_to_hf(
     use_rslora: bool | None = None,
     special_tokens: list[str] | None = None,
     pretrained_pth: str | Path | None = None,
+    sam2_normalization: str = "sa2va",
     sha256: bool = False,
     dry_run: bool = False,
     overwrite: bool = False,
@@ -98,6 +105,7 @@ def convert_mmengine_to_hf(
     """
     t0 = time.time()
     out_dir, shard_bytes = _check_output_options(out, dtype, max_shard_size, dry_run, overwrite)
+    _sam2_normalization(sam2_normalization)  # an unknown mode is refused before any input is opened
 
     # 1. the training checkpoint
     tc = open_training_checkpoint(ckpt, allow_unsafe_pickle=allow_unsafe_pickle)
@@ -115,7 +123,8 @@ def convert_mmengine_to_hf(
                              sam2_config=Path(sam2_config) if sam2_config else None, lora_r=lora_r,
                              lora_alpha=lora_alpha, use_rslora=use_rslora, special_tokens=special_tokens,
                              allow_unsafe_pickle=allow_unsafe_pickle,
-                             pretrained_pth=Path(pretrained_pth) if pretrained_pth else None)
+                             pretrained_pth=Path(pretrained_pth) if pretrained_pth else None,
+                             sam2_normalization=sam2_normalization)
     prepared = fam.prepare(tc, cfg, options)
     out_dtype = DTYPES[dtype] if dtype else _training_dtype(tc.source)
 
@@ -210,6 +219,7 @@ def convert_sa2va_hf_to_native(
     dtype: str | None = None,
     max_shard_size: str | int = "2GB",
     sam2_config: str | Path | None = None,
+    sam2_normalization: str = "sa2va",
     sha256: bool = False,
     dry_run: bool = False,
     overwrite: bool = False,
@@ -231,9 +241,10 @@ def convert_sa2va_hf_to_native(
     if not src_dir.is_dir():
         raise MissingInput(f"released model folder {src_dir} does not exist (or is not a folder)")
     out_dir, shard_bytes = _check_output_options(out, dtype, max_shard_size, dry_run, overwrite)
+    _sam2_normalization(sam2_normalization)  # an unknown mode is refused before any input is opened
     fam = detect_released_family(src_dir, read_json(src_dir / "config.json"))
     options = ConvertOptions(sam2_config=Path(sam2_config) if sam2_config else None,
-                             allow_unsafe_pickle=allow_unsafe_pickle)
+                             allow_unsafe_pickle=allow_unsafe_pickle, sam2_normalization=sam2_normalization)
     prepared = fam.prepare_released(src_dir, options)
     out_dtype = DTYPES[dtype] if dtype else _training_dtype(prepared.sources["base"])
     return plan_and_write(prepared, family=fam.name, mapping_version=fam.mapping_version,

@@ -26,6 +26,29 @@ def read_json(path: Path) -> dict:
 EXPORT_DIR = Path(__file__).resolve().parent.parent / "export"
 
 
+SAM2_NORMALIZATIONS = ("sa2va", "exact")
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def sam2_normalization(mode: str) -> dict[str, list[float]]:
+    """The SAM2 input normalisation an export config carries (``sam2_pixel_mean``/``sam2_pixel_std``).
+
+    ``"sa2va"`` (the default): ImageNet's mean/std *rounded to bfloat16*, which is what Sa2VA computes: its SAM2
+    wrapper builds the constants with ``dtype=torch.bfloat16`` at inference (``preprocess_image`` of its released
+    HF code) and in the image's bf16 dtype in training. Measured: with these values an export's masks equal those
+    of Sa2VA's own ``predict_forward`` pixel for pixel; with the exact values 0.1-0.6 % of the pixels differ, at
+    mask borders. ``"exact"``: the float values, for models trained with float32 preprocessing."""
+    import torch
+
+    if mode not in SAM2_NORMALIZATIONS:
+        raise MissingInput(f"--sam2-normalization must be one of {', '.join(SAM2_NORMALIZATIONS)}, got {mode!r}")
+    if mode == "exact":
+        return {"sam2_pixel_mean": list(_IMAGENET_MEAN), "sam2_pixel_std": list(_IMAGENET_STD)}
+    rounded = lambda v: [float(x) for x in torch.tensor(v, dtype=torch.bfloat16).float()]  # noqa: E731
+    return {"sam2_pixel_mean": rounded(_IMAGENET_MEAN), "sam2_pixel_std": rounded(_IMAGENET_STD)}
+
+
 def copy_export_code(out: Path, family_dir: str, names: tuple[str, ...]) -> list[str]:
     """Copy a family's configuration/modeling files and the shared ``sa2va_common.py`` (which the modeling file
     imports relatively) into the export folder ``out``; returns the file names."""

@@ -26,6 +26,7 @@ class ConvertOptions:
     special_tokens: list[str] | None = None
     allow_unsafe_pickle: bool = False
     pretrained_pth: Path | None = None  # an earlier checkpoint the run started from (Sa2VA's pretrained_pth)
+    sam2_normalization: str = "sa2va"   # SAM2 input mean/std: "sa2va" (bf16-rounded, as Sa2VA computes) | "exact"
 
 
 @dataclass

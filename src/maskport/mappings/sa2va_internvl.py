@@ -28,7 +28,7 @@ from ..convert.training_config import TrainingConfig
 from ..errors import MissingInput, ShapeMismatch, UnreadableFile, WrongFamily
 from . import internlm2_llama
 from . import sam2_meta_to_hf as sam2map
-from ._shared import lora_settings, open_sam2, plain, read_json, target_shapes, write_export_files
+from ._shared import lora_settings, open_sam2, plain, read_json, sam2_normalization, target_shapes, write_export_files
 from .registry import ConvertOptions, Prepared, register
 
 NAME = "sa2va-internvl"
@@ -273,7 +273,7 @@ def _load_tokenizer(base_dir: Path, llm: str):
 
 def _export(*, base_dir: Path, base_cfg: dict, layout: str, llm: str, vis_cfg: dict, llm_cfg: dict, vocab: int,
             tokenizer, special: list[str], seg_id: int, image_token_id: int, template_in, sam2_config, preset: str,
-            out_dim: int, notes: list[str]):
+            out_dim: int, notes: list[str], normalization: str = "sa2va"):
     """The export's config, the target model's tensor shapes, and the function writing the non-weight files."""
     from transformers import InternVLConfig
 
@@ -317,7 +317,7 @@ def _export(*, base_dir: Path, base_cfg: dict, layout: str, llm: str, vis_cfg: d
     config = Sa2VAInternVLConfig(
         mllm_config=mllm_config.to_dict(), sam2_config=sam2_config.to_dict(), seg_token="[SEG]",
         seg_token_id=seg_id, special_tokens=list(special), template=template, image_processor=image_processor,
-        add_bos_token=llm == "internlm2", text_hidden_fcs_out_dim=out_dim,
+        add_bos_token=llm == "internlm2", text_hidden_fcs_out_dim=out_dim, **sam2_normalization(normalization),
         maskport={"version": __version__, "family": NAME, "mapping_version": MAPPING_VERSION,
                   "sam2_preset": preset, "base_layout": layout, "llm": llm})
     config.architectures = ["Sa2VAInternVLModel"]
@@ -489,7 +489,8 @@ class Sa2VAInternVL:
         config, expected, write_files, text_cfg, template = _export(
             base_dir=base_dir, base_cfg=base_cfg, layout=layout, llm=llm, vis_cfg=vis_cfg, llm_cfg=llm_cfg,
             vocab=vocab, tokenizer=tokenizer, special=special, seg_id=seg_id, image_token_id=image_token_id,
-            template_in=cfg.template, sam2_config=sam2_config, preset=preset, out_dim=out_dim, notes=notes)
+            template_in=cfg.template, sam2_config=sam2_config, preset=preset, out_dim=out_dim, notes=notes,
+            normalization=options.sam2_normalization)
 
         settings = {
             "lora": {"r": r, "alpha": alpha, "use_rslora": rslora, "scaling": scaling, "modules": sorted(lora_modules),
@@ -565,7 +566,8 @@ class Sa2VAInternVL:
         config, expected, write_files, text_cfg, template = _export(
             base_dir=src_dir, base_cfg=src_cfg, layout=layout, llm=llm, vis_cfg=vis_cfg, llm_cfg=llm_cfg,
             vocab=vocab, tokenizer=tokenizer, special=special, seg_id=seg_id, image_token_id=image_token_id,
-            template_in=template, sam2_config=sam2_config, preset=preset, out_dim=out_dim, notes=notes)
+            template_in=template, sam2_config=sam2_config, preset=preset, out_dim=out_dim, notes=notes,
+            normalization=options.sam2_normalization)
         table = rules(layout, llm, base=where, projector_trained=False, lora_modules=set(),
                       text_cfg={"num_attention_heads": text_cfg["num_attention_heads"],
                                 "num_key_value_heads": text_cfg["num_key_value_heads"]},

@@ -23,7 +23,7 @@ from ..convert.sources import RenamedSource, TensorSource, TrainingCheckpoint, o
 from ..convert.training_config import TrainingConfig
 from ..errors import MissingInput, ShapeMismatch, UnreadableFile, WrongFamily
 from . import sam2_meta_to_hf as sam2map
-from ._shared import lora_settings, open_sam2, target_shapes, write_export_files
+from ._shared import lora_settings, open_sam2, sam2_normalization, target_shapes, write_export_files
 from ._shared import plain as _plain
 from ._shared import read_json as _read_json
 from .registry import ConvertOptions, Prepared, register
@@ -207,6 +207,7 @@ class Sa2VAQwen25VL:
             template=_plain(template),
             image_processor=image_processor,
             text_hidden_fcs_out_dim=out_dim,
+            **sam2_normalization(options.sam2_normalization),
             maskport={"version": __version__, "family": NAME, "mapping_version": MAPPING_VERSION,
                       "sam2_preset": preset},
         )
