@@ -147,6 +147,24 @@ def tokenizer_files(out: Path) -> list[str]:
     return [n for n in names if (out / n).is_file()]
 
 
+class quiet_transformers:
+    """Silence transformers' logger inside the block (e.g. its "model of type internvl_chat" notice when a
+    tokenizer is read from a remote-code model folder, which says nothing about the conversion)."""
+
+    def __enter__(self):
+        from transformers.utils import logging as tlogging
+
+        self._level = tlogging.get_verbosity()
+        tlogging.set_verbosity_error()
+        return self
+
+    def __exit__(self, *exc):
+        from transformers.utils import logging as tlogging
+
+        tlogging.set_verbosity(self._level)
+        return False
+
+
 def write_generation_config(base_dir: Path, out: Path, tokenizer, template: dict) -> None:
     from transformers import GenerationConfig
 

@@ -28,7 +28,8 @@ from ..convert.training_config import TrainingConfig
 from ..errors import MissingInput, ShapeMismatch, UnreadableFile, WrongFamily
 from . import internlm2_llama
 from . import sam2_meta_to_hf as sam2map
-from ._shared import lora_settings, open_sam2, plain, read_json, sam2_normalization, target_shapes, write_export_files
+from ._shared import (lora_settings, open_sam2, plain, quiet_transformers, read_json, sam2_normalization,
+                      target_shapes, write_export_files)
 from .registry import ConvertOptions, Prepared, register
 
 NAME = "sa2va-internvl"
@@ -264,9 +265,11 @@ def _load_tokenizer(base_dir: Path, llm: str):
     if llm == "internlm2":
         from . import internlm2_tokenizer
 
-        return internlm2_tokenizer.load(base_dir)
+        with quiet_transformers():
+            return internlm2_tokenizer.load(base_dir)
     try:
-        return AutoTokenizer.from_pretrained(base_dir, trust_remote_code=False)  # never run a folder's code
+        with quiet_transformers():
+            return AutoTokenizer.from_pretrained(base_dir, trust_remote_code=False)  # never run a folder's code
     except Exception as exc:  # noqa: BLE001 - re-raised typed
         raise UnreadableFile(f"{base_dir}: cannot load its tokenizer ({exc})") from exc
 
