@@ -41,6 +41,8 @@ class Sa2VAInternVLTarget(QuantTarget):
         s = model.config.image_processor
         model.mllm.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
+        # InternVLProcessor requires a video_token; the exports have none (no video support) and adding one would
+        # grow the vocabulary, so it names the image context token: image prompts are tokenised as in -hf releases
         names = {"start_image_token": s["img_start_token"], "end_image_token": s["img_end_token"],
                  "context_image_token": s["img_context_token"], "video_token": s["img_context_token"]}
         tok = AutoTokenizer.from_pretrained(folder, extra_special_tokens=names)
