@@ -234,7 +234,9 @@ def bench(size: str, root: Path, *, repeat: int, baseline: bool, log_dir: Path) 
                   f"oom {b.oom} {b.oom_detail}")
             shutil.rmtree(bout, ignore_errors=True)
     RESULTS_DIR.mkdir(exist_ok=True)
-    (RESULTS_DIR / f"{size}.json").write_text(json.dumps(res, indent=1) + "\n")
+    # paths inside the repository are recorded relative to it (no machine-specific prefix in the results)
+    text = json.dumps(res, indent=1).replace(str(REPO) + "/", "")
+    (RESULTS_DIR / f"{size}.json").write_text(text + "\n")
     return res
 
 
