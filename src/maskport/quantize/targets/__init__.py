@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -60,10 +59,6 @@ class QuantTarget:
         """The batch ``predict_forward`` would build for ``image`` + ``prompt``, the answer teacher-forced; the image
         given fewer tokens where the sequence would exceed ``max_seq_len``; ``None`` when even that cannot fit."""
         raise NotImplementedError
-
-    def describe(self) -> dict[str, Any]:
-        return {"family": self.family, "model_type": self.model_type,
-                "excluded_prefixes": list(self.excluded_prefixes)}
 
 
 TARGETS: dict[str, QuantTarget] = {}
