@@ -33,12 +33,20 @@ def _convert(fx, out: Path, **kw):
 @pytest.fixture(scope="session")
 def export_bf16(fx, tmp_path_factory):
     """The default conversion (output dtype = training dtype, bf16)."""
+    from tests.golden import check_export
+
     out = tmp_path_factory.mktemp("exports") / "sa2va-bf16"
-    return _convert(fx, out, sha256=True)
+    res = _convert(fx, out, sha256=True)
+    check_export("sa2va-qwen2_5-vl/bf16", out)
+    return res
 
 
 @pytest.fixture(scope="session")
 def export_fp32(fx, tmp_path_factory):
     """An fp32 conversion, for oracle comparisons at fp32 tolerances."""
+    from tests.golden import check_export
+
     out = tmp_path_factory.mktemp("exports") / "sa2va-fp32"
-    return _convert(fx, out, dtype="fp32")
+    res = _convert(fx, out, dtype="fp32")
+    check_export("sa2va-qwen2_5-vl/fp32", out)
+    return res

@@ -245,6 +245,9 @@ def test_deepspeed_zero2_folder_converts_to_the_same_weights(fx, export_bf16, tm
                                  sha256=True)
     assert res.report["inputs"]["checkpoint"]["format"] == "deepspeed"
     assert res.report["coverage"]["unaccounted"] == []
+    from tests.golden import check_export
+
+    check_export("sa2va-qwen2_5-vl/deepspeed-zero2", res.out_dir)
     assert [s["sha256"] for s in res.report["shards"]] == [s["sha256"] for s in export_bf16.report["shards"]]
 
 

@@ -42,8 +42,11 @@ def _convert(ckpt, art, out):
 
 @pytest.fixture(scope="module")
 def export_finetuned(art, tmp_path_factory):
+    from tests.golden import check_export
+
     out = tmp_path_factory.mktemp("demo") / "tiny-sa2va"
     _convert(art.ckpt, art, out)
+    check_export("demo/stage2", out)
     return out
 
 
@@ -53,6 +56,9 @@ def export_without_stage2(art, tmp_path_factory):
     ckpt = build_without_stage2_checkpoint(art, tmp / art.ckpt.name)
     out = tmp / "tiny-sa2va-without-stage2"
     _convert(ckpt, art, out)
+    from tests.golden import check_export
+
+    check_export("demo/without-stage2", out)
     return out
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.golden import check_export
 from tests.internvl_factory import TILE, make_internvl_fixture
 
 LOGIT_TOL = 1e-4
@@ -31,7 +32,9 @@ def qwen_fx(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def qwen_export(qwen_fx, tmp_path_factory):
-    return _convert(qwen_fx, tmp_path_factory.mktemp("exp") / "qwen2", dtype="fp32")
+    res = _convert(qwen_fx, tmp_path_factory.mktemp("exp") / "qwen2", dtype="fp32")
+    check_export("sa2va-internvl/qwen2-v2", res.out_dir)
+    return res
 
 
 def _load(out_dir):
@@ -130,7 +133,9 @@ def lm2_fx(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lm2_export(lm2_fx, tmp_path_factory):
-    return _convert(lm2_fx, tmp_path_factory.mktemp("exp") / "internlm2", dtype="fp32")
+    res = _convert(lm2_fx, tmp_path_factory.mktemp("exp") / "internlm2", dtype="fp32")
+    check_export("sa2va-internvl/internlm2-v2", res.out_dir)
+    return res
 
 
 def test_internlm2_v2_logits_match_the_references(lm2_fx, lm2_export):
@@ -182,6 +187,7 @@ def test_v1_checkpoints_and_deepspeed_directories(tmp_path, llm, version, deepsp
     assert not any(".modules_to_save." in k for k in fx.state_dict)
     res = _convert(fx, tmp_path / "out", dtype="fp32")
     assert res.report["inputs"]["checkpoint"]["format"] == ("deepspeed" if deepspeed else "mmengine")
+    check_export(f"sa2va-internvl/{llm}-{version}{'-deepspeed' if deepspeed else ''}", res.out_dir)
     _compare_logits(fx, res.out_dir, seed=1)
 
 
@@ -196,6 +202,7 @@ def test_tied_qwen2_base(tmp_path, version):
         assert not any("lm_head" in k for k in f.keys())  # noqa: SIM118
     assert json.loads((fx.base_dir / "config.json").read_text())["llm_config"]["tie_word_embeddings"] is True
     res = _convert(fx, tmp_path / "out", dtype="fp32")
+    check_export(f"sa2va-internvl/qwen2-{version}-tied", res.out_dir)
     model = _compare_logits(fx, res.out_dir, seed=3)
     assert model.config.mllm_config.tie_word_embeddings is False
     assert model.mllm.lm_head.weight.data_ptr() != model.mllm.get_input_embeddings().weight.data_ptr()
@@ -212,6 +219,7 @@ def test_v1_internlm2_head_with_lora(tmp_path):
     peft_head = "mllm.model.language_model.base_model.model.output."
     assert {peft_head + "base_layer.weight", peft_head + "lora_A.default.weight"} <= set(fx.state_dict)
     res = _convert(fx, tmp_path / "out", dtype="fp32")
+    check_export("sa2va-internvl/internlm2-v1-head-lora", res.out_dir)
     _compare_logits(fx, res.out_dir, seed=2)
     # the head's LoRA matters: without it the head differs
     from safetensors import safe_open
@@ -278,6 +286,7 @@ def test_released_folder_imports_to_the_same_export(request, tmp_path, which):
     res = convert_sa2va_hf_to_native(src, out=tmp_path / "native", progress=False, log=lambda *a: None,
                                      sam2_config=fx.sam2_pt.with_suffix(".config.json"))  # tiny: no preset
     assert res.family == "sa2va-internvl"
+    check_export(f"sa2va-internvl/released-{which}", res.out_dir)
     _compare_logits(fx, res.out_dir)
     a = safe_open(str(res.out_dir / "model.safetensors"), "pt")
     b = safe_open(str(from_ckpt.out_dir / "model.safetensors"), "pt")
@@ -361,6 +370,7 @@ def test_native_hf_base_layout(tmp_path):
     res = convert_mmengine_to_hf(ckpt, base=base, sam2=donor.sam2_pt, out=tmp_path / "out", dtype="fp32",
                                  progress=False, log=lambda *a: None)
     assert any("native (-hf) layout" in n for n in res.notes)
+    check_export("sa2va-internvl/native-hf-base", res.out_dir)
     model, _ = _load(res.out_dir)
 
     ids, pv = _inputs(donor)
@@ -410,6 +420,7 @@ def test_pretrained_pth_chain(qwen_fx, qwen_export, tmp_path):
     torch.save({"state_dict": stage1, "meta": {"cfg": "x = 1\n"}}, pre)
 
     res = _convert(fx, tmp_path / "out", dtype="fp32", pretrained_pth=pre)
+    check_export("sa2va-internvl/pretrained-pth", res.out_dir)
     reasons = [d.get("reason", "") for d in res.report["dropped"]]
     assert sum("replaced by --pretrained-pth" in r for r in reasons) > 100   # base + SAM2 tensors, each with a reason
     # the earlier checkpoint's projector, mask decoder and text_hidden_fcs: this run's copies win
@@ -477,6 +488,7 @@ def test_verify_runs_on_an_internvl_export(qwen_fx, qwen_export, tmp_path):
 
     bf16 = convert_mmengine_to_hf(qwen_fx.ckpt, base=qwen_fx.base_dir, sam2=qwen_fx.sam2_pt, out=tmp_path / "bf16",
                                   dtype="bf16", progress=False, log=lambda *a: None)
+    check_export("sa2va-internvl/qwen2-v2-bf16", bf16.out_dir)
     samples = _synthetic_samples(tmp_path / "s", 2, size=(100, 80))
     res = verify(qwen_export.out_dir, bf16.out_dir, samples, report_dir=tmp_path / "rep", max_new_tokens=5,
                  generation_kwargs={"sequence_bias": {"[SEG]": 30.0}}, progress=False)
@@ -492,6 +504,7 @@ def test_internvit_6b_style_vision_tower(tmp_path):
     fx = make_internvl_fixture(tmp_path / "fx", llm="internlm2", tokenizer_dir=tok_dir, vision=VISION_6B)
     assert any(k.endswith("attn.q_norm.weight") for k in fx.oracle.state_dict())
     res = _convert(fx, tmp_path / "out", dtype="fp32")
+    check_export("sa2va-internvl/internvit-6b", res.out_dir)
     cfg = json.loads((res.out_dir / "config.json").read_text())["mllm_config"]["vision_config"]
     assert cfg["use_qk_norm"] is True and cfg["norm_type"] == "rms_norm" and cfg["attention_bias"] is False
     _compare_logits(fx, res.out_dir, seed=2)

@@ -34,6 +34,9 @@ def test_tied_base_without_lm_head_converts(fx, export_bf16, tmp_path):
     res = convert_mmengine_to_hf(fx.ckpt, base=base, sam2=fx.sam2_pt, out=tmp_path / "out", progress=False)
     rep = json.loads((res.out_dir / "conversion_report.json").read_text())
     assert any("ties lm_head" in n for n in rep["notes"])
+    from tests.golden import check_export
+
+    check_export("sa2va-qwen2_5-vl/tied-base", res.out_dir)
     # nothing of the base is claimed as superseded by the trained lm_head: the base has no lm_head
     assert not any("lm_head" in d["source"] and d["source"].startswith("base:") for d in rep["dropped"])
     assert rep["coverage"]["sources"]["base"]["unaccounted"] == 0

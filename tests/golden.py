@@ -1,0 +1,56 @@
+"""Recorded tensor hashes of every export the test fixtures produce: a refactoring of the engine or of a family must
+leave the exported tensors unchanged (names, dtypes, shapes and bytes).
+
+``check_export(name, out_dir)`` compares an export folder's tensors with ``tests/golden/export_hashes.json[name]``.
+Run the suite with ``MASKPORT_RECORD_GOLDEN=1`` to (re)write the entries of the tests that ran, and review the diff:
+a changed hash is a changed export. The input fixtures are built deterministically (seeded, on the CPU).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from pathlib import Path
+
+GOLDEN = Path(__file__).resolve().parent / "golden" / "export_hashes.json"
+_LOCK = threading.Lock()
+
+
+def tensor_digests(folder: Path) -> dict[str, str]:
+    """``name -> "dtype shape sha256[:20]"`` of every tensor in the folder's safetensors files."""
+    from safetensors import safe_open
+
+    out: dict[str, str] = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():  # noqa: SIM118
+                t = st.get_tensor(k).contiguous()
+                data = t.view(-1).view(__import__("torch").uint8).numpy().tobytes() if t.numel() else b""
+                out[k] = f"{str(t.dtype).replace('torch.', '')} {list(t.shape)} {hashlib.sha256(data).hexdigest()[:20]}"
+    return dict(sorted(out.items()))
+
+
+def _summary(d: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def check_export(name: str, out_dir: Path) -> None:
+    got = tensor_digests(out_dir)
+    assert got, f"{out_dir} holds no tensors"
+    with _LOCK:
+        recorded = json.loads(GOLDEN.read_text()) if GOLDEN.is_file() else {}
+        if os.environ.get("MASKPORT_RECORD_GOLDEN") == "1":
+            recorded[name] = {"summary": _summary(got), "tensors": got}
+            GOLDEN.parent.mkdir(parents=True, exist_ok=True)
+            GOLDEN.write_text(json.dumps(dict(sorted(recorded.items())), indent=1) + "\n")
+            return
+    assert name in recorded, f"no recorded hashes for export {name!r}: run with MASKPORT_RECORD_GOLDEN=1"
+    want = recorded[name]["tensors"]
+    missing = sorted(set(want) - set(got))
+    extra = sorted(set(got) - set(want))
+    changed = sorted(k for k in set(want) & set(got) if want[k] != got[k])
+    assert not (missing or extra or changed), (
+        f"export {name!r} differs from its recorded tensors: {len(missing)} missing {missing[:3]}, {len(extra)} new "
+        f"{extra[:3]}, {len(changed)} changed {[(k, want[k], got[k]) for k in changed[:3]]}")
