@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "src"))  # this checkout's maskport.testing (the fixture builder)
 
 
 def main(out: str = "exports/quickstart-sa2va") -> None:
@@ -26,7 +26,7 @@ def main(out: str = "exports/quickstart-sa2va") -> None:
     from PIL import Image
     from transformers import AutoModel, AutoTokenizer
 
-    from tests.factory import make_sa2va_qwen_fixture
+    from maskport.testing.sa2va_qwen2_5_vl import make_sa2va_qwen_fixture
 
     work = Path(tempfile.mkdtemp(prefix="maskport-quickstart-"))
     print(f"1. building a tiny Sa2VA training run in {work} ...", flush=True)

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def fx(tmp_path_factory):
     """A genuine tiny Sa2VA training output: base folder, SAM2 .pt, mmengine iter_2.pth, DeepSpeed ZeRO-2 dir,
     and the un-converted pieces in memory (the oracles)."""
-    from tests.factory import make_sa2va_qwen_fixture
+    from maskport.testing.sa2va_qwen2_5_vl import make_sa2va_qwen_fixture
 
     return make_sa2va_qwen_fixture(tmp_path_factory.mktemp("sa2va_fx"), seed=0, deepspeed=True)
 

@@ -54,3 +54,34 @@ def check_export(name: str, out_dir: Path) -> None:
     assert not (missing or extra or changed), (
         f"export {name!r} differs from its recorded tensors: {len(missing)} missing {missing[:3]}, {len(extra)} new "
         f"{extra[:3]}, {len(changed)} changed {[(k, want[k], got[k]) for k in changed[:3]]}")
+
+
+def mapping_tsv(report: dict) -> str:
+    """The fully spelled mapping of a conversion report (``--dry-run --report-json``): one line per source tensor
+    -> target tensor with the op, then one line per dropped source tensor with its reason. Sorted, so a changed
+    mapping is a reviewable diff."""
+    rows = []
+    for t in report["targets"]:
+        for i, src in enumerate(t["sources"]):
+            rows.append((src, t["target"], t["op"] + (f" [input {i}]" if len(t["sources"]) > 1 else "")))
+    for d in report["dropped"]:
+        why = d["reason"] + (f" (superseded by {d['superseded_by']})" if d.get("superseded_by") else "")
+        rows.append((d["source"], "-", "drop: " + why))
+    lines = ["source\ttarget\top"] + ["\t".join(r) for r in sorted(rows)]
+    return "\n".join(lines) + "\n"
+
+
+def check_mapping_tsv(path: Path, report: dict) -> None:
+    """``docs/families/<family>.mapping.tsv`` must equal the mapping the fixture's dry run spells out
+    (``MASKPORT_RECORD_GOLDEN=1`` rewrites it)."""
+    got = mapping_tsv(report)
+    if os.environ.get("MASKPORT_RECORD_GOLDEN") == "1":
+        path.write_text(got)
+        return
+    assert path.is_file(), f"{path} is missing: run with MASKPORT_RECORD_GOLDEN=1"
+    want = path.read_text()
+    if got != want:
+        import difflib
+
+        diff = "".join(list(difflib.unified_diff(want.splitlines(True), got.splitlines(True), str(path), "now"))[:40])
+        raise AssertionError(f"the mapping differs from {path}:\n{diff}")

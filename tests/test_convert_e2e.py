@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from tests.sam2_reference import meta_language_outputs
+from maskport.testing.references.sam2 import meta_language_outputs
 
 IMAGE_H, IMAGE_W = 224, 280  # multiples of 28: Qwen's pre-resize is the identity
 
@@ -269,3 +269,16 @@ def test_sam2_normalisation_is_sa2vas_bfloat16_rounded_by_default(export_fp32, f
         convert_mmengine_to_hf(fx.ckpt, base=fx.base_dir, sam2=fx.sam2_pt, out=tmp_path / "x",
                                sam2_normalization="imagenet", progress=False, log=lambda *a: None)
     assert not (tmp_path / "x").exists()
+
+
+def test_golden_mapping_tsv(fx):
+    """``docs/families/sa2va-qwen2_5-vl.mapping.tsv`` spells out every source -> target of the fixture's conversion
+    (``--dry-run --report-json``); a mapping change shows as a diff of that file."""
+    from pathlib import Path
+
+    from maskport.convert.api import convert_mmengine_to_hf
+    from tests.golden import check_mapping_tsv
+
+    res = convert_mmengine_to_hf(fx.ckpt, base=fx.base_dir, sam2=fx.sam2_pt, out=None, dry_run=True, progress=False)
+    docs = Path(__file__).resolve().parent.parent / "docs" / "families"
+    check_mapping_tsv(docs / "sa2va-qwen2_5-vl.mapping.tsv", res.report)

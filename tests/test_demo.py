@@ -138,7 +138,7 @@ def test_training_inputs_match_the_exports_predict_forward_inputs(art, export_fi
         sys.modules.pop("shapes", None)
         if saved is not None:
             sys.modules["shapes"] = saved
-    from maskport.export.sa2va_qwen2_5_vl.modeling_sa2va_qwen import build_prompt
+    from maskport.families.sa2va_qwen2_5_vl.remote.modeling_sa2va_qwen import build_prompt
     from maskport.verify.samples import load_jsonl
 
     m = AutoModel.from_pretrained(str(export_finetuned), trust_remote_code=True, dtype=torch.float32).eval()

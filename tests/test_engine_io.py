@@ -177,13 +177,10 @@ def _file_plan(tmp_path, out_dtype):
     torch.save({"state_dict": lora}, tmp_path / "ck.pth")
     srcs = {"base": open_hf_folder(tmp_path / "base"), "ck": open_training_checkpoint(tmp_path / "ck.pth").source}
 
-    class Ctx:
-        lora_scaling = 0.75
-
-    rules = [LoraMerge(target="lin.weight", base="base:lin.weight", a="ck:A", b="ck:B"),
+    rules = [LoraMerge(target="lin.weight", base="base:lin.weight", a="ck:A", b="ck:B", scaling=0.75),
              Rename(target="extra", source="ck:extra"),
              CopyRest(target="{rest}", source="base:{rest}")]
-    return build_plan(rules, srcs, ctx=Ctx(), out_dtype=out_dtype), base, lora
+    return build_plan(rules, srcs, out_dtype=out_dtype), base, lora
 
 
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -242,8 +239,8 @@ def test_write_order_interleaves_merges_with_copies(tmp_path):
     plan, _, _ = _file_plan(tmp_path, torch.bfloat16)
     order = writer.write_order(plan)
     assert sorted(map(id, order)) == sorted(map(id, plan.steps))
-    merges = [ps for ps in order if ps.step.op.startswith("lora_merge")]
-    others = [ps for ps in order if not ps.step.op.startswith("lora_merge")]
+    merges = [ps for ps in order if ps.step.op_name.startswith("lora_merge")]
+    others = [ps for ps in order if not ps.step.op_name.startswith("lora_merge")]
     assert merges == [ps for ps in plan.steps if ps in merges]
     assert others == [ps for ps in plan.steps if ps in others]
     assert order[0] in merges and order[-1] in others  # mixed, not all merges first

@@ -24,10 +24,10 @@ from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Sam2Config  # noqa: E402
 
-from maskport.export.sa2va_qwen2_5_vl import configuration_sa2va_qwen as cfg_mod  # noqa: E402
-from maskport.export.sa2va_qwen2_5_vl import modeling_sa2va_qwen as mod  # noqa: E402
-from maskport.export.sa2va_qwen2_5_vl.configuration_sa2va_qwen import Sa2VAQwenConfig  # noqa: E402
-from maskport.export.sa2va_qwen2_5_vl.modeling_sa2va_qwen import (  # noqa: E402
+from maskport.families.sa2va_qwen2_5_vl.remote import configuration_sa2va_qwen as cfg_mod  # noqa: E402
+from maskport.families.sa2va_qwen2_5_vl.remote import modeling_sa2va_qwen as mod  # noqa: E402
+from maskport.families.sa2va_qwen2_5_vl.remote.configuration_sa2va_qwen import Sa2VAQwenConfig  # noqa: E402
+from maskport.families.sa2va_qwen2_5_vl.remote.modeling_sa2va_qwen import (  # noqa: E402
     Sa2VAQwenModel, build_prompt, select_seg_hidden_states)
 
 EXPORT_DIR = Path(cfg_mod.__file__).resolve().parent
@@ -267,33 +267,42 @@ def test_legacy_qwen_layout_still_loads(tmp_path, config, model):
 
 
 def test_exported_files_import_only_allowed_modules():
+    """Every file an export carries (each registered family's code files and the shared heads it lists) imports
+    only torch/transformers/numpy/PIL and the stdlib modules below, and relatively only files that the same export
+    carries. Generated from the registry: a new family is checked without editing this test."""
+    from maskport.families import FAMILIES
+    from maskport.heads import remote_file
+
     allowed = {"torch", "transformers", "numpy", "PIL", "__future__", "math", "copy", "typing"}
-    files = {name: EXPORT_DIR / name for name in ("configuration_sa2va_qwen.py", "modeling_sa2va_qwen.py")}
-    files["sa2va_common.py"] = EXPORT_DIR.parent / "common" / "sa2va_common.py"  # copied beside them
-    internvl = EXPORT_DIR.parent / "sa2va_internvl"
-    for name in ("configuration_sa2va_internvl.py", "modeling_sa2va_internvl.py"):
-        files[name] = internvl / name
-    siblings = {"configuration_sa2va_qwen", "configuration_sa2va_internvl", "sa2va_common"}
-    for name, path in files.items():
-        tree = ast.parse(path.read_text())
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                roots = {a.name.split(".")[0] for a in node.names}
-            elif isinstance(node, ast.ImportFrom):
-                if node.level:  # relative: the sibling files only
-                    assert node.level == 1 and node.module in siblings, (name, node.module)
+    assert FAMILIES
+    for fam in FAMILIES.values():
+        spec = fam.spec
+        files = {name: fam.folder / "remote" / name for name in spec.code_files}
+        files.update({f"{h}.py": remote_file(h) for h in spec.heads})
+        shipped = {name.removesuffix(".py") for name in files}
+        for name, path in files.items():
+            tree = ast.parse(path.read_text())
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Import):
+                    roots = {a.name.split(".")[0] for a in node.names}
+                elif isinstance(node, ast.ImportFrom):
+                    if node.level:  # relative: only files this export carries
+                        assert node.level == 1 and node.module in shipped, (spec.name, name, node.module)
+                        continue
+                    roots = {node.module.split(".")[0]}
+                else:
                     continue
-                roots = {node.module.split(".")[0]}
-            else:
-                continue
-            assert roots <= allowed, (name, roots)
+                assert roots <= allowed, (spec.name, name, roots)
 
 
 def test_automodel_trust_remote_code(tmp_path, config, model, tok, image):
     model.save_pretrained(tmp_path)
     for f in ("configuration_sa2va_qwen.py", "modeling_sa2va_qwen.py"):
         shutil.copy2(EXPORT_DIR / f, tmp_path / f)
-    shutil.copy2(EXPORT_DIR.parent / "common" / "sa2va_common.py", tmp_path / "sa2va_common.py")
+    from maskport.heads import remote_file
+
+    for head in ("image_utils", "seg_token", "sam2_image"):
+        shutil.copy2(remote_file(head), tmp_path / f"{head}.py")
     raw = json.loads((tmp_path / "config.json").read_text())
     raw["auto_map"] = {"AutoConfig": "configuration_sa2va_qwen.Sa2VAQwenConfig",
                        "AutoModel": "modeling_sa2va_qwen.Sa2VAQwenModel"}

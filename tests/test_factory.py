@@ -1,4 +1,4 @@
-"""Sanity checks of the Sa2VA/Qwen2.5-VL fixture factory (tests/factory.py)."""
+"""Sanity checks of the Sa2VA/Qwen2.5-VL fixture (maskport.testing.sa2va_qwen2_5_vl)."""
 
 import json
 import re
@@ -6,13 +6,10 @@ import re
 import pytest
 import torch
 
-from tests.factory import (
-    QWEN_SPECIAL_TOKENS,
-    _build_lora_config,
-    SPECIAL_TOKENS,
-    build_meta_sam2,
-    make_sa2va_qwen_fixture,
-)
+from maskport.testing.common import SPECIAL_TOKENS
+from maskport.testing.sa2va_qwen2_5_vl import _build_lora_config, make_sa2va_qwen_fixture
+from maskport.testing.sam2 import build_meta_sam2
+from maskport.testing.tokenizers import QWEN_SPECIAL_TOKENS
 
 _CKPT_KEY_PATTERNS = [
     r"mllm\.model\.base_model\.model\.model\.language_model\.layers\.\d+\."

@@ -21,9 +21,9 @@ TEXTS = [
 
 
 def _train(tmp_path, **kw):
-    from tests.factory import _WORDS
+    from maskport.testing.tokenizers import WORDS
 
-    corpus = [f"{w} {_WORDS[(i * 7) % len(_WORDS)]} {w.capitalize()}, {w}.\n" for i, w in enumerate(_WORDS)] * 3
+    corpus = [f"{w} {WORDS[(i * 7) % len(WORDS)]} {w.capitalize()}, {w}.\n" for i, w in enumerate(WORDS)] * 3
     corpus.append("0 1 2 3 4 5 6 7 8 9 ? ! : ; ' \" ( ) [ ] < > / - _")
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_writer=buf, vocab_size=500,
@@ -55,7 +55,7 @@ def _reference(sp, text):
 def test_encodes_like_sentencepiece_per_piece(tmp_path, kw):
     from transformers import PreTrainedTokenizerFast
 
-    from maskport.mappings.internlm2_tokenizer import from_sentencepiece
+    from maskport.families.sa2va_internvl.internlm2_tokenizer import from_sentencepiece
 
     path, sp = _train(tmp_path, **kw)
     tok = PreTrainedTokenizerFast(tokenizer_object=from_sentencepiece(path))
@@ -70,7 +70,7 @@ def test_encodes_like_sentencepiece_per_piece(tmp_path, kw):
 
 
 def test_load_reads_tokenizer_model_and_special_tokens(tmp_path):
-    from maskport.mappings import internlm2_tokenizer
+    from maskport.families.sa2va_internvl import internlm2_tokenizer
 
     _train(tmp_path, normalization_rule_name="identity", add_dummy_prefix=True, remove_extra_whitespaces=False)
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({
@@ -92,7 +92,7 @@ def test_load_reads_tokenizer_model_and_special_tokens(tmp_path):
 
 def test_a_missing_tokenizer_is_a_clear_error(tmp_path):
     from maskport.errors import MissingInput
-    from maskport.mappings import internlm2_tokenizer
+    from maskport.families.sa2va_internvl import internlm2_tokenizer
 
     with pytest.raises(MissingInput, match="no tokenizer.json or tokenizer.model"):
         internlm2_tokenizer.load(tmp_path)

@@ -1,6 +1,6 @@
 """Sa2VA on InternVL: remote-code InternVL bases (Qwen2 and InternLM2 language models) -> native transformers
 ``InternVLForConditionalGeneration`` (+ SAM2), checked against independent references: the original
-InternViT / pixel-shuffle / mlp1 / InternLM2 formulas written in ``tests/internvl_reference.py``, transformers'
+InternViT / pixel-shuffle / mlp1 / InternLM2 formulas written in ``maskport.testing.references.internvl``, transformers'
 own Qwen2, and peft's un-merged LoRA (the training-time model)."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
+from maskport.testing.sa2va_internvl import TILE, make_internvl_fixture
 from tests.golden import check_export
-from tests.internvl_factory import TILE, make_internvl_fixture
 
 LOGIT_TOL = 1e-4
 
@@ -105,7 +105,7 @@ def test_qwen2_predict_forward_segments_every_seg(qwen_fx, qwen_export):
 
 
 def test_tiling_matches_internvl_rules():
-    from maskport.export.sa2va_internvl.modeling_sa2va_internvl import choose_grid, dynamic_tiles, tile_grids
+    from maskport.families.sa2va_internvl.remote.modeling_sa2va_internvl import choose_grid, dynamic_tiles, tile_grids
 
     grids = tile_grids(1, 12)
     assert grids[0] == (1, 1) and all(a * b <= 12 for a, b in grids)
@@ -124,7 +124,7 @@ def test_tiling_matches_internvl_rules():
 
 @pytest.fixture(scope="module")
 def lm2_fx(tmp_path_factory):
-    from tests.internvl_factory import make_internlm2_tokenizer_dir
+    from maskport.testing.tokenizers import make_internlm2_tokenizer_dir
 
     root = tmp_path_factory.mktemp("internvl_internlm2")
     tok_dir = make_internlm2_tokenizer_dir(root / "tok")
@@ -161,7 +161,7 @@ def test_internlm2_tokenizer_loads_without_remote_code(lm2_fx, lm2_export):
 
 def test_split_wqkv_against_the_rearrange_formula():
     """The split gathers exactly the rows InternLM2's ``rearrange(qkv, "b q (h gs d) -> b q h gs d")`` reads."""
-    from maskport.mappings.internlm2_llama import split_wqkv
+    from maskport.families.sa2va_internvl.internlm2_llama import split_wqkv
 
     heads, kv, d, dim = 8, 2, 3, 5
     g = heads // kv
@@ -180,7 +180,7 @@ def test_split_wqkv_against_the_rearrange_formula():
 def test_v1_checkpoints_and_deepspeed_directories(tmp_path, llm, version, deepspeed):
     """v1 checkpoints (full trained embeddings / head under the peft prefix, no modules_to_save) and a DeepSpeed
     ZeRO-2 directory (``mp_rank_00_model_states.pt``'s ``module``) convert to the same references."""
-    from tests.internvl_factory import make_internlm2_tokenizer_dir
+    from maskport.testing.tokenizers import make_internlm2_tokenizer_dir
 
     tok_dir = make_internlm2_tokenizer_dir(tmp_path / "tok") if llm == "internlm2" else None
     fx = make_internvl_fixture(tmp_path / "fx", llm=llm, version=version, deepspeed=deepspeed, tokenizer_dir=tok_dir)
@@ -212,7 +212,7 @@ def test_tied_qwen2_base(tmp_path, version):
 def test_v1_internlm2_head_with_lora(tmp_path):
     """An older v1 InternLM2 run with LoRA on ``output`` too: the trained full head (peft's ``base_layer``) with its
     LoRA merged matches peft's un-merged model; the base's head is dropped with a reason."""
-    from tests.internvl_factory import make_internlm2_tokenizer_dir
+    from maskport.testing.tokenizers import make_internlm2_tokenizer_dir
 
     fx = make_internvl_fixture(tmp_path / "fx", llm="internlm2", version="v1", head_lora=True,
                                tokenizer_dir=make_internlm2_tokenizer_dir(tmp_path / "tok"))
@@ -277,7 +277,7 @@ def test_released_folder_imports_to_the_same_export(request, tmp_path, which):
     from safetensors import safe_open
 
     from maskport.convert.api import convert_sa2va_hf_to_native
-    from tests.internvl_factory import make_released_folder
+    from maskport.testing.sa2va_internvl import make_released_folder
 
     fx = request.getfixturevalue("qwen_fx" if which == "qwen2" else "lm2_fx")
     from_ckpt = request.getfixturevalue("qwen_export" if which == "qwen2" else "lm2_export")
@@ -315,8 +315,9 @@ def test_native_hf_base_layout(tmp_path):
     from transformers import InternVLConfig, InternVLForConditionalGeneration, Qwen2Config, Qwen2ForCausalLM
 
     from maskport.convert.api import convert_mmengine_to_hf
-    from tests.factory import SPECIAL_TOKENS, _perturb_
-    from tests.internvl_factory import INTERNVL_TOKENS, LORA_ALPHA, LORA_R, _cfg_text, make_internvl_fixture
+    from maskport.testing.common import SPECIAL_TOKENS, perturb_
+    from maskport.testing.sa2va_internvl import LORA_ALPHA, LORA_R, _cfg_text, make_internvl_fixture
+    from maskport.testing.tokenizers import INTERNVL_TOKENS
 
     donor = make_internvl_fixture(tmp_path / "donor", llm="qwen2")  # its tokenizer and SAM2
     base = tmp_path / "hf"
@@ -332,7 +333,7 @@ def test_native_hf_base_layout(tmp_path):
                          text_config=text.to_dict(), image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"),
                          image_seq_length=4, tie_word_embeddings=False)
     native = InternVLForConditionalGeneration(cfg).eval()
-    _perturb_(native.parameters(), torch.Generator().manual_seed(4), 0.02)
+    perturb_(native.parameters(), torch.Generator().manual_seed(4), 0.02)
     native.save_pretrained(base)
     tok.save_pretrained(base)
     saved = load_file(str(base / "model.safetensors"))
@@ -354,9 +355,9 @@ def test_native_hf_base_layout(tmp_path):
     lm = get_peft_model(lm, LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=[
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         modules_to_save=["embed_tokens", "lm_head"])).eval()
-    _perturb_([p for k, p in lm.named_parameters() if "lora_B" in k or ".modules_to_save." in k], gen, 0.05)
+    perturb_([p for k, p in lm.named_parameters() if "lora_B" in k or ".modules_to_save." in k], gen, 0.05)
     proj = native.model.multi_modal_projector
-    _perturb_(proj.parameters(), gen, 0.01)  # trained projector (the oracle holds it)
+    perturb_(proj.parameters(), gen, 0.01)  # trained projector (the oracle holds it)
     ckpt_sd = {"mllm.model.language_model." + k: v.detach().clone() for k, v in lm.state_dict().items()
                if ".lora_" in k or ".modules_to_save." in k}
     for idx, name in (("0", "layer_norm"), ("1", "linear_1"), ("3", "linear_2")):
@@ -393,7 +394,7 @@ def test_pretrained_pth_chain(qwen_fx, qwen_export, tmp_path):
 
     from safetensors import safe_open
 
-    from tests.factory import SPECIAL_TOKENS, _perturb_
+    from maskport.testing.common import SPECIAL_TOKENS, perturb_
 
     fx = qwen_fx
     gen = torch.Generator().manual_seed(11)
@@ -413,7 +414,7 @@ def test_pretrained_pth_chain(qwen_fx, qwen_export, tmp_path):
         if k.startswith(("mllm.model.mlp1.", "text_hidden_fcs.")):
             stage1[k] = v + 0.5
     sam = {k: v.clone() for k, v in fx.sam2.state_dict().items()}
-    _perturb_([v for k, v in sam.items() if k.startswith("image_encoder.")], gen, 0.01)
+    perturb_([v for k, v in sam.items() if k.startswith("image_encoder.")], gen, 0.01)
     for k, v in sam.items():
         stage1["grounding_encoder.sam2_model." + k] = v
     pre = tmp_path / "stage1.pth"
@@ -461,7 +462,7 @@ def test_cli_detects_the_family_and_imports_released_folders(qwen_fx, tmp_path):
     from click.testing import CliRunner
 
     from maskport.cli import main
-    from tests.internvl_factory import make_released_folder
+    from maskport.testing.sa2va_internvl import make_released_folder
 
     r = CliRunner().invoke(main, ["convert", "mmengine-to-hf", str(qwen_fx.ckpt), "--base", str(qwen_fx.base_dir),
                                   "--sam2", str(qwen_fx.sam2_pt), "--dry-run"])
@@ -483,13 +484,13 @@ def test_cli_detects_the_family_and_imports_released_folders(qwen_fx, tmp_path):
 def test_verify_runs_on_an_internvl_export(qwen_fx, qwen_export, tmp_path):
     """``maskport verify`` drives the export through predict_forward only: fp32 vs a bf16 conversion."""
     from maskport.convert.api import convert_mmengine_to_hf
-    from maskport.quantize.bench import _synthetic_samples
+    from maskport.testing.samples import synthetic_samples
     from maskport.verify.api import verify
 
     bf16 = convert_mmengine_to_hf(qwen_fx.ckpt, base=qwen_fx.base_dir, sam2=qwen_fx.sam2_pt, out=tmp_path / "bf16",
                                   dtype="bf16", progress=False, log=lambda *a: None)
     check_export("sa2va-internvl/qwen2-v2-bf16", bf16.out_dir)
-    samples = _synthetic_samples(tmp_path / "s", 2, size=(100, 80))
+    samples = synthetic_samples(tmp_path / "s", 2, size=(100, 80))
     res = verify(qwen_export.out_dir, bf16.out_dir, samples, report_dir=tmp_path / "rep", max_new_tokens=5,
                  generation_kwargs={"sequence_bias": {"[SEG]": 30.0}}, progress=False)
     assert res.passed, res.verdict  # bf16 rounding only: masks agree
@@ -498,7 +499,8 @@ def test_verify_runs_on_an_internvl_export(qwen_fx, qwen_export, tmp_path):
 
 def test_internvit_6b_style_vision_tower(tmp_path):
     """Sa2VA-26B's InternViT-6B: RMSNorm, q/k normalisation over all heads, no qkv bias (InternLM2 LLM)."""
-    from tests.internvl_factory import VISION_6B, make_internlm2_tokenizer_dir
+    from maskport.testing.sa2va_internvl import VISION_6B
+    from maskport.testing.tokenizers import make_internlm2_tokenizer_dir
 
     tok_dir = make_internlm2_tokenizer_dir(tmp_path / "tok")
     fx = make_internvl_fixture(tmp_path / "fx", llm="internlm2", tokenizer_dir=tok_dir, vision=VISION_6B)
@@ -508,3 +510,19 @@ def test_internvit_6b_style_vision_tower(tmp_path):
     cfg = json.loads((res.out_dir / "config.json").read_text())["mllm_config"]["vision_config"]
     assert cfg["use_qk_norm"] is True and cfg["norm_type"] == "rms_norm" and cfg["attention_bias"] is False
     _compare_logits(fx, res.out_dir, seed=2)
+
+
+@pytest.mark.parametrize("which", ["qwen2", "internlm2"])
+def test_golden_mapping_tsv(request, which):
+    """``docs/families/sa2va-internvl[.internlm2].mapping.tsv``: every source -> target of the fixture's conversion
+    (remote-code base, v2 checkpoint), so ``grep gate_proj`` finds the rule and a mapping change is a diff."""
+    from pathlib import Path
+
+    from maskport.convert.api import convert_mmengine_to_hf
+    from tests.golden import check_mapping_tsv
+
+    fx = request.getfixturevalue("qwen_fx" if which == "qwen2" else "lm2_fx")
+    res = convert_mmengine_to_hf(fx.ckpt, base=fx.base_dir, sam2=fx.sam2_pt, out=None, dry_run=True, progress=False)
+    docs = Path(__file__).resolve().parent.parent / "docs" / "families"
+    name = "sa2va-internvl" + ("" if which == "qwen2" else ".internlm2")
+    check_mapping_tsv(docs / f"{name}.mapping.tsv", res.report)

@@ -36,8 +36,8 @@ _IMPORTS = textwrap.dedent("""
     from transformers import AutoTokenizer, Qwen2_5_VLConfig, GenerationConfig
     import maskport.cli
     from maskport.convert import api, sources, writer
-    from maskport.mappings import sa2va_qwen2_5_vl
-    from maskport.export.sa2va_qwen2_5_vl.modeling_sa2va_qwen import Sa2VAQwenModel
+    from maskport.families.sa2va_qwen2_5_vl import mapping, family
+    from maskport.families.sa2va_qwen2_5_vl.remote.modeling_sa2va_qwen import Sa2VAQwenModel
 """)
 
 CI_ENTRY = dict(
@@ -63,10 +63,11 @@ def _peak_rss_kib(proc: subprocess.Popen, timeout: int = 300) -> int:
 def test_conversion_peak_rss_stays_well_under_the_input_size(tmp_path):
     sys.path.insert(0, str(REPO / "benchmarks" / "convert"))
     import generate
-    from tests.factory import _qwen_special_ids, tiny_meta_sam2_config
+    from maskport.testing.sam2 import tiny_meta_sam2_config
+    from maskport.testing.tokenizers import qwen_special_ids
 
     imports = _start([sys.executable, "-c", _IMPORTS])  # measured while the inputs are being written
-    ids = _qwen_special_ids()
+    ids = qwen_special_ids()
     entry = dict(CI_ENTRY, ids=dict(bos=ids["<|endoftext|>"], eos=ids["<|im_end|>"], image=ids["<|image_pad|>"],
                                     video=ids["<|video_pad|>"], vision_start=ids["<|vision_start|>"],
                                     vision_end=ids["<|vision_end|>"]))

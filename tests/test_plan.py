@@ -9,10 +9,6 @@ from maskport.convert.sources import StateDictSource
 from maskport.errors import PlanError
 
 
-class Ctx:
-    lora_scaling = 2.0
-
-
 def src(name, **tensors):
     return StateDictSource(name, f"/{name}", {k.replace("__", "."): v for k, v in tensors.items()}, name)
 
@@ -27,7 +23,7 @@ def sources():
 
 RULES = [
     LoraMerge(target="layers.{i}.{p}.weight", base="base:layers.{i}.{p}.weight",
-              a="ckpt:lora.layers.{i}.{p}.A", b="ckpt:lora.layers.{i}.{p}.B"),
+              a="ckpt:lora.layers.{i}.{p}.A", b="ckpt:lora.layers.{i}.{p}.B", scaling=2.0),
     Take(target="head.weight", source="ckpt:head.trained", replaces=("base:head.weight",)),
     Drop("ckpt:junk.weight", reason="not needed"),
     CopyRest(target="{rest}", source="base:{rest}"),
@@ -36,7 +32,7 @@ EXPECTED = {"layers.0.q.weight": (4, 3), "layers.0.k.weight": (4, 3), "norm.weig
 
 
 def test_complete_plan_accounts_for_everything():
-    plan = build_plan(RULES, sources(), ctx=Ctx(), out_dtype=torch.bfloat16, expected=EXPECTED)
+    plan = build_plan(RULES, sources(), out_dtype=torch.bfloat16, expected=EXPECTED)
     assert set(plan.targets) == set(EXPECTED)
     assert plan.targets["layers.0.q.weight"].dtype == torch.bfloat16
     dropped = {str(r): why for r, why in plan.drops}
@@ -46,31 +42,31 @@ def test_complete_plan_accounts_for_everything():
 
 def test_unaccounted_source_tensor_fails():
     with pytest.raises(PlanError, match="ckpt:junk.weight is unaccounted"):
-        build_plan(RULES[:2] + RULES[3:], sources(), ctx=Ctx(), out_dtype=torch.float32, expected=EXPECTED)
+        build_plan(RULES[:2] + RULES[3:], sources(), out_dtype=torch.float32, expected=EXPECTED)
 
 
 def test_missing_target_fails():
     exp = dict(EXPECTED, **{"extra.weight": (1,)})
     with pytest.raises(PlanError, match="target extra.weight .* is missing"):
-        build_plan(RULES, sources(), ctx=Ctx(), out_dtype=torch.float32, expected=exp)
+        build_plan(RULES, sources(), out_dtype=torch.float32, expected=exp)
 
 
 def test_unexpected_target_fails():
     exp = {k: v for k, v in EXPECTED.items() if k != "norm.weight"}
     with pytest.raises(PlanError, match="norm.weight is not a tensor of the target model"):
-        build_plan(RULES, sources(), ctx=Ctx(), out_dtype=torch.float32, expected=exp)
+        build_plan(RULES, sources(), out_dtype=torch.float32, expected=exp)
 
 
 def test_shape_mismatch_names_tensor_and_both_shapes():
     exp = dict(EXPECTED, **{"head.weight": (6, 3)})
     with pytest.raises(PlanError, match=r"shape mismatch for head.weight: the rule gives \(5, 3\), the target model expects \(6, 3\)"):
-        build_plan(RULES, sources(), ctx=Ctx(), out_dtype=torch.float32, expected=exp)
+        build_plan(RULES, sources(), out_dtype=torch.float32, expected=exp)
 
 
 def test_duplicate_target_fails():
     rules = RULES + [Rename(target="norm.weight", source="ckpt:junk.weight")]
     with pytest.raises(PlanError, match="produced twice|claimed by two rules"):
-        build_plan(rules, sources(), ctx=Ctx(), out_dtype=torch.float32)
+        build_plan(rules, sources(), out_dtype=torch.float32)
 
 
 def test_missing_input_of_a_rule_fails():
@@ -78,7 +74,7 @@ def test_missing_input_of_a_rule_fails():
     s["ckpt"] = src("ckpt", lora__layers__0__q__A=torch.zeros(2, 3), head__trained=torch.ones(5, 3),
                     junk__weight=torch.ones(1))
     with pytest.raises(PlanError, match="needs ckpt:lora.layers.0.q.B, which is missing"):
-        build_plan(RULES, s, ctx=Ctx(), out_dtype=torch.float32)
+        build_plan(RULES, s, out_dtype=torch.float32)
 
 
 def test_lora_shape_inconsistency_is_reported():
@@ -86,21 +82,21 @@ def test_lora_shape_inconsistency_is_reported():
     s["ckpt"] = src("ckpt", lora__layers__0__q__A=torch.zeros(2, 3), lora__layers__0__q__B=torch.zeros(4, 3),
                     head__trained=torch.ones(5, 3), junk__weight=torch.ones(1))
     with pytest.raises(PlanError, match="LoRA shapes do not fit"):
-        build_plan(RULES, s, ctx=Ctx(), out_dtype=torch.float32)
+        build_plan(RULES, s, out_dtype=torch.float32)
 
 
 def test_rule_matching_nothing_fails_unless_optional():
     rules = RULES + [Rename(target="x", source="ckpt:does.not.exist")]
     with pytest.raises(PlanError, match="matched no tensor"):
-        build_plan(rules, sources(), ctx=Ctx(), out_dtype=torch.float32)
+        build_plan(rules, sources(), out_dtype=torch.float32)
     rules = RULES + [Rename(target="x", source="ckpt:does.not.exist", optional=True)]
-    build_plan(rules, sources(), ctx=Ctx(), out_dtype=torch.float32)
+    build_plan(rules, sources(), out_dtype=torch.float32)
 
 
 def test_all_problems_are_listed_together():
     exp = dict(EXPECTED, **{"head.weight": (6, 3), "extra": (1,)})
     with pytest.raises(PlanError) as ei:
-        build_plan(RULES[:2] + RULES[3:], sources(), ctx=Ctx(), out_dtype=torch.float32, expected=exp)
+        build_plan(RULES[:2] + RULES[3:], sources(), out_dtype=torch.float32, expected=exp)
     assert len(ei.value.problems) == 3
 
 
@@ -108,14 +104,14 @@ def test_split_and_concat_rules_plan_shapes():
     s = {"a": src("a", qkv=torch.zeros(9, 2), p0=torch.zeros(1, 2), p1=torch.zeros(1, 2))}
     rules = [Split(targets=("q", "k", "v"), source="a:qkv", dim=0),
              Concat(target="pts", sources=("a:p0", "a:p1"), dim=0)]
-    plan = build_plan(rules, s, ctx=None, out_dtype=torch.float32,
+    plan = build_plan(rules, s, out_dtype=torch.float32,
                       expected={"q": (3, 2), "k": (3, 2), "v": (3, 2), "pts": (2, 2)})
     assert plan.targets["pts"].shape == (2, 2)
 
 
 def test_integer_tensors_keep_their_dtype():
     s = {"a": src("a", ids=torch.arange(3), w=torch.zeros(2))}
-    plan = build_plan([CopyRest(target="{rest}", source="a:{rest}")], s, ctx=None, out_dtype=torch.bfloat16)
+    plan = build_plan([CopyRest(target="{rest}", source="a:{rest}")], s, out_dtype=torch.bfloat16)
     assert plan.targets["ids"].dtype == torch.int64 and plan.targets["w"].dtype == torch.bfloat16
 
 

@@ -45,7 +45,8 @@ def samples_jsonl(tmp_path_factory):
 def case(request, tmp_path_factory, samples_jsonl):
     """(llm, method, bf16 export, quantized result) for each case."""
     from maskport.quantize.api import quantize_export
-    from tests.internvl_factory import make_internlm2_tokenizer_dir, make_internvl_fixture
+    from maskport.testing.sa2va_internvl import make_internvl_fixture
+    from maskport.testing.tokenizers import make_internlm2_tokenizer_dir
 
     llm = request.param
     root = tmp_path_factory.mktemp(f"internvl_quant_{llm}")

@@ -2,7 +2,7 @@
 
 Meta's ``sam2`` package is the independent implementation: a tiny randomised ``SAM2Base`` is converted with the
 rules, loaded strictly into ``transformers.Sam2Model`` and both run Sa2VA's language-prompted mask path
-(``tests/sam2_reference.py``). Full-size official configs are checked shape-only on the ``meta`` device.
+(``maskport.testing.references.sam2``). Full-size official configs are checked shape-only on the ``meta`` device.
 
 The tiny model uses ``image_size=256`` (Meta's and transformers' code both take any multiple of 16 whose
 stride-4 map the first window divides; 1024 is only the official value): feature maps 64/32/16, SAM head on 16x16.
@@ -28,7 +28,7 @@ from transformers import Sam2Model  # noqa: E402
 from maskport.convert.plan import build_plan  # noqa: E402
 from maskport.convert.sources import StateDictSource  # noqa: E402
 from maskport.errors import PlanError, UnreadableFile, UnsupportedCheckpoint, WrongFamily  # noqa: E402
-from maskport.mappings.sam2_meta_to_hf import (  # noqa: E402
+from maskport.heads.sam2 import (  # noqa: E402
     SAM2_PRESETS,
     SAM2_RULES,
     MetaSam2Spec,
@@ -37,7 +37,7 @@ from maskport.mappings.sam2_meta_to_hf import (  # noqa: E402
     sam2_rules,
     spec_from_meta_config,
 )
-from tests.sam2_reference import (  # noqa: E402
+from maskport.testing.references.sam2 import (  # noqa: E402
     hf_language_mask_logits,
     hf_language_outputs,
     meta_language_mask_logits,
@@ -189,7 +189,7 @@ def tiny():
     spec = spec_from_meta_config({"model": TINY_MODEL_CFG})
     config = hf_sam2_config(spec)
     src = StateDictSource("sam2", "tiny.pt", meta.state_dict(), "tiny randomised SAM2")
-    plan = build_plan(sam2_rules(target_prefix=""), {"sam2": src}, ctx=None, out_dtype=torch.float32,
+    plan = build_plan(sam2_rules(target_prefix=""), {"sam2": src}, out_dtype=torch.float32,
                       expected=_expected(config))
     converted = _materialise(plan)
     hf = Sam2Model(config).eval()
@@ -309,17 +309,17 @@ def test_strict_load_and_plan_catch_gaps(tiny):
     # ... and the plan already refuses a table that does not produce it
     rules = [r for r in sam2_rules(target_prefix="") if "point_embeddings" not in getattr(r, "sources", ("",))[0]]
     with pytest.raises(PlanError, match="point_embed.weight .* is missing"):
-        build_plan(rules, {"sam2": tiny["src"]}, ctx=None, out_dtype=torch.float32,
+        build_plan(rules, {"sam2": tiny["src"]}, out_dtype=torch.float32,
                    expected=_expected(tiny["config"]))
     # an unknown Meta tensor is never ignored silently
     extra = StateDictSource("sam2", "x.pt", {**tiny["meta"].state_dict(), "new_module.weight": torch.zeros(2)}, "x")
     with pytest.raises(PlanError, match="sam2:new_module.weight is unaccounted"):
-        build_plan(sam2_rules(target_prefix=""), {"sam2": extra}, ctx=None, out_dtype=torch.float32)
+        build_plan(sam2_rules(target_prefix=""), {"sam2": extra}, out_dtype=torch.float32)
 
 
 def test_target_prefix(tiny):
     rules = sam2_rules()  # default: under "sam2." as in a model with self.sam2 = Sam2Model(...)
-    plan = build_plan(rules, {"sam2": tiny["src"]}, ctx=None, out_dtype=torch.bfloat16,
+    plan = build_plan(rules, {"sam2": tiny["src"]}, out_dtype=torch.bfloat16,
                       expected=_expected(tiny["config"], prefix="sam2."))
     assert all(t.startswith("sam2.") for t in plan.targets)
     assert all(info.dtype == torch.bfloat16 for info in plan.targets.values())
@@ -332,7 +332,7 @@ def test_mask_decoder_from_training_checkpoint(tiny, outputs):
     decoder = {CKPT_PREFIX + "sam_mask_decoder." + k: v for k, v in tuned.sam_mask_decoder.state_dict().items()}
     ckpt = StateDictSource("ckpt", "iter_1.pth", decoder, "fake Sa2VA training checkpoint")
     plan = build_plan(sam2_rules(target_prefix="", mask_decoder_from="ckpt:" + CKPT_PREFIX),
-                      {"sam2": tiny["src"], "ckpt": ckpt}, ctx=None, out_dtype=torch.float32,
+                      {"sam2": tiny["src"], "ckpt": ckpt}, out_dtype=torch.float32,
                       expected=_expected(tiny["config"]))
     used = {r for ps in plan.steps for r in ps.step.inputs}
     superseded = {r.key: why for r, why in plan.drops if r.source == "sam2" and "superseded" in why}
@@ -403,13 +403,13 @@ def test_full_size_detection_and_plan(name):
     src = StateDictSource("sam2", f"{name}.pt", meta.state_dict(), "shape-only")
     found, spec = detect_sam2_preset(src)
     assert found == name and spec == SAM2_PRESETS[name]
-    plan = build_plan(sam2_rules(target_prefix=""), {"sam2": src}, ctx=None, out_dtype=torch.bfloat16,
+    plan = build_plan(sam2_rules(target_prefix=""), {"sam2": src}, out_dtype=torch.bfloat16,
                       expected=_expected(hf_sam2_config(spec)))
     used = {r.key for ps in plan.steps for r in ps.step.inputs}
     assert used | {r.key for r, _ in plan.drops} == set(src.keys())
     n_ops = {}
     for ps in plan.steps:
-        n_ops[ps.step.op] = n_ops.get(ps.step.op, 0) + len(ps.step.inputs)
+        n_ops[ps.step.op_name] = n_ops.get(ps.step.op_name, 0) + len(ps.step.inputs)
     assert n_ops["concat(dim=0)"] == 4 and n_ops["duplicate(x2)"] == 1
     assert len(plan.drops) == (160 if name.startswith("sam2.1") else 157)
 

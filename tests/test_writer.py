@@ -22,12 +22,9 @@ def make_plan(dtype=torch.bfloat16):
     lora = {"A": torch.randn(4, 32), "B": torch.randn(64, 4)}
     srcs = {"base": StateDictSource("base", "/b", tensors, "b"), "ck": StateDictSource("ck", "/c", lora, "c")}
 
-    class Ctx:
-        lora_scaling = 0.5
-
-    rules = [LoraMerge(target="layer0.weight", base="base:layer0.weight", a="ck:A", b="ck:B"),
+    rules = [LoraMerge(target="layer0.weight", base="base:layer0.weight", a="ck:A", b="ck:B", scaling=0.5),
              CopyRest(target="{rest}", source="base:{rest}")]
-    return build_plan(rules, srcs, ctx=Ctx(), out_dtype=dtype), tensors, lora
+    return build_plan(rules, srcs, out_dtype=dtype), tensors, lora
 
 
 def test_single_shard_round_trip(tmp_path):

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: tests.factory
+sys.path.insert(1, str(Path(__file__).resolve().parents[2] / "src"))  # maskport.testing, also when not installed
 import shapes  # noqa: E402
 
 ST_NAMES = {torch.bfloat16: "BF16", torch.float32: "F32", torch.float16: "F16"}
@@ -128,9 +128,9 @@ def write_base(base_dir: Path, size: str | dict, pool: Pool, *, tokenizer: str =
     cfg.dtype = torch.bfloat16
     cfg.save_pretrained(base_dir)
     if tokenizer == "tiny":
-        from tests.factory import _make_processor, make_tiny_tokenizer
+        from maskport.testing.sa2va_qwen2_5_vl import make_qwen_processor, make_tiny_tokenizer
 
-        _make_processor(make_tiny_tokenizer(base_dir)).save_pretrained(str(base_dir))
+        make_qwen_processor(make_tiny_tokenizer(base_dir)).save_pretrained(str(base_dir))
     else:
         write_tokenizer_and_processor(base_dir)
 
@@ -142,7 +142,7 @@ def write_tokenizer_and_processor(base_dir: Path) -> None:
     from transformers import (GenerationConfig, PreTrainedTokenizerFast, Qwen2_5_VLProcessor, Qwen2VLImageProcessor,
                               Qwen2VLVideoProcessor)
 
-    from tests.factory import _CHAT_TEMPLATE
+    from maskport.testing.tokenizers import QWEN_CHAT_TEMPLATE
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {ch: i for i, ch in enumerate(alphabet)}
@@ -156,12 +156,12 @@ def write_tokenizer_and_processor(base_dir: Path) -> None:
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in shapes.QWEN_ADDED_TOKENS])
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>",
                                  pad_token="<|endoftext|>", unk_token=None, model_max_length=131072,
-                                 padding_side="right", chat_template=_CHAT_TEMPLATE)
+                                 padding_side="right", chat_template=QWEN_CHAT_TEMPLATE)
     assert len(hf) == shapes.QWEN_BPE_SIZE + len(shapes.QWEN_ADDED_TOKENS) == shapes.SA2VA_VOCAB - 5, len(hf)
     assert hf.convert_tokens_to_ids("<|image_pad|>") == 151655
     kw = dict(min_pixels=3136, max_pixels=12845056, patch_size=14, temporal_patch_size=2, merge_size=2)
     proc = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**kw), tokenizer=hf,
-                               video_processor=Qwen2VLVideoProcessor(**kw), chat_template=_CHAT_TEMPLATE)
+                               video_processor=Qwen2VLVideoProcessor(**kw), chat_template=QWEN_CHAT_TEMPLATE)
     proc.save_pretrained(str(base_dir))
     GenerationConfig(bos_token_id=151643, eos_token_id=[151645, 151643], pad_token_id=151643, do_sample=True,
                      temperature=1e-6, top_k=1, top_p=0.001, repetition_penalty=1.05).save_pretrained(base_dir)

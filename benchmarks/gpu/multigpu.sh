@@ -10,7 +10,7 @@ OUT=${OUT:-/tmp/mp/out}; mkdir -p "$OUT"
 case "$1" in
   verify)
     bash benchmarks/gpu/run.sh setup >/dev/null 2>&1; bash benchmarks/gpu/run.sh shaped 3b 2>&1 | tail -1
-    python3 -c "from pathlib import Path; from maskport.quantize.bench import _synthetic_samples as s; s(Path('/tmp/mp/vs'), 64)"
+    python3 -c "from pathlib import Path; from maskport.testing.samples import synthetic_samples as s; s(Path('/tmp/mp/vs'), 64)"
     for n in 1 2; do
       s=$(date +%s.%N)
       python3 -m maskport.cli verify /tmp/mp/3b /tmp/mp/3b --samples /tmp/mp/vs/samples.jsonl --device cuda \

@@ -9,11 +9,11 @@ from pathlib import Path
 import torch
 
 from maskport.quantize.api import quantize_export
-from maskport.quantize.bench import _synthetic_samples
+from maskport.testing.samples import synthetic_samples
 
 export, out, method, kernel, json_out = sys.argv[1:6]
 n_calib = int(sys.argv[6]) if len(sys.argv) > 6 else 32
-calib = _synthetic_samples(Path(out).parent / f"calib-mgpu-{n_calib}", n_calib)
+calib = synthetic_samples(Path(out).parent / f"calib-mgpu-{n_calib}", n_calib)
 torch.cuda.init()  # the memory-statistics calls below do not initialise CUDA themselves
 n = torch.cuda.device_count()
 for i in range(n):

@@ -4,7 +4,7 @@
 # carried in .whl/ (see benchmarks/quantize.md). Usage: bash benchmarks/gpu/run.sh STEP [ARGS...]
 #   setup                      install the carried wheels, convert the demo checkpoint (bf16) to /tmp/mp/demo
 #   shaped SIZE                random-weight export with Sa2VA-Qwen2.5-VL-SIZE shapes in /tmp/mp/SIZE
-#   quant SIZE METHODS BITS    python -m maskport.quantize.bench gpu on it -> $OUT/SIZE-METHODS-BITS.json
+#   quant SIZE METHODS BITS    python benchmarks/quantize_bench.py gpu on it -> $OUT/SIZE-METHODS-BITS.json
 set -euo pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -25,11 +25,11 @@ case "$step" in
         --sam2 $A/sam2/tiny_sam2.pt --dtype bf16 -o /tmp/mp/demo --no-progress | tail -3
     ;;
   shaped)
-    [ -d /tmp/mp/$1 ] || python3 -m maskport.quantize.bench shaped --size "$1" --like /tmp/mp/demo -o /tmp/mp/$1
+    [ -d /tmp/mp/$1 ] || python3 benchmarks/quantize_bench.py shaped --size "$1" --like /tmp/mp/demo -o /tmp/mp/$1
     du -sh /tmp/mp/$1
     ;;
   quant)
-    python3 -m maskport.quantize.bench gpu --export /tmp/mp/$1 --methods "$2" --bits "$3" --work /tmp/mp/q-$1 \
+    python3 benchmarks/quantize_bench.py gpu --export /tmp/mp/$1 --methods "$2" --bits "$3" --work /tmp/mp/q-$1 \
         --json-out "$OUT/$1-${2//,/_}-${3//,/_}.json" --kernel gptq=gptq_triton,awq=awq_torch:gemm_triton
     ;;
   *) echo "unknown step $step" >&2; exit 2 ;;

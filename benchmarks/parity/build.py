@@ -1,7 +1,7 @@
 """Build the inputs of the parity check (see README.md): a tiny Sa2VA-InternVL training run with a real-size SAM2,
 maskport's export of it, and the released-format folder that Sa2VA's own HF code loads.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/parity/build.py OUT {qwen2|internlm2} --sa2va-repo PATH
+    PYTHONPATH=src .venv/bin/python benchmarks/parity/build.py OUT {qwen2|internlm2} --sa2va-repo PATH
 
 OUT/export   maskport convert mmengine-to-hf of the training checkpoint (fp32, default options)
 OUT/released what Sa2VA's HF export script writes for the same trained model (LoRA merged by peft), plus the
@@ -28,7 +28,7 @@ def main() -> None:
     import sam2
     from omegaconf import OmegaConf
 
-    import tests.internvl_factory as F
+    import maskport.testing.sa2va_internvl as F
     from maskport.convert.api import convert_mmengine_to_hf
 
     # Sa2VA's HF SAM2 is hard-wired to hiera-large (SAM2 v1 config): build the fixture with that one

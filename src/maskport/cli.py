@@ -37,48 +37,63 @@ def _echo_conversion(res, dry_run: bool) -> None:
         click.echo(f"wrote {res.out_dir} ({len(res.report['shards'])} shard(s), {res.report['seconds']} s)")
 
 
+def _family_options(command: str):
+    """Click options for the inputs the families declare for ``command`` (``FamilySpec.inputs``), each once."""
+    from .families import command_inputs
+
+    def decorate(fn):
+        for opt in reversed(command_inputs(command)):
+            kw: dict = {"help": opt.help, "default": None}
+            if opt.kind == "path":
+                kw["type"] = click.Path(path_type=Path)
+            elif opt.kind == "choice":
+                kw["type"] = click.Choice(list(opt.choices))
+            elif opt.kind in ("float", "int"):
+                kw["type"] = {"float": float, "int": int}[opt.kind]
+            if opt.default is not None:
+                kw["help"] = f"{opt.help}  [default: {opt.default}]"
+            fn = click.option(opt.flag, opt.name, **kw)(fn)
+        return fn
+
+    return decorate
+
+
+def _output_options(fn):
+    for decorator in reversed([
+        click.option("-o", "--out", type=click.Path(path_type=Path), help="Output folder (must not exist)."),
+        click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]),
+                     help="Output dtype (default: the input's)."),
+        click.option("--max-shard-size", default="2GB", show_default=True,
+                     help="Largest shard: 2GB = 2*10^9 bytes, 2GiB = 2*2^30 (as the Hub counts)."),
+        click.option("--sha256", is_flag=True,
+                     help="Record each shard's sha256 in conversion_report.json (about 1 s of CPU per 1.5 GB)."),
+        click.option("--dry-run", is_flag=True, help="Plan and check coverage; write nothing."),
+        click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists."),
+        click.option("--allow-unsafe-pickle", is_flag=True,
+                     help="DANGEROUS: unpickle with full pickle (runs code from the file). Only for files you trust."),
+        click.option("--no-progress", is_flag=True, help="No progress bar."),
+    ]):
+        fn = decorator(fn)
+    return fn
+
+
 @convert.command("mmengine-to-hf")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("--base", type=click.Path(path_type=Path), help="Base MLLM folder (e.g. Qwen2.5-VL-3B-Instruct).")
-@click.option("--sam2", type=click.Path(path_type=Path), help="Meta's SAM2 checkpoint (e.g. sam2_hiera_large.pt).")
-@click.option("-o", "--out", type=click.Path(path_type=Path), help="Output folder (must not exist).")
 @click.option("--family", help="Model family (default: detected from the checkpoint's keys).")
-@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), help="Output dtype (default: the training dtype).")
-@click.option("--max-shard-size", default="2GB", show_default=True, help="Largest shard, e.g. 2GB, 500MB.")
-@click.option("--sam2-config", type=click.Path(path_type=Path),
-              help="JSON of Meta's SAM2 model config, for a non-official SAM2 (default: detected from shapes, "
-                   "or <sam2>.config.json beside the checkpoint).")
-@click.option("--lora-alpha", type=float, help="LoRA alpha (default: from the checkpoint's training config).")
-@click.option("--lora-r", type=int, help="LoRA rank, checked against the tensors.")
-@click.option("--special-tokens", help="Comma-separated special tokens added in training (default: from the config).")
-@click.option("--pretrained-pth", type=click.Path(path_type=Path),
-              help="The earlier checkpoint this run started from (Sa2VA's pretrained_pth); its tensors take the "
-                   "base's place. InternVL family.")
-@click.option("--sam2-normalization", type=click.Choice(["sa2va", "exact"]), default="sa2va", show_default=True,
-              help="SAM2 input mean/std: 'sa2va' = ImageNet's rounded to bfloat16, as Sa2VA's code computes them "
-                   "(masks equal Sa2VA's own predict_forward); 'exact' for models trained with float32 "
-                   "preprocessing.")
-@click.option("--sha256", is_flag=True,
-              help="Record each shard's sha256 in conversion_report.json (about 1 s of CPU per 1.5 GB).")
-@click.option("--dry-run", is_flag=True, help="Plan and check coverage; write nothing.")
-@click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
+@_family_options("mmengine-to-hf")
+@_output_options
 @click.option("--report-json", is_flag=True, help="With --dry-run: print the full plan as JSON.")
-@click.option("--allow-unsafe-pickle", is_flag=True,
-              help="DANGEROUS: unpickle with full pickle (runs code from the file). Only for files you trust.")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
 @_friendly
-def convert_mmengine_to_hf_cmd(checkpoint, base, sam2, out, family, dtype, max_shard_size, sam2_config, lora_alpha,
-                               lora_r, special_tokens, pretrained_pth, sam2_normalization, sha256, dry_run, overwrite, report_json,
-                               allow_unsafe_pickle, no_progress):
-    """Convert an mmengine/xtuner training CHECKPOINT (iter_N.pth, or a DeepSpeed ZeRO-1/2 folder)."""
+def convert_mmengine_to_hf_cmd(checkpoint, family, out, dtype, max_shard_size, sha256, dry_run, overwrite,
+                               allow_unsafe_pickle, no_progress, report_json, **inputs):
+    """Convert an mmengine/xtuner training CHECKPOINT (iter_N.pth, or a DeepSpeed ZeRO-1/2 folder). The options
+    between --family and -o are the inputs the families declare; each family reads its own."""
     from .convert.api import convert_mmengine_to_hf
 
     res = convert_mmengine_to_hf(
-        checkpoint, base=base, sam2=sam2, out=out, family=family, dtype=dtype, max_shard_size=max_shard_size,
-        sam2_config=sam2_config, lora_r=lora_r, lora_alpha=lora_alpha,
-        special_tokens=special_tokens.split(",") if special_tokens else None, pretrained_pth=pretrained_pth,
-        sam2_normalization=sam2_normalization, sha256=sha256, dry_run=dry_run,
-        overwrite=overwrite, allow_unsafe_pickle=allow_unsafe_pickle, progress=not no_progress,
+        checkpoint, out=out, family=family, dtype=dtype, max_shard_size=max_shard_size, sha256=sha256,
+        dry_run=dry_run, overwrite=overwrite, allow_unsafe_pickle=allow_unsafe_pickle, progress=not no_progress,
+        **inputs,
     )
     if report_json:
         click.echo(json.dumps(res.report, indent=2))
@@ -86,35 +101,34 @@ def convert_mmengine_to_hf_cmd(checkpoint, base, sam2, out, family, dtype, max_s
     _echo_conversion(res, dry_run)
 
 
-@convert.command("sa2va-hf-to-native")
-@click.argument("folder", type=click.Path(path_type=Path))
-@click.option("-o", "--out", type=click.Path(path_type=Path), help="Output folder (must not exist).")
-@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), help="Output dtype (default: the folder's).")
-@click.option("--max-shard-size", default="2GB", show_default=True, help="Largest shard, e.g. 2GB, 500MB.")
-@click.option("--sam2-config", type=click.Path(path_type=Path),
-              help="Meta SAM2 model config (JSON) when the SAM2 size cannot be told from the tensor shapes.")
-@click.option("--sam2-normalization", type=click.Choice(["sa2va", "exact"]), default="sa2va", show_default=True,
-              help="SAM2 input mean/std: 'sa2va' = ImageNet's rounded to bfloat16, as Sa2VA's code computes them "
-                   "(masks equal Sa2VA's own predict_forward); 'exact' for models trained with float32 "
-                   "preprocessing.")
-@click.option("--sha256", is_flag=True,
-              help="Record each shard's sha256 in conversion_report.json (about 1 s of CPU per 1.5 GB).")
-@click.option("--dry-run", is_flag=True, help="Plan and check coverage; write nothing.")
-@click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
-@click.option("--allow-unsafe-pickle", is_flag=True,
-              help="DANGEROUS: let .bin weights run arbitrary pickled code (only for files you trust).")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
-@_friendly
-def convert_sa2va_hf_to_native_cmd(folder, out, dtype, max_shard_size, sam2_config, sam2_normalization, sha256, dry_run, overwrite,
-                                   allow_unsafe_pickle, no_progress):
-    """Convert a released Sa2VA HF FOLDER (ByteDance/Sa2VA-1B/4B/8B/26B, Sa2VA-InternVL3-*) into maskport's native
-    export: stock transformers classes, no remote code of the folder run, quantizable and verifiable."""
-    from .convert.api import convert_sa2va_hf_to_native
+def _released_command(command: str, families: list) -> click.Command:
+    @click.argument("folder", type=click.Path(path_type=Path))
+    @_family_options(command)
+    @_output_options
+    @_friendly
+    def run(folder, out, dtype, max_shard_size, sha256, dry_run, overwrite, allow_unsafe_pickle, no_progress,
+            **inputs):
+        from .convert.api import convert_released_folder
 
-    res = convert_sa2va_hf_to_native(folder, out=out, dtype=dtype, max_shard_size=max_shard_size,
-                                     sam2_config=sam2_config, sam2_normalization=sam2_normalization, sha256=sha256, dry_run=dry_run, overwrite=overwrite,
-                                     allow_unsafe_pickle=allow_unsafe_pickle, progress=not no_progress)
-    _echo_conversion(res, dry_run)
+        res = convert_released_folder(folder, command=command, out=out, dtype=dtype, max_shard_size=max_shard_size,
+                                      sha256=sha256, dry_run=dry_run, overwrite=overwrite,
+                                      allow_unsafe_pickle=allow_unsafe_pickle, progress=not no_progress, **inputs)
+        _echo_conversion(res, dry_run)
+
+    names = ", ".join(f.name for f in families)
+    run.__doc__ = (f"Convert a released HF FOLDER ({names}) into maskport's native export: stock transformers "
+                   "classes, no remote code of the folder run, quantizable and verifiable.")
+    return convert.command(command)(run)
+
+
+def _register_released_commands() -> None:
+    from .families import released_commands
+
+    for command, families in released_commands().items():
+        _released_command(command, families)
+
+
+_register_released_commands()
 
 
 from .verify.command import verify_command  # noqa: E402  (its heavy imports happen when it runs)

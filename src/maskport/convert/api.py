@@ -14,9 +14,8 @@ from typing import Any
 import torch
 
 from .. import __version__
-from ..errors import MissingInput
-from ..mappings import detect_family, get_family
-from ..mappings.registry import ConvertOptions
+from ..errors import MissingInput, WrongFamily
+from ..families import MMENGINE_TO_HF, ConvertOptions, Family, detect_family, get_family
 from .plan import Plan, build_plan
 from .report import coverage, format_table, plan_entries
 from .sources import open_training_checkpoint
@@ -53,10 +52,17 @@ def _check_output_options(out, dtype, max_shard_size, dry_run: bool, overwrite: 
         raise MissingInput(str(exc)) from None
 
 
-def _sam2_normalization(mode: str) -> None:
-    from ..mappings._shared import sam2_normalization
-
-    sam2_normalization(mode)
+def family_options(fam: Family, command: str, inputs: dict[str, Any], allow_unsafe_pickle: bool) -> ConvertOptions:
+    """The family's declared inputs for ``command`` filled from ``inputs`` (CLI options or API keyword arguments;
+    ``None`` = not given). An input the family does not take is a one-line error naming its flag."""
+    declared = fam.spec.inputs_for(command)
+    names = {o.name for o in declared}
+    stray = sorted(k for k, v in inputs.items() if v is not None and k not in names)
+    if stray:
+        flags = ", ".join("--" + k.replace("_", "-") for k in stray)
+        takes = ", ".join(o.flag for o in declared) or "none"
+        raise MissingInput(f"{flags}: not an input of family {fam.name} for 'convert {command}' (it takes: {takes})")
+    return ConvertOptions(declared, inputs, allow_unsafe_pickle=allow_unsafe_pickle)
 
 
 def _training_dtype(source) -> torch.dtype:
@@ -71,33 +77,26 @@ def _training_dtype(source) -> torch.dtype:
 def convert_mmengine_to_hf(
     ckpt: str | Path,
     *,
-    base: str | Path | None,
-    sam2: str | Path | None,
     out: str | Path | None,
     family: str | None = None,
     dtype: str | None = None,
     max_shard_size: str | int = "2GB",
-    sam2_config: str | Path | None = None,
-    lora_r: int | None = None,
-    lora_alpha: float | None = None,
-    use_rslora: bool | None = None,
-    special_tokens: list[str] | None = None,
-    pretrained_pth: str | Path | None = None,
-    sam2_normalization: str = "sa2va",
     sha256: bool = False,
     dry_run: bool = False,
     overwrite: bool = False,
     allow_unsafe_pickle: bool = False,
     progress: bool = True,
     log=print,
+    **inputs: Any,
 ) -> ConversionResult:
     """Convert a training checkpoint (mmengine ``.pth`` or DeepSpeed ZeRO-1/2 folder) into an HF folder.
 
-    Steps:
+    ``inputs``: the family's declared inputs (``FamilySpec.inputs``), e.g. ``base=``, ``sam2=``, ``lora_alpha=``;
+    ``None`` = not given. Steps:
     1. open the checkpoint (``weights_only`` with the allowlist; memory-mapped) and read its training config
        as data;
-    2. pick the family (``family=`` or by the checkpoint's keys) and let it open the base folder and SAM2
-       checkpoint, check they belong to it, and build rules + the export config;
+    2. pick the family (``family=`` or by the checkpoint's keys), check the inputs against what it declares, and
+       let it open them, check they belong to it, and build rules + the export config;
     3. plan from shapes alone and validate coverage (raises before anything is written);
     4. unless ``dry_run``: stream the tensors into sharded safetensors in a temporary folder beside ``out``,
        write config, modeling code, tokenizer, ``conversion_report.json`` and a model card, then rename the
@@ -105,7 +104,9 @@ def convert_mmengine_to_hf(
     """
     t0 = time.time()
     out_dir, shard_bytes = _check_output_options(out, dtype, max_shard_size, dry_run, overwrite)
-    _sam2_normalization(sam2_normalization)  # an unknown mode is refused before any input is opened
+    if family:
+        fam = get_family(family)
+        family_options(fam, MMENGINE_TO_HF, inputs, allow_unsafe_pickle)  # bad inputs refused before any is opened
 
     # 1. the training checkpoint
     tc = open_training_checkpoint(ckpt, allow_unsafe_pickle=allow_unsafe_pickle)
@@ -115,24 +116,15 @@ def convert_mmengine_to_hf(
     # 2. the family
     fam = get_family(family) if family else detect_family(tc)
     if family and not fam.claims(tc):
-        from ..errors import WrongFamily
-
         raise WrongFamily(f"{ckpt}: this checkpoint's keys do not look like family {fam.name} "
                           f"(keys like {', '.join(sorted(tc.source.keys())[:3])})")
-    options = ConvertOptions(base=Path(base) if base else None, sam2=Path(sam2) if sam2 else None,
-                             sam2_config=Path(sam2_config) if sam2_config else None, lora_r=lora_r,
-                             lora_alpha=lora_alpha, use_rslora=use_rslora, special_tokens=special_tokens,
-                             allow_unsafe_pickle=allow_unsafe_pickle,
-                             pretrained_pth=Path(pretrained_pth) if pretrained_pth else None,
-                             sam2_normalization=sam2_normalization)
+    options = family_options(fam, MMENGINE_TO_HF, inputs, allow_unsafe_pickle)
     prepared = fam.prepare(tc, cfg, options)
     out_dtype = DTYPES[dtype] if dtype else _training_dtype(tc.source)
 
-    inputs = {"checkpoint": {"path": str(ckpt), "format": tc.format}, "base": {"path": str(base)},
-              "sam2": {"path": str(sam2)}}
-    if pretrained_pth:
-        inputs["pretrained_pth"] = {"path": str(pretrained_pth)}
-    return plan_and_write(prepared, family=fam.name, mapping_version=fam.mapping_version, inputs=inputs,
+    inputs_report = {"checkpoint": {"path": str(ckpt), "format": tc.format},
+                     **{name: {"path": str(p)} for name, p in options.paths().items()}}
+    return plan_and_write(prepared, family=fam.name, mapping_version=fam.mapping_version, inputs=inputs_report,
                           training_config_found=dict(cfg.found_in), out_dir=out_dir, out_dtype=out_dtype,
                           shard_bytes=shard_bytes, dry_run=dry_run, progress=progress, t0=t0,
                           input_sha256=("checkpoint", ckpt_sha), checksums=sha256)
@@ -148,7 +140,7 @@ def plan_and_write(prepared, *, family: str, mapping_version: str, inputs: dict,
     background hash of that input) to record. ``checksums``: record each shard's sha256 (costs ~1 s per 1.5 GB of
     CPU)."""
     # 3. plan and validate
-    plan = build_plan(prepared.rules, prepared.sources, ctx=prepared.ctx, out_dtype=out_dtype,
+    plan = build_plan(prepared.rules, prepared.sources, out_dtype=out_dtype,
                       expected=prepared.expected)
     summary = format_table(plan)
     targets, drops = plan_entries(plan)
@@ -212,45 +204,50 @@ def plan_and_write(prepared, *, family: str, mapping_version: str, inputs: dict,
     return ConversionResult(family, plan, out_dir, report, summary, prepared.notes)
 
 
-def convert_sa2va_hf_to_native(
+def convert_released_folder(
     src: str | Path,
     *,
+    command: str,
     out: str | Path | None,
     dtype: str | None = None,
     max_shard_size: str | int = "2GB",
-    sam2_config: str | Path | None = None,
-    sam2_normalization: str = "sa2va",
     sha256: bool = False,
     dry_run: bool = False,
     overwrite: bool = False,
     allow_unsafe_pickle: bool = False,
     progress: bool = True,
     log=print,
+    **inputs: Any,
 ) -> ConversionResult:
-    """Convert a released Sa2VA HF folder (e.g. ByteDance/Sa2VA-4B: remote-code ``Sa2VAChatModel``) into maskport's
-    native export (stock transformers classes, quantizable, verifiable), with no training checkpoint.
+    """Convert a released HF folder of a family (e.g. ByteDance/Sa2VA-4B: remote-code ``Sa2VAChatModel``) into
+    maskport's native export (stock transformers classes, quantizable, verifiable), with no training checkpoint.
+    ``command``: the convert command whose families are tried (``FamilySpec.released_command``).
 
     Steps: 1. read the folder's ``config.json`` as JSON (its code is never run) and pick the family that imports
-    it; 2. the family splits the folder into the MLLM part and the SAM2 part and builds rules and the export
-    config; 3-4. plan, validate and write exactly as ``convert_mmengine_to_hf`` does."""
-    from ..mappings._shared import read_json
-    from ..mappings.registry import detect_released_family
+    it; 2. the family splits the folder into its parts and builds rules and the export config; 3-4. plan,
+    validate and write exactly as ``convert_mmengine_to_hf`` does."""
+    from ..families import detect_released_family
+    from ..families._common import read_json
 
     t0 = time.time()
     src_dir = Path(src)
     if not src_dir.is_dir():
         raise MissingInput(f"released model folder {src_dir} does not exist (or is not a folder)")
     out_dir, shard_bytes = _check_output_options(out, dtype, max_shard_size, dry_run, overwrite)
-    _sam2_normalization(sam2_normalization)  # an unknown mode is refused before any input is opened
-    fam = detect_released_family(src_dir, read_json(src_dir / "config.json"))
-    options = ConvertOptions(sam2_config=Path(sam2_config) if sam2_config else None,
-                             allow_unsafe_pickle=allow_unsafe_pickle, sam2_normalization=sam2_normalization)
+    fam = detect_released_family(src_dir, read_json(src_dir / "config.json"), command)
+    options = family_options(fam, command, inputs, allow_unsafe_pickle)
     prepared = fam.prepare_released(src_dir, options)
     out_dtype = DTYPES[dtype] if dtype else _training_dtype(prepared.sources["base"])
     return plan_and_write(prepared, family=fam.name, mapping_version=fam.mapping_version,
-                          inputs={"released_folder": {"path": str(src_dir)}}, training_config_found={},
-                          out_dir=out_dir, out_dtype=out_dtype, shard_bytes=shard_bytes, dry_run=dry_run,
-                          progress=progress, t0=t0, checksums=sha256)
+                          inputs={"released_folder": {"path": str(src_dir)},
+                                  **{name: {"path": str(p)} for name, p in options.paths().items()}},
+                          training_config_found={}, out_dir=out_dir, out_dtype=out_dtype, shard_bytes=shard_bytes,
+                          dry_run=dry_run, progress=progress, t0=t0, checksums=sha256)
+
+
+def convert_sa2va_hf_to_native(src: str | Path, **kwargs: Any) -> ConversionResult:
+    """``maskport convert sa2va-hf-to-native``: :func:`convert_released_folder` for the released Sa2VA folders."""
+    return convert_released_folder(src, command="sa2va-hf-to-native", **kwargs)
 
 
 class _Background:
@@ -282,8 +279,10 @@ def _model_card(report: dict) -> str:
     inputs = report["inputs"]
     if "checkpoint" in inputs:
         ck = inputs["checkpoint"]
-        origin = (f"- source checkpoint: `{Path(ck['path']).name}` ({ck['format']}), sha256 `{ck.get('sha256', 'n/a')}`\n"
-                  f"- base model: `{inputs['base']['path']}`; SAM2: `{inputs['sam2']['path']}`")
+        origin = "\n".join([f"- source checkpoint: `{Path(ck['path']).name}` ({ck['format']}), sha256 "
+                             f"`{ck.get('sha256', 'n/a')}`"] +
+                            [f"- {name.replace('_', ' ')}: `{v['path']}`" for name, v in inputs.items()
+                             if name != "checkpoint"])
     else:
         origin = "\n".join(f"- {name.replace('_', ' ')}: `{v['path']}`" for name, v in inputs.items())
     cov = report["coverage"]

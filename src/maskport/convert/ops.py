@@ -109,3 +109,218 @@ def reshape_shapes(shape: Shape, new: Sequence[int]) -> Shape:
     if n_old != n_new:
         raise ValueError(f"cannot reshape {tuple(shape)} to {tuple(new)}")
     return tuple(new)
+
+
+# InternLM2-style fused qkv, rows grouped per key-value head: [kv0: q*groups, k, v][kv1: ...] (see
+# maskport.families.sa2va_internvl.internlm2_llama for the layout and its source)
+def split_wqkv(x: torch.Tensor, num_heads: int, num_kv_heads: int) -> list[torch.Tensor]:
+    """InternLM2's fused ``wqkv`` weight ``[(H + 2*KV) * d, in]`` (or bias ``[(H + 2*KV) * d]``) -> Llama's
+    ``q [H*d, ...]``, ``k [KV*d, ...]``, ``v [KV*d, ...]`` (rows gathered per key-value group, see the module
+    docstring)."""
+    groups, d = _groups_and_head_dim(tuple(x.shape), num_heads, num_kv_heads)
+    rest = tuple(x.shape[1:])
+    g = x.reshape(num_kv_heads, groups + 2, d, *rest)
+    q = g[:, :groups].reshape(num_heads * d, *rest)
+    k = g[:, groups].reshape(num_kv_heads * d, *rest)
+    v = g[:, groups + 1].reshape(num_kv_heads * d, *rest)
+    return [q.contiguous(), k.contiguous(), v.contiguous()]
+
+
+def split_wqkv_shapes(shape: tuple[int, ...], num_heads: int, num_kv_heads: int) -> list[tuple[int, ...]]:
+    groups, d = _groups_and_head_dim(tuple(shape), num_heads, num_kv_heads)
+    rest = tuple(shape[1:])
+    return [(num_heads * d, *rest), (num_kv_heads * d, *rest), (num_kv_heads * d, *rest)]
+
+
+def _groups_and_head_dim(shape: tuple[int, ...], num_heads: int, num_kv_heads: int) -> tuple[int, int]:
+    if num_kv_heads <= 0 or num_heads % num_kv_heads:
+        raise ValueError(f"num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}")
+    groups = num_heads // num_kv_heads
+    rows = shape[0]
+    if rows % (num_kv_heads * (groups + 2)):
+        raise ValueError(f"wqkv has {rows} rows, not a multiple of num_key_value_heads * (groups + 2) = "
+                         f"{num_kv_heads} * {groups + 2}: wrong head counts?")
+    return groups, rows // (num_kv_heads * (groups + 2))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Typed ops: the functions above bound to their parameters, as the mapping tables name them
+# ----------------------------------------------------------------------------------------------------------------
+class Op:
+    """A tensor operation with its parameters bound in the table: :meth:`shapes` (planning, no data),
+    :meth:`compute` (list of tensors in, list out), :meth:`describe` (the report's name for it). Ops with a faster
+    path into a preallocated buffer offer ``compute_into``; the writer dispatches on the op's type."""
+
+    label = "op"
+    #: outputs take the export dtype even from non-floating inputs (a LoRA merge is always float math)
+    float_output = False
+
+    def shapes(self, shapes: Sequence[Shape]) -> list[Shape]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def compute(self, xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return self.label
+
+    def params(self) -> dict:
+        return {}
+
+
+class Identity(Op):
+    """The tensor unchanged (``label``: how the rule used it: rename, take, copy)."""
+
+    def __init__(self, label: str = "rename"):
+        self.label = label
+
+    def shapes(self, shapes):
+        return identity_shapes(shapes)
+
+    def compute(self, xs):
+        return identity(xs)
+
+    def __eq__(self, other):
+        return isinstance(other, Identity) and other.label == self.label
+
+    def __hash__(self):
+        return hash(("identity", self.label))
+
+
+class LoraMerge(Op):
+    """``W + scaling * B @ A`` (inputs: base weight, ``lora_A``, ``lora_B``), in float32: :func:`lora_merge`."""
+
+    label = "lora_merge"
+    float_output = True
+
+    def __init__(self, scaling: float | None):
+        self.scaling = scaling
+
+    def _scaling(self) -> float:
+        if self.scaling is None:
+            raise RuntimeError("LoRA scaling unknown")
+        return self.scaling
+
+    def shapes(self, shapes):
+        return lora_merge_shapes(shapes)
+
+    def compute(self, xs):
+        return [lora_merge(xs[0], xs[1], xs[2], self._scaling())]
+
+    def compute_into(self, out: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return lora_merge_rows(out, w, a, b, self._scaling())
+
+    def describe(self):
+        return f"lora_merge(scaling={self.scaling})"
+
+    def params(self):
+        return {"scaling": self.scaling}
+
+
+class Split(Op):
+    """One tensor split along ``dim`` into ``sizes`` (``n`` equal pieces when ``sizes`` is None)."""
+
+    label = "split"
+
+    def __init__(self, dim: int, n: int, sizes: Sequence[int] | None = None):
+        self.dim, self.n, self.sizes = dim, n, (tuple(sizes) if sizes is not None else None)
+
+    def _sizes(self, shape: Shape) -> list[int]:
+        if self.sizes is not None:
+            return list(self.sizes)
+        if shape[self.dim] % self.n:
+            raise ValueError(f"dim {self.dim} of {tuple(shape)} does not split into {self.n} equal parts")
+        return [shape[self.dim] // self.n] * self.n
+
+    def shapes(self, shapes):
+        return split_shapes(shapes[0], self._sizes(tuple(shapes[0])), self.dim)
+
+    def compute(self, xs):
+        return split(xs[0], self._sizes(tuple(xs[0].shape)), self.dim)
+
+    def describe(self):
+        return f"split(dim={self.dim})"
+
+
+class Concat(Op):
+    """The inputs concatenated along ``dim``."""
+
+    label = "concat"
+
+    def __init__(self, dim: int):
+        self.dim = dim
+
+    def shapes(self, shapes):
+        return [concat_shapes(shapes, self.dim)]
+
+    def compute(self, xs):
+        return [concat(xs, self.dim)]
+
+    def describe(self):
+        return f"concat(dim={self.dim})"
+
+
+class Duplicate(Op):
+    """One tensor written ``n`` times; every copy after the first is a clone (outputs never share storage)."""
+
+    label = "duplicate"
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def shapes(self, shapes):
+        return [tuple(shapes[0])] * self.n
+
+    def compute(self, xs):
+        return [xs[0]] + [xs[0].clone() for _ in range(self.n - 1)]
+
+    def describe(self):
+        return f"duplicate(x{self.n})"
+
+
+class GroupedQkvSplit(Op):
+    """A fused qkv whose rows are grouped per key-value head (InternLM2's ``wqkv``) -> q, k, v in the
+    grouped-query (Llama) layout: :func:`split_wqkv`."""
+
+    label = "split_wqkv"
+
+    def __init__(self, num_heads: int, num_kv_heads: int):
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+
+    def shapes(self, shapes):
+        return split_wqkv_shapes(tuple(shapes[0]), self.num_heads, self.num_kv_heads)
+
+    def compute(self, xs):
+        return split_wqkv(xs[0], self.num_heads, self.num_kv_heads)
+
+
+class Chain(Op):
+    """Ops applied one after the other: the first takes the step's inputs, each next one the previous outputs
+    (e.g. a LoRA merge, then a grouped qkv split)."""
+
+    def __init__(self, *chain: Op):
+        self.chain = tuple(chain)
+        self.float_output = any(o.float_output for o in chain)
+
+    @property
+    def label(self) -> str:  # type: ignore[override]
+        return "+".join(o.label for o in self.chain)
+
+    def shapes(self, shapes):
+        for o in self.chain:
+            shapes = o.shapes(shapes)
+        return list(shapes)
+
+    def compute(self, xs):
+        for o in self.chain:
+            xs = o.compute(xs)
+        return list(xs)
+
+    def describe(self):
+        return "+".join(o.describe() for o in self.chain)
+
+    def params(self):
+        out: dict = {}
+        for o in self.chain:
+            out.update(o.params())
+        return out

@@ -56,8 +56,8 @@ class Plan:
         return max((i.nbytes for ps in self.steps for i in ps.output_infos), default=0)
 
 
-def _out_dtype(in_dtype: torch.dtype, out_dtype: torch.dtype, op: str) -> torch.dtype:
-    if in_dtype.is_floating_point or op.startswith("lora_merge"):
+def _out_dtype(in_dtype: torch.dtype, out_dtype: torch.dtype, op) -> torch.dtype:
+    if in_dtype.is_floating_point or op.float_output:
         return out_dtype
     return in_dtype
 
@@ -66,7 +66,6 @@ def build_plan(
     rules: Sequence[Rule],
     sources: Mapping[str, TensorSource],
     *,
-    ctx: Any,
     out_dtype: torch.dtype,
     expected: Mapping[str, tuple[int, ...]] | None = None,
 ) -> Plan:
@@ -95,7 +94,7 @@ def build_plan(
             return
         n = 0
         keys = (lambda s: [k for k in keys_of(s) if Ref(s, k) not in claimed]) if only_unclaimed else keys_of
-        for step in rule.expand(keys, ctx):
+        for step in rule.expand(keys):
             n += 1
             label = f"{type(rule).__name__}->{step.targets[0] if step.targets else 'drop'}"
             for ref in (*step.inputs, *step.superseded):
@@ -139,14 +138,14 @@ def build_plan(
             problems.append(f"{', '.join(step.targets)}: {exc}")
             continue
         if len(shapes) != len(step.targets):
-            problems.append(f"{step.op} gives {len(shapes)} tensors for {len(step.targets)} targets")
+            problems.append(f"{step.op_name} gives {len(shapes)} tensors for {len(step.targets)} targets")
             continue
         dtype = _out_dtype(infos[0].dtype, out_dtype, step.op)
         outs = [TensorInfo(tuple(s), dtype) for s in shapes]
         for t in step.targets:
             if t in produced:
-                problems.append(f"target {t} is produced twice: by {produced[t]} and by {step.op} of {step.inputs[0]}")
-            produced[t] = f"{step.op} of {step.inputs[0]}"
+                problems.append(f"target {t} is produced twice: by {produced[t]} and by {step.op_name} of {step.inputs[0]}")
+            produced[t] = f"{step.op_name} of {step.inputs[0]}"
         planned.append(PlannedStep(step, infos, outs))
 
     if expected is not None:

@@ -28,7 +28,7 @@ def coverage(plan: Plan) -> dict[str, Any]:
                 unaccounted.append(str(ref))
         per_source[name] = {"tensors": len(src.keys()), "used": c["used"], "dropped": c["dropped"],
                             "unaccounted": c["unaccounted"]}
-    ops = Counter(ps.step.op.split("(")[0] for ps in plan.steps)
+    ops = Counter(ps.step.op_name.split("(")[0] for ps in plan.steps)
     return {
         "sources": per_source,
         "targets": len(plan.targets),
@@ -44,7 +44,7 @@ def plan_entries(plan: Plan) -> tuple[list[dict], list[dict]]:
         for name, info in zip(ps.step.targets, ps.output_infos):
             targets.append({
                 "target": name,
-                "op": ps.step.op,
+                "op": ps.step.op_name,
                 "sources": [str(r) for r in ps.step.inputs],
                 "source_dtypes": [str(i.dtype).replace("torch.", "") for i in ps.input_infos],
                 "shape": list(info.shape),

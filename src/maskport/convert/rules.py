@@ -14,9 +14,9 @@ Rule kinds:
 - :class:`Rename`: one source tensor becomes one target tensor, unchanged.
 - :class:`Take`: like ``Rename``, and *supersedes* other source tensors (peft ``modules_to_save``: the
   trained copy replaces the base tensor, which is then accounted for as superseded, not silently ignored).
-- :class:`LoraMerge`: ``base + (alpha / r) * B @ A`` in float32.
-- :class:`Split` / :class:`Concat` / :class:`Reshape`: layout changes.
-- :class:`Apply`: a family's own pure function (with its shape twin), e.g. a grouped qkv split.
+- :class:`LoraMerge`: ``base + scaling * B @ A`` in float32, ``scaling`` bound in the table.
+- :class:`Split` / :class:`Concat`: layout changes; :class:`Duplicate`: one tensor written to several targets.
+- :class:`Apply`: any typed op of :mod:`maskport.convert.ops` (e.g. a LoRA merge chained with a grouped qkv split).
 - :class:`Drop`: a source tensor deliberately not exported, with the reason.
 - :class:`CopyRest`: every tensor of a source that no earlier rule claimed, renamed by a pattern. It runs
   after all other rules, so a table reads "these tensors are special; everything else is copied".
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Callable, Iterator, Sequence
 
@@ -79,17 +79,26 @@ def fill(pattern: str, bindings: dict[str, str]) -> str:
 
 @dataclass
 class Step:
-    """One unit of work: read ``inputs``, compute, produce ``targets`` (none for a drop)."""
+    """One unit of work: read ``inputs``, apply ``op`` (a typed :class:`~maskport.convert.ops.Op`), produce
+    ``targets`` (none, and no op, for a drop)."""
 
     rule: "Rule"
     targets: tuple[str, ...]
     inputs: tuple[Ref, ...]
-    compute: Callable[[list], list] | None
-    shapes: Callable[[list], list] | None
-    op: str
+    op: ops.Op | None
     superseded: tuple[Ref, ...] = ()
     reason: str | None = None
-    params: dict[str, Any] = field(default_factory=dict)  # the op's settings as data (e.g. LoRA scaling)
+
+    @property
+    def op_name(self) -> str:
+        """The report's name of the op (``rename``, ``lora_merge(scaling=2.0)``, ...; ``drop``)."""
+        return self.op.describe() if self.op is not None else "drop"
+
+    def shapes(self, shapes: list) -> list:
+        return self.op.shapes(shapes)
+
+    def compute(self, xs: list) -> list:
+        return self.op.compute(xs)
 
 
 class Rule:
@@ -102,15 +111,15 @@ class Rule:
     def describe(self) -> str:
         return f"{type(self).__name__}({self.primary})"
 
-    def expand(self, keys_of: Callable[[str], Sequence[str]], ctx: Any) -> Iterator[Step]:
+    def expand(self, keys_of: Callable[[str], Sequence[str]]) -> Iterator[Step]:
         source, key_pattern = parse_ref(self.primary)
         rx = compile_pattern(key_pattern)
         for key in keys_of(source):
             m = rx.match(key)
             if m:
-                yield self.make_step(m.groupdict(), ctx)
+                yield self.make_step(m.groupdict())
 
-    def make_step(self, b: dict[str, str], ctx: Any) -> Step:
+    def make_step(self, b: dict[str, str]) -> Step:
         raise NotImplementedError
 
 
@@ -130,9 +139,8 @@ class Rename(Rule):
     def primary(self) -> str:  # type: ignore[override]
         return self.source
 
-    def make_step(self, b, ctx):
-        return Step(self, (fill(self.target, b),), (_ref(self.source, b),), ops.identity, ops.identity_shapes,
-                    "rename")
+    def make_step(self, b):
+        return Step(self, (fill(self.target, b),), (_ref(self.source, b),), ops.Identity("rename"))
 
 
 @dataclass(frozen=True)
@@ -149,64 +157,68 @@ class Take(Rule):
     def primary(self) -> str:  # type: ignore[override]
         return self.source
 
-    def make_step(self, b, ctx):
-        return Step(self, (fill(self.target, b),), (_ref(self.source, b),), ops.identity, ops.identity_shapes,
-                    "take", superseded=tuple(_ref(r, b) for r in self.replaces), reason=self.why)
+    def make_step(self, b):
+        return Step(self, (fill(self.target, b),), (_ref(self.source, b),), ops.Identity("take"),
+                    superseded=tuple(_ref(r, b) for r in self.replaces), reason=self.why)
 
 
 @dataclass(frozen=True)
 class LoraMerge(Rule):
-    """``target = base + scaling * B @ A`` with ``scaling = ctx.lora_scaling`` (alpha / r)."""
+    """``target = base + scaling * B @ A`` (``scaling``: peft's alpha / r, bound here by the table)."""
 
     target: str
     base: str
     a: str
     b: str
+    scaling: float | None = None
     optional: bool = False
 
     @property
     def primary(self) -> str:  # type: ignore[override]
         return self.a
 
-    def make_step(self, bnd, ctx):
-        scaling = getattr(ctx, "lora_scaling", None)
-
-        def compute(xs, scaling=scaling):
-            if scaling is None:
-                raise RuntimeError("LoRA scaling unknown")
-            return [ops.lora_merge(xs[0], xs[1], xs[2], scaling)]
-
+    def make_step(self, bnd):
         return Step(self, (fill(self.target, bnd),), (_ref(self.base, bnd), _ref(self.a, bnd), _ref(self.b, bnd)),
-                    compute, ops.lora_merge_shapes, f"lora_merge(scaling={scaling})", params={"scaling": scaling})
+                    ops.LoraMerge(self.scaling))
 
 
 @dataclass(frozen=True)
 class Split(Rule):
-    """One source tensor split along ``dim`` into ``targets``; ``sizes(shape, ctx)`` gives the piece sizes."""
+    """One source tensor split along ``dim`` into ``targets`` (equal pieces, or ``sizes``)."""
 
     targets: tuple[str, ...]
     source: str
     dim: int
-    sizes: Callable[[tuple[int, ...], Any], Sequence[int]] | None = None  # None: equal pieces
+    sizes: tuple[int, ...] | None = None
     optional: bool = False
 
     @property
     def primary(self) -> str:  # type: ignore[override]
         return self.source
 
-    def _sizes(self, shape, ctx):
-        if self.sizes is not None:
-            return list(self.sizes(tuple(shape), ctx))
-        n = len(self.targets)
-        if shape[self.dim] % n:
-            raise ValueError(f"dim {self.dim} of {tuple(shape)} does not split into {n} equal parts")
-        return [shape[self.dim] // n] * n
-
-    def make_step(self, b, ctx):
+    def make_step(self, b):
         return Step(self, tuple(fill(t, b) for t in self.targets), (_ref(self.source, b),),
-                    lambda xs: ops.split(xs[0], self._sizes(xs[0].shape, ctx), self.dim),
-                    lambda shapes: ops.split_shapes(shapes[0], self._sizes(shapes[0], ctx), self.dim),
-                    f"split(dim={self.dim})")
+                    ops.Split(self.dim, len(self.targets), self.sizes))
+
+
+@dataclass(frozen=True)
+class Duplicate(Rule):
+    """One source tensor becomes several identical targets (a buffer that the target model keeps twice).
+
+    Each target after the first is a copy, so the outputs never share storage (safetensors refuses that).
+    """
+
+    targets: tuple[str, ...]
+    source: str
+    optional: bool = False
+
+    @property
+    def primary(self) -> str:  # type: ignore[override]
+        return self.source
+
+    def make_step(self, b):
+        return Step(self, tuple(fill(t, b) for t in self.targets), (_ref(self.source, b),),
+                    ops.Duplicate(len(self.targets)))
 
 
 @dataclass(frozen=True)
@@ -222,49 +234,26 @@ class Concat(Rule):
     def primary(self) -> str:  # type: ignore[override]
         return self.sources[0]
 
-    def make_step(self, b, ctx):
-        return Step(self, (fill(self.target, b),), tuple(_ref(s, b) for s in self.sources),
-                    lambda xs: [ops.concat(xs, self.dim)], lambda shapes: [ops.concat_shapes(shapes, self.dim)],
-                    f"concat(dim={self.dim})")
-
-
-@dataclass(frozen=True)
-class Reshape(Rule):
-    target: str
-    source: str
-    shape: Callable[[tuple[int, ...]], tuple[int, ...]]
-    optional: bool = False
-
-    @property
-    def primary(self) -> str:  # type: ignore[override]
-        return self.source
-
-    def make_step(self, b, ctx):
-        return Step(self, (fill(self.target, b),), (_ref(self.source, b),),
-                    lambda xs: [ops.reshape(xs[0], self.shape(tuple(xs[0].shape)))],
-                    lambda shapes: [ops.reshape_shapes(shapes[0], self.shape(tuple(shapes[0])))], "reshape")
+    def make_step(self, b):
+        return Step(self, (fill(self.target, b),), tuple(_ref(s, b) for s in self.sources), ops.Concat(self.dim))
 
 
 @dataclass(frozen=True)
 class Apply(Rule):
-    """A family-specific layout change: ``fn(tensors, ctx)`` turns the ``sources`` (the first is the primary
-    pattern) into the ``targets``; ``shapes(shapes, ctx)`` is its twin on shapes. ``op`` names it in the report.
-    Both must be pure functions (e.g. InternLM2's per-group ``wqkv`` split, with or without a LoRA merge first)."""
+    """A typed op (:mod:`maskport.convert.ops`, e.g. ``Chain(LoraMerge(s), GroupedQkvSplit(h, kv))``) turning the
+    ``sources`` (the first is the primary pattern) into the ``targets``."""
 
     targets: tuple[str, ...]
     sources: tuple[str, ...]
-    fn: Callable[[list, Any], list]
-    shapes: Callable[[list, Any], list]
-    op: str
+    op: ops.Op
     optional: bool = False
 
     @property
     def primary(self) -> str:  # type: ignore[override]
         return self.sources[0]
 
-    def make_step(self, b, ctx):
-        return Step(self, tuple(fill(t, b) for t in self.targets), tuple(_ref(s, b) for s in self.sources),
-                    lambda xs: list(self.fn(xs, ctx)), lambda shapes: list(self.shapes(shapes, ctx)), self.op)
+    def make_step(self, b):
+        return Step(self, tuple(fill(t, b) for t in self.targets), tuple(_ref(s, b) for s in self.sources), self.op)
 
 
 @dataclass(frozen=True)
@@ -279,8 +268,8 @@ class Drop(Rule):
     def primary(self) -> str:  # type: ignore[override]
         return self.source
 
-    def make_step(self, b, ctx):
-        return Step(self, (), (), None, None, "drop", superseded=(_ref(self.source, b),), reason=self.reason)
+    def make_step(self, b):
+        return Step(self, (), (), None, superseded=(_ref(self.source, b),), reason=self.reason)
 
 
 @dataclass(frozen=True)
@@ -295,9 +284,8 @@ class CopyRest(Rule):
     def primary(self) -> str:  # type: ignore[override]
         return self.source
 
-    def make_step(self, b, ctx):
-        return Step(self, (fill(self.target, b),), (_ref(self.source, b),), ops.identity, ops.identity_shapes,
-                    "copy")
+    def make_step(self, b):
+        return Step(self, (fill(self.target, b),), (_ref(self.source, b),), ops.Identity("copy"))
 
 
 def prefixed(prefix: str, rules: Sequence[Rule], *, source: str | None = None) -> list[Rule]:
@@ -322,29 +310,6 @@ def prefixed(prefix: str, rules: Sequence[Rule], *, source: str | None = None) -
                 changes["sources"] = tuple(source + ":" + parse_ref(s)[1] for s in r.sources)
             if hasattr(r, "replaces"):
                 changes["replaces"] = tuple(source + ":" + parse_ref(s)[1] for s in r.replaces)
-        out.append(dataclasses.replace(r, **changes))
-    return out
-
-
-def source_prefixed(prefix: str, rules: Sequence[Rule]) -> list[Rule]:
-    """The same rules reading keys under ``prefix`` in their sources (e.g. a mask decoder saved under
-    ``grounding_encoder.sam2_model.`` in a training checkpoint)."""
-    import dataclasses
-
-    def re_(p: str) -> str:
-        s, k = parse_ref(p)
-        return f"{s}:{prefix}{k}"
-
-    out: list[Rule] = []
-    for r in rules:
-        changes: dict[str, Any] = {}
-        for f in ("source", "base", "a", "b"):
-            if hasattr(r, f) and isinstance(getattr(r, f), str):
-                changes[f] = re_(getattr(r, f))
-        if hasattr(r, "sources"):
-            changes["sources"] = tuple(re_(s) for s in r.sources)
-        if hasattr(r, "replaces"):
-            changes["replaces"] = tuple(re_(s) for s in r.replaces)
         out.append(dataclasses.replace(r, **changes))
     return out
 

@@ -72,7 +72,7 @@ class Shard:
 
 
 def _is_merge(ps: PlannedStep) -> bool:
-    return ps.step.op.startswith("lora_merge")
+    return isinstance(ps.step.op, ops.LoraMerge) or (isinstance(ps.step.op, ops.Chain) and ps.step.op.float_output)
 
 
 def write_order(plan: Plan) -> list[PlannedStep]:
@@ -498,7 +498,7 @@ def _step_buffer_plan(ps: PlannedStep, plan: Plan) -> tuple[list[int], int, str]
     step = ps.step
     ins = [plan.sources[r.source].buffer_nbytes(r.key) for r in step.inputs]
     outs = [i.nbytes for i in ps.output_infos]
-    if step.params.get("scaling") is not None and step.op.startswith("lora_merge") and len(step.inputs) == 3:
+    if isinstance(step.op, ops.LoraMerge) and step.op.scaling is not None and len(step.inputs) == 3:
         w = ps.input_infos[0]
         n = w.nbytes // torch.empty((), dtype=w.dtype).element_size()
         out_dtype = ps.output_infos[0].dtype
@@ -509,7 +509,7 @@ def _step_buffer_plan(ps: PlannedStep, plan: Plan) -> tuple[list[int], int, str]
         a = ps.input_infos[1]
         work = ops.MERGE_BLOCK_BYTES + 4 * (a.nbytes // torch.empty((), dtype=a.dtype).element_size())
         return ins + acc + extra, work, "lora"  # work: the float32 row block and A in float32
-    if step.compute is ops.identity and len(step.inputs) == 1 and len(outs) == 1:
+    if isinstance(step.op, ops.Identity) and len(step.inputs) == 1 and len(outs) == 1:
         same = ps.input_infos[0].dtype == ps.output_infos[0].dtype
         if same and _file_span(ps, plan) is not None:
             return [], 0, "passthrough"  # copied file to file by the writer: no buffer
@@ -594,7 +594,7 @@ def _compute_step(ld: _Loaded) -> list[torch.Tensor]:
             dst = _view(bufs[3], info)  # None (then allocated) when it was too small to pool
         else:
             dst = _view(bufs[4] if len(bufs) > 4 else None, info)
-        outs = [ops.lora_merge_rows(dst, w, a, b, step.params["scaling"])]
+        outs = [step.op.compute_into(dst, w, a, b)]
     elif ld.kind == "identity":
         x = xs[0]
         _check_shape(step.targets[0], x, info)

@@ -207,7 +207,7 @@ def quantize_export(export_dir, out, *, method: str = "gptq", bits: int = 4, gro
                          "awq_format": settings.awq_format if settings.method == "awq" else None,
                          "device": settings.device, "offload_to_disk": settings.offload_to_disk},
             "quantization_config": qc,
-            "family": target.family,
+            "family": target.spec.name,
             "excluded_prefixes": list(target.excluded_prefixes),
             "quantized_modules_count": len(qmods),
             "quantized_modules": qmods,

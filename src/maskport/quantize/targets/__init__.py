@@ -1,11 +1,12 @@
-"""What ``maskport quantize`` needs to know about each export family. Each family module registers a
-:class:`QuantTarget`; the quantize code never branches on a family's name.
+"""What ``maskport quantize`` needs to know about each export family: the :class:`QuantTarget` interface. Each family
+has one in its folder (``maskport/families/<family>/quant.py``, named by ``FamilySpec.quant_target``); the quantize
+code finds it by the export's ``model_type`` and never branches on a family's name.
 
 Common to every family (transformers' native VLMs all keep their text model there): the quantized modules are the
 decoder linears under ``mllm.model.language_model.layers`` (GPTQModel's module tree for ``qwen2_5_vl`` and
 ``internvl`` alike). What differs, and what a target says:
 
-- which export it handles (``model_type`` of the export's ``config.json``);
+- which export it handles (``spec``: the family's spec, whose ``model_type`` the export's ``config.json`` holds);
 - which composite prefixes stay floating point (vision tower, projector, ``lm_head``, SAM2, ``text_hidden_fcs``),
   and the same for the standalone language-model folder (``--save-mllm``);
 - how to stage the export's ``mllm`` as a standalone folder that GPTQModel loads (weights, config, tokenizer,
@@ -13,7 +14,7 @@ decoder linears under ``mllm.model.language_model.layers`` (GPTQModel's module t
 - how one calibration sample becomes a batch, with the export's own preprocessing, so the decoder layers see the
   inputs ``predict_forward`` gives them: :meth:`QuantTarget.image_batch` and :meth:`QuantTarget.text_batch`.
 
-Adding a family = a module here that registers its target, and a test that quantizes its fixture.
+Adding a family's target = ``quant.py`` in its folder, and a test that quantizes its fixture.
 """
 
 from __future__ import annotations
@@ -38,10 +39,9 @@ class ImageBatch:
 
 
 class QuantTarget:
-    """A family's quantization facts; subclass and :func:`register` an instance."""
+    """A family's quantization facts; subclass in the family's ``quant.py`` and name the instance in its spec."""
 
-    family: str = ""
-    model_type: str = ""
+    spec = None                                    # the family's FamilySpec
     excluded_prefixes: tuple[str, ...] = ()       # composite (export) prefixes kept floating point
     standalone_excluded: tuple[str, ...] = ()     # the same in the standalone MLLM folder
     vision_prefixes: tuple[str, ...] = ()         # composite prefixes counted as "vision" in the size table
@@ -61,22 +61,16 @@ class QuantTarget:
         raise NotImplementedError
 
 
-TARGETS: dict[str, QuantTarget] = {}
-
-
-def register(target: QuantTarget) -> QuantTarget:
-    if target.model_type in TARGETS:
-        raise ValueError(f"a quantize target for {target.model_type} is already registered")
-    TARGETS[target.model_type] = target
-    return target
-
-
 def target_for(model_type: str | None, where: str = "the export") -> QuantTarget:
     """The target of an export's ``model_type``, or a MissingInput naming the ones that can be quantized."""
-    if model_type in TARGETS:
-        return TARGETS[model_type]
-    known = ", ".join(f"{t.family} ({t.model_type})" for t in TARGETS.values())
-    raise MissingInput(f"{where} is not a maskport export that can be quantized (model_type={model_type!r}); "
+    from ...families import FAMILIES, family_for_model_type
+
+    fam = family_for_model_type(model_type)
+    if fam is not None and fam.spec.quant_target is not None:
+        return fam.quant_target()
+    known = ", ".join(f"{f.name} ({f.spec.model_type})" for f in FAMILIES.values() if f.spec.quant_target)
+    why = f" (family {fam.name}: {fam.spec.no_quant_reason})" if fam is not None else ""
+    raise MissingInput(f"{where} is not a maskport export that can be quantized (model_type={model_type!r}){why}; "
                        f"known: {known}. Run maskport convert first")
 
 
@@ -89,8 +83,4 @@ def encode(tokenizer, text: str, bos: bool = False) -> dict[str, torch.Tensor]:
     return {"input_ids": t, "attention_mask": torch.ones_like(t)}
 
 
-# importing a family's module registers its target
-from . import sa2va_qwen2_5_vl  # noqa: E402,F401
-from . import sa2va_internvl  # noqa: E402,F401
-
-__all__ = ["DECODER_BLOCK", "ImageBatch", "QuantTarget", "TARGETS", "encode", "register", "target_for"]
+__all__ = ["DECODER_BLOCK", "ImageBatch", "QuantTarget", "encode", "target_for"]

@@ -1,0 +1,158 @@
+"""Helpers the families share: reading JSON, the inputs most families declare (``--base``, LoRA, special tokens),
+LoRA settings, the export folder's non-weight files (code, tokenizer, generation config)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..convert.rules import lora_scaling
+from ..convert.sources import TrainingCheckpoint
+from ..convert.training_config import Opaque, TrainingConfig
+from ..errors import MissingInput, ShapeMismatch, UnreadableFile
+from ..heads import remote_file
+from .spec import ConvertOptions, FamilySpec, InputOption
+
+FAMILIES_DIR = Path(__file__).resolve().parent
+
+# inputs most families declare (a family lists the ones it reads in its FamilySpec.inputs)
+BASE_INPUT = InputOption("base", "path", "Base MLLM folder the run fine-tuned (e.g. Qwen2.5-VL-3B-Instruct, InternVL2_5-4B).")
+LORA_INPUTS = (
+    InputOption("lora_alpha", "float", "LoRA alpha (default: from the checkpoint's training config)."),
+    InputOption("lora_r", "int", "LoRA rank, checked against the tensors."),
+    InputOption("special_tokens", "csv", "Comma-separated special tokens added in training (default: from the config)."),
+)
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise MissingInput(f"{path} is missing") from None
+    except ValueError as exc:
+        raise UnreadableFile(f"{path}: not valid JSON ({exc})") from exc
+
+
+def copy_export_code(out: Path, spec: FamilySpec) -> list[str]:
+    """Copy a family's configuration/modeling files (``families/<package>/remote/``) and the shared heads it uses
+    (``heads/remote/``, which the modeling file imports relatively) into the export folder ``out``; returns the
+    file names."""
+    import shutil
+
+    written = []
+    for name in spec.code_files:
+        shutil.copy2(FAMILIES_DIR / spec.package / "remote" / name, out / name)
+        written.append(name)
+    for head in spec.heads:
+        shutil.copy2(remote_file(head), out / f"{head}.py")
+        written.append(f"{head}.py")
+    return written
+
+
+def target_shapes(model_cls, config) -> dict[str, tuple[int, ...]]:
+    """The export model's tensor shapes, from an instance built on the ``meta`` device (no memory)."""
+    import torch
+
+    with torch.device("meta"):
+        model = model_cls(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def write_export_files(out: Path, *, spec: FamilySpec, config, tokenizer, base_dir: Path, template: dict) -> list[str]:
+    """Every non-weight file of an export folder: ``config.json`` (``architectures``/``auto_map`` from the spec),
+    the modeling code and its shared heads, the tokenizer, ``generation_config.json`` (stop words of ``template``)
+    and the spec's ``base_files`` copied from the base folder when it has them. Returns the file names."""
+    import shutil
+
+    config.architectures = [spec.model_class]
+    config.auto_map = dict(spec.auto_map)
+    config.save_pretrained(out)
+    written = ["config.json", *copy_export_code(out, spec)]
+    tokenizer.save_pretrained(out)
+    written += tokenizer_files(out)
+    for f in spec.base_files:
+        if (base_dir / f).is_file():
+            shutil.copy2(base_dir / f, out / f)
+            written.append(f)
+    write_generation_config(base_dir, out, tokenizer, template)
+    written.append("generation_config.json")
+    return sorted(set(written))
+
+
+def lora_settings(ckpt: TrainingCheckpoint, cfg: TrainingConfig, options: ConvertOptions):
+    """(r, alpha, use_rslora, scaling): r from the ``lora_A`` tensors (one rank for all), alpha from flags, else
+    the training config; checked against each other. All None when the checkpoint has no LoRA."""
+    keys = ckpt.source.keys()
+    a_keys = [k for k in keys if k.endswith(".lora_A.default.weight")]
+    ranks = {ckpt.source.info(k).shape[0] for k in a_keys}
+    if len(ranks) > 1:
+        raise ShapeMismatch(f"LoRA ranks differ between layers ({sorted(ranks)}); per-layer ranks are not supported")
+    r = ranks.pop() if ranks else None
+    if r is not None and options.lora_r is not None and options.lora_r != r:
+        raise ShapeMismatch(f"--lora-r {options.lora_r} but the checkpoint's lora_A tensors have rank {r}")
+    if r is not None and cfg.lora_r is not None and cfg.lora_r != r:
+        raise ShapeMismatch(f"the training config says r={cfg.lora_r} but the lora_A tensors have rank {r}")
+    alpha = options.lora_alpha if options.lora_alpha is not None else cfg.lora_alpha
+    rslora = cfg.use_rslora
+    if r is not None and alpha is None:
+        raise MissingInput("LoRA alpha is unknown: the checkpoint has no training config with lora_alpha; "
+                           "pass --lora-alpha (Sa2VA configs use 2*r, e.g. 256 for r=128)")
+    scaling = lora_scaling(alpha, r, rslora) if r is not None else None
+    return r, alpha, rslora, scaling
+
+
+def plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    if isinstance(obj, Opaque):
+        return str(obj)
+    return obj
+
+
+def tokenizer_files(out: Path) -> list[str]:
+    names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+             "vocab.json", "merges.txt", "chat_template.jinja")
+    return [n for n in names if (out / n).is_file()]
+
+
+class quiet_transformers:
+    """Silence transformers' logger inside the block (e.g. its "model of type internvl_chat" notice when a
+    tokenizer is read from a remote-code model folder, which says nothing about the conversion)."""
+
+    def __enter__(self):
+        from transformers.utils import logging as tlogging
+
+        self._level = tlogging.get_verbosity()
+        tlogging.set_verbosity_error()
+        return self
+
+    def __exit__(self, *exc):
+        from transformers.utils import logging as tlogging
+
+        tlogging.set_verbosity(self._level)
+        return False
+
+
+def write_generation_config(base_dir: Path, out: Path, tokenizer, template: dict) -> None:
+    from transformers import GenerationConfig
+
+    if (base_dir / "generation_config.json").is_file():
+        gen = GenerationConfig.from_pretrained(base_dir)
+    else:
+        gen = GenerationConfig()
+    stop_ids = [tokenizer.convert_tokens_to_ids(w) for w in template.get("stop_words", [])]
+    stop_ids = [i for i in stop_ids if isinstance(i, int) and i != tokenizer.unk_token_id]
+    if stop_ids:
+        gen.eos_token_id = stop_ids if len(stop_ids) > 1 else stop_ids[0]
+    if gen.pad_token_id is None and tokenizer.pad_token_id is not None:
+        gen.pad_token_id = tokenizer.pad_token_id
+    gen.do_sample = False
+    for k in ("temperature", "top_p", "top_k", "repetition_penalty"):
+        if hasattr(gen, k):
+            setattr(gen, k, None)
+    gen.save_pretrained(out)
+
+

@@ -1,0 +1,215 @@
+"""Family ``sa2va-qwen2_5-vl``: Sa2VA fine-tuned on a Qwen2.5-VL base with SAM2.
+
+Sources:
+- ``ckpt``: the training checkpoint (trainable subset only): LoRA of the LLM under the peft prefix, the
+  ``modules_to_save`` copies of ``embed_tokens``/``lm_head``, SAM2's mask decoder, ``text_hidden_fcs``;
+- ``base``: the base MLLM folder (e.g. Qwen/Qwen2.5-VL-3B-Instruct), keys normalised to transformers'
+  native layout (``model.language_model.*``, ``model.visual.*``, ``lm_head.*``);
+- ``sam2``: Meta's SAM2 checkpoint (``sam2_hiera_large.pt``).
+
+Target: ``Sa2VAQwenModel`` (``maskport/export/sa2va_qwen2_5_vl``): ``mllm.*`` (transformers'
+``Qwen2_5_VLForConditionalGeneration``), ``sam2.*`` (transformers' ``Sam2Model``), ``text_hidden_fcs.*``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+from ...convert.sources import RenamedSource, TensorSource, TrainingCheckpoint, open_hf_folder
+from ...convert.training_config import TrainingConfig
+from ...errors import MissingInput, ShapeMismatch, UnreadableFile, WrongFamily
+from ...heads.sam2 import open_sam2, sam2_normalization
+from .. import Family
+from .._common import lora_settings, target_shapes, write_export_files
+from .._common import plain as _plain
+from .._common import read_json as _read_json
+from ..spec import ConvertOptions, Prepared
+from .mapping import PEFT, rules
+from .spec import SPEC
+
+NAME = SPEC.name
+DEFAULT_SPECIAL_TOKENS = ["[SEG]", "<p>", "</p>", "<vp>", "</vp>"]
+
+# Chat templates Sa2VA trains with (xtuner's PROMPT_TEMPLATE names), as plain data.
+TEMPLATES: dict[str, dict[str, Any]] = {
+    "qwen_chat": {
+        "system": "<|im_start|>system\n{system}<|im_end|>\n",
+        "default_system": "You are a helpful assistant.",
+        "user": "<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n",
+        "suffix": "<|im_end|>",
+        "stop_words": ["<|im_end|>", "<|endoftext|>"],
+    },
+}
+
+
+def _normalise_base_keys(src: TensorSource) -> TensorSource:
+    """Saved Qwen2.5-VL folders use the legacy layout (``model.layers.*``, ``visual.*``); transformers'
+    native module tree is ``model.language_model.*`` / ``model.visual.*``. Present the native names."""
+    keys = src.keys()
+    if any(k.startswith(("model.language_model.", "model.visual.")) for k in keys):
+        return src
+    rename = {}
+    for k in keys:
+        if k.startswith("visual."):
+            rename[k] = "model." + k
+        elif k.startswith("model."):
+            rename[k] = "model.language_model." + k[len("model."):]
+        else:
+            rename[k] = k
+    return RenamedSource(src, rename, src.description + " (legacy layout, keys normalised)")
+
+
+class Sa2VAQwen25VL(Family):
+    spec = SPEC
+
+    def claims(self, ckpt: TrainingCheckpoint) -> bool:
+        keys = ckpt.source.keys()
+        return any(k.startswith("mllm.model.base_model.model.model.language_model.") for k in keys) and any(
+            k.startswith("text_hidden_fcs.") for k in keys)
+
+    def prepare(self, ckpt: TrainingCheckpoint, cfg: TrainingConfig, options: ConvertOptions) -> Prepared:
+        from transformers import AutoTokenizer, Qwen2_5_VLConfig
+
+        from .remote.configuration_sa2va_qwen import Sa2VAQwenConfig
+        from .remote.modeling_sa2va_qwen import Sa2VAQwenModel
+
+        notes: list[str] = []
+        # 1. the base MLLM folder
+        if options.base is None:
+            raise MissingInput("--base is required: the base MLLM folder the run fine-tuned "
+                               f"(the training config names {cfg.base_path!r})" if cfg.base_path else
+                               "--base is required: the base MLLM folder (e.g. Qwen2.5-VL-3B-Instruct)")
+        base_dir = Path(options.base)
+        if not base_dir.is_dir():
+            raise MissingInput(f"base model folder {base_dir} does not exist")
+        base_cfg = _read_json(base_dir / "config.json")
+        if base_cfg.get("model_type") != "qwen2_5_vl":
+            raise WrongFamily(f"base folder {base_dir} holds a {base_cfg.get('model_type')!r} model; family {NAME} "
+                              "needs a Qwen2.5-VL base (e.g. Qwen/Qwen2.5-VL-3B-Instruct)")
+        base = _normalise_base_keys(open_hf_folder(base_dir, allow_unsafe_pickle=options.allow_unsafe_pickle))
+        mllm_config = Qwen2_5_VLConfig.from_pretrained(base_dir)
+
+        # 2. SAM2
+        sam2, preset, sam2_config = open_sam2(options, notes)
+
+        # 3. sizes the checkpoint implies, checked against the base before planning
+        keys = set(ckpt.source.keys())
+        hidden = mllm_config.text_config.hidden_size
+        if "text_hidden_fcs.0.weight" in keys:
+            c_in = ckpt.source.info("text_hidden_fcs.0.weight").shape[1]
+            if c_in != hidden:
+                raise ShapeMismatch(f"the checkpoint was trained on an LLM of hidden size {c_in} "
+                                    f"(text_hidden_fcs.0.weight), but the base {base_dir.name} has {hidden}: wrong --base?")
+        out_dim_key = "text_hidden_fcs.2.weight"
+        out_dim = ckpt.source.info(out_dim_key).shape[0] if out_dim_key in keys else 256
+
+        embed_keys = [k for k in keys if k.endswith("embed_tokens.modules_to_save.default.weight")
+                      or k == PEFT.split(":", 1)[1] + "model.language_model.embed_tokens.weight"]
+        vocab = ckpt.source.info(embed_keys[0]).shape[0] if embed_keys else mllm_config.text_config.vocab_size
+
+        # 4. LoRA scaling: r from the tensors, alpha from flags > training config
+        r, alpha, rslora, scaling = lora_settings(ckpt, cfg, options)
+
+        # 5. tokenizer: the base's, plus the special tokens the run added (same order => same ids)
+        special = options.special_tokens or cfg.special_tokens or DEFAULT_SPECIAL_TOKENS
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        except Exception as exc:  # noqa: BLE001 - re-raised typed
+            raise UnreadableFile(f"{base_dir}: cannot load its tokenizer ({exc})") from exc
+        tokenizer.add_tokens(special, special_tokens=True)
+        seg_id = tokenizer.convert_tokens_to_ids("[SEG]")
+        if "[SEG]" not in special:
+            raise MissingInput(f"the special tokens {special} do not include [SEG]")
+        if seg_id >= vocab:
+            raise ShapeMismatch(f"[SEG] gets id {seg_id} but the trained embeddings have only {vocab} rows: "
+                                "the base tokenizer does not match the one used in training")
+        if len(tokenizer) != vocab:
+            notes.append(f"tokenizer has {len(tokenizer)} tokens, embeddings {vocab} rows (padded vocabulary)")
+
+        # 6. the export config
+        mllm_dict = mllm_config.to_dict()
+        mllm_dict["text_config"]["vocab_size"] = vocab
+        mllm_dict["text_config"]["tie_word_embeddings"] = False
+        mllm_dict["tie_word_embeddings"] = False
+        template = cfg.template
+        if isinstance(template, str):
+            if template not in TEMPLATES:
+                raise UnreadableFile(f"unknown chat template {template!r} in the training config; known: {sorted(TEMPLATES)}")
+            template = TEMPLATES[template]
+        elif not isinstance(template, dict):
+            template = TEMPLATES["qwen_chat"]
+            notes.append("no chat template in the training config: using qwen_chat")
+        image_processor = _image_processor_settings(base_dir, cfg)
+        from ... import __version__
+
+        config = Sa2VAQwenConfig(
+            mllm_config=mllm_dict,
+            sam2_config=sam2_config.to_dict(),
+            seg_token="[SEG]",
+            seg_token_id=seg_id,
+            special_tokens=list(special),
+            template=_plain(template),
+            image_processor=image_processor,
+            text_hidden_fcs_out_dim=out_dim,
+            **sam2_normalization(options.sam2_normalization),
+            maskport={"version": __version__, "family": NAME, "mapping_version": SPEC.mapping_version,
+                      "sam2_preset": preset},
+        )
+        config.architectures = [SPEC.model_class]
+        config.auto_map = dict(SPEC.auto_map)
+        expected = target_shapes(Sa2VAQwenModel, config)
+
+        def write_files(out: Path) -> list[str]:
+            return write_export_files(out, spec=SPEC, config=config, tokenizer=tokenizer, base_dir=base_dir,
+                                      template=template)
+
+        settings = {
+            "lora": {"r": r, "alpha": alpha, "use_rslora": rslora, "scaling": scaling,
+                     "source": "flags" if options.lora_alpha is not None else cfg.found_in.get("lora")},
+            "special_tokens": special, "seg_token_id": seg_id, "vocab_size": vocab,
+            "sam2_preset": preset, "template": template, "base_model_type": "qwen2_5_vl",
+            "training_config_base_path": cfg.base_path,
+        }
+        base_has_lm_head = "lm_head.weight" in base
+        if not base_has_lm_head:
+            notes.append(f"the base {base_dir.name} ties lm_head to embed_tokens (no lm_head.weight); the export "
+                         "gets the trained lm_head untied")
+        return Prepared(sources={"ckpt": ckpt.source, "base": base, "sam2": sam2},
+                        rules=rules(base_has_lm_head=base_has_lm_head, lora_scaling=scaling), expected=expected, export_config=config.to_dict(),
+                        write_files=write_files, notes=notes, settings=settings)
+
+
+def _image_processor_settings(base_dir: Path, cfg: TrainingConfig) -> dict:
+    """Qwen2-VL image-processor settings for the export.
+
+    Patch/merge sizes and normalisation come from the base's ``preprocessor_config.json`` (they are part of
+    the vision tower). The pixel bounds do not: Sa2VA's inference uses its own (512*28*28 .. 2048*28*28, the
+    export config's defaults), so the base's bounds are not copied; a training config that sets
+    ``min_pixels``/``max_pixels`` wins."""
+    settings: dict[str, Any] = {}
+    pp = base_dir / "preprocessor_config.json"
+    if pp.is_file():
+        raw = _read_json(pp)
+        for k in ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std"):
+            if k in raw:
+                settings[k] = raw[k]
+    for key in ("min_pixels", "max_pixels"):
+        for path, val in _iter_raw(cfg.raw):
+            if path.split(".")[-1] == key and isinstance(val, int):
+                settings[key] = val
+                break
+    return settings
+
+
+def _iter_raw(obj: Any, path: str = ""):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            p = f"{path}.{k}" if path else str(k)
+            yield p, v
+            yield from _iter_raw(v, p)
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _iter_raw(v, f"{path}[{i}]")
+

@@ -1,0 +1,138 @@
+"""The ``[SEG]`` half of maskport exports' ``predict_forward``: argument checks, greedy generation that keeps the
+hidden states, the ``[SEG]`` hidden states picked out of them, projected by ``text_hidden_fcs`` and handed to the
+model's mask head (``masks_from_prompts``, e.g. from ``sam2_image``).
+
+Copied verbatim into every export folder whose family uses it (``FamilySpec.heads``); it may import only torch,
+numpy, PIL and its sibling ``image_utils``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .image_utils import as_pil, module_device_dtype
+
+VIDEO_UNSUPPORTED = "video input is not supported by this export yet; pass frames one by one as images"
+MASK_PROMPTS_UNSUPPORTED = ("mask_prompts (visual prompts, <vp>) are not supported by this export yet; "
+                            "describe the region in text instead")
+
+
+def select_seg_hidden_states(hidden_states, sequences: torch.Tensor, prompt_length: int,
+                             seg_token_id: int) -> torch.Tensor:
+    """Last-layer hidden states of the ``[SEG]`` tokens the model generated, one row per ``[SEG]``.
+
+    ``hidden_states`` is ``generate(..., output_hidden_states=True, return_dict_in_generate=True).hidden_states``:
+    a tuple over generation steps; step 0 holds the prompt (``[B, prompt_length, C]`` per layer), each later
+    step the one token fed back (``[B, 1, C]``); in each step the last entry is the last layer (after the final
+    norm). Concatenating the last layer of every step gives one row per token *fed to the model*: the prompt
+    and every generated token except the last one (which is never fed back). Row ``i`` is therefore the hidden
+    state of input token ``sequences[0, i]`` -- the hidden state "at" that token, as Sa2VA trains with
+    (``hidden_states[-1][input_ids == seg_id]``) and as its HF code picks at inference
+    (``get_seg_hidden_states(cat(last layers), sequences[0][:-1], seg_id)``).
+
+    Differences from Sa2VA's Qwen code, both deliberate:
+
+    - only generated positions count: Sa2VA's mask covers the prompt too, so a literal ``[SEG]`` in the user
+      text would produce an extra mask that matches no ``[SEG]`` of the answer;
+    - a ``[SEG]`` generated as the very last token (the ``max_new_tokens`` cut-off) has no hidden state, since
+      it was never fed back; like Sa2VA we drop it, so the answer then shows one ``[SEG]`` more than there are
+      masks.
+
+    Only batch element 0 is read (``predict_forward`` runs one sample at a time).
+    """
+    if not hidden_states:
+        return sequences.new_zeros((0, 0), dtype=torch.float32)
+    last = torch.cat([step[-1][0] for step in hidden_states], dim=0)  # [n_fed, C]
+    fed_ids = sequences[0, : last.shape[0]].to(last.device)
+    is_seg = fed_ids == seg_token_id
+    is_seg[: min(prompt_length, is_seg.shape[0])] = False
+    return last[is_seg]
+
+
+class SegTokenMixin:
+    """For a model with ``self.mllm`` (a transformers generative VLM), ``self.text_hidden_fcs``, a mask head mixin
+    (``masks_from_prompts``) and a config with ``seg_token``, ``seg_token_id``, ``mask_threshold``,
+    ``max_new_tokens`` and ``template['stop_words']``."""
+
+    def check_predict_inputs(self, image, video, text, mask_prompts, tokenizer, processor):
+        """``predict_forward``'s argument checks, shared by the families: returns (image as PIL or None, tokenizer)."""
+        if video is not None:
+            raise NotImplementedError(VIDEO_UNSUPPORTED)
+        if mask_prompts is not None:
+            raise NotImplementedError(MASK_PROMPTS_UNSUPPORTED)
+        if text is None:
+            raise ValueError("text is required")
+        if tokenizer is None and processor is not None:
+            tokenizer = getattr(processor, "tokenizer", None)
+        if tokenizer is None:
+            raise ValueError("pass tokenizer= (AutoTokenizer.from_pretrained(export_dir)) or processor=")
+        return (as_pil(image) if image is not None else None), tokenizer
+
+    def generate_and_segment(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mm: dict, tokenizer,
+                             image, mask_threshold=None, max_new_tokens=None, generation_kwargs=None,
+                             return_probabilities: bool = False) -> dict[str, Any]:
+        """Steps 3-4 of ``predict_forward``: greedy ``self.mllm.generate`` (stop on the template's stop words;
+        ``generation_kwargs`` override the defaults, except the hidden-state settings the masks need), the answer
+        decoded with special tokens kept, then :meth:`masks_from_generation` when there is an image."""
+        threshold = self.config.mask_threshold if mask_threshold is None else float(mask_threshold)
+        max_new = self.config.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+        stop_ids = self.stop_token_ids(tokenizer)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop_ids[0] if stop_ids else 0)
+        gen_kwargs = dict(max_new_tokens=max_new, do_sample=False, num_beams=1,
+                          eos_token_id=stop_ids or None, pad_token_id=pad_id, use_cache=True)
+        gen_kwargs.update(generation_kwargs or {})
+        gen_kwargs.update(output_hidden_states=True, return_dict_in_generate=True)
+        out = self.mllm.generate(input_ids=input_ids, attention_mask=attention_mask, **mm, **gen_kwargs)
+        prompt_length = input_ids.shape[1]
+        prediction = tokenizer.decode(out.sequences[0, prompt_length:], skip_special_tokens=False).strip()
+        result: dict[str, Any] = {"prediction": prediction, "prediction_masks": []}
+        if return_probabilities:
+            result["prediction_probabilities"] = []
+        if image is None:
+            return result
+        masks, probs = self.masks_from_generation(out, prompt_length, image, tokenizer, threshold,
+                                                  return_probabilities)
+        result["prediction_masks"] = masks
+        if return_probabilities:
+            result["prediction_probabilities"] = probs
+        return result
+
+    def stop_token_ids(self, tokenizer) -> list[int]:
+        ids = []
+        for word in self.config.template.get("stop_words") or []:
+            tid = tokenizer.convert_tokens_to_ids(word)
+            if isinstance(tid, int) and tid >= 0 and tid != tokenizer.unk_token_id and tid not in ids:
+                ids.append(tid)
+        if not ids and tokenizer.eos_token_id is not None:
+            ids.append(tokenizer.eos_token_id)
+        return ids
+
+    def seg_token_id(self, tokenizer) -> int:
+        tid = tokenizer.convert_tokens_to_ids(self.config.seg_token)
+        if isinstance(tid, int) and tid >= 0 and tid != tokenizer.unk_token_id:
+            if self.config.seg_token_id is not None and tid != self.config.seg_token_id:
+                raise ValueError(f"the tokenizer maps {self.config.seg_token} to {tid} but the model was exported "
+                                 f"with seg_token_id={self.config.seg_token_id}: wrong tokenizer?")
+            return tid
+        if self.config.seg_token_id is not None:
+            return int(self.config.seg_token_id)
+        raise ValueError(f"the tokenizer does not know {self.config.seg_token}")
+
+    def masks_from_generation(self, out, prompt_length: int, image: Image.Image, tokenizer, threshold: float,
+                              return_probabilities: bool) -> tuple[list, list]:
+        """Steps 3-4 of ``predict_forward`` after ``generate``: ``[SEG]`` hidden states -> ``text_hidden_fcs`` ->
+        the mask head's :meth:`masks_from_prompts` (e.g. ``sam2_image``). Returns (masks, probabilities), each a
+        list of ``(1, H, W)`` arrays."""
+        seg_hidden = select_seg_hidden_states(out.hidden_states, out.sequences, prompt_length,
+                                              self.seg_token_id(tokenizer))
+        if seg_hidden.shape[0] == 0:
+            return [], []
+        fcs_device, fcs_dtype = module_device_dtype(self.text_hidden_fcs)
+        seg_embeddings = self.text_hidden_fcs(seg_hidden.to(device=fcs_device, dtype=fcs_dtype))
+        return self.masks_from_prompts(image, seg_embeddings, threshold, return_probabilities)
+
+
+__all__ = ["MASK_PROMPTS_UNSUPPORTED", "SegTokenMixin", "VIDEO_UNSUPPORTED", "select_seg_hidden_states"]

@@ -1,0 +1,1 @@
+"""Independent reference implementations (the oracles the tests compare maskport's exports against)."""
