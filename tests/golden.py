@@ -73,12 +73,12 @@ def mapping_tsv(report: dict) -> str:
 
 def check_mapping_tsv(path: Path, report: dict) -> None:
     """``docs/families/<family>.mapping.tsv`` must equal the mapping the fixture's dry run spells out
-    (``MASKPORT_RECORD_GOLDEN=1`` rewrites it)."""
+    (``MASKPORT_RECORD_MAPPING=1`` rewrites it)."""
     got = mapping_tsv(report)
-    if os.environ.get("MASKPORT_RECORD_GOLDEN") == "1":
+    if os.environ.get("MASKPORT_RECORD_MAPPING") == "1":
         path.write_text(got)
         return
-    assert path.is_file(), f"{path} is missing: run with MASKPORT_RECORD_GOLDEN=1"
+    assert path.is_file(), f"{path} is missing: run with MASKPORT_RECORD_MAPPING=1"
     want = path.read_text()
     if got != want:
         import difflib

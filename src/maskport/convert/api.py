@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,7 +18,8 @@ from .plan import Plan, build_plan
 from .report import coverage, format_table, plan_entries
 from .sources import open_training_checkpoint
 from .training_config import TrainingConfig
-from .writer import parse_size, write_shards
+from ..io import atomic_output_dir, parse_size
+from .writer import write_shards
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
@@ -49,7 +48,7 @@ def _check_output_options(out, dtype, max_shard_size, dry_run: bool, overwrite: 
     try:
         return out_dir, parse_size(max_shard_size)
     except ValueError as exc:
-        raise MissingInput(str(exc)) from None
+        raise MissingInput(f"--max-shard-size: {exc}") from None
 
 
 def family_options(fam: Family, command: str, inputs: dict[str, Any], allow_unsafe_pickle: bool) -> ConvertOptions:
@@ -162,42 +161,28 @@ def plan_and_write(prepared, *, family: str, mapping_version: str, inputs: dict,
 
     # 4. stream into a temporary folder, then rename into place
     assert out_dir is not None
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.maskport-partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
     try:
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
+        with atomic_output_dir(out_dir, overwrite=True) as tmp:  # (an existing -o was refused unless --overwrite)
+            bar = None
+            if progress:
+                from tqdm.auto import tqdm
 
-            bar = tqdm(total=plan.total_bytes(), unit="B", unit_scale=True, unit_divisor=1024,
-                       desc="writing tensors", file=sys.stderr)
-        shards = write_shards(plan, tmp, max_shard_size=shard_bytes,
-                              metadata={"maskport_family": family, "maskport_version": __version__},
-                              progress=bar.update if bar else None, checksums=checksums)
-        if bar:
-            bar.close()
-        if input_sha256 is not None:
-            report["inputs"][input_sha256[0]]["sha256"] = input_sha256[1].result()
-        report["shards"] = [{"file": s.filename, "bytes": (tmp / s.filename).stat().st_size,
-                             **({"sha256": s.sha256} if s.sha256 else {}),
-                             "tensors": sum(len(ps.step.targets) for ps in s.steps)} for s in shards]
-        report["files"] = prepared.write_files(tmp)
-        report["seconds"] = round(time.time() - t0, 3)
-        (tmp / "conversion_report.json").write_text(json.dumps(report, indent=2) + "\n")
-        (tmp / "README.md").write_text(_model_card(report))
-        if out_dir.exists():  # --overwrite
-            trash = out_dir.parent / f".{out_dir.name}.maskport-old-{os.getpid()}"
-            out_dir.rename(trash)
-            tmp.rename(out_dir)
-            shutil.rmtree(trash)
-        else:
-            tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                bar = tqdm(total=plan.total_bytes(), unit="B", unit_scale=True, unit_divisor=1024,
+                           desc="writing tensors", file=sys.stderr)
+            shards = write_shards(plan, tmp, max_shard_size=shard_bytes,
+                                  metadata={"maskport_family": family, "maskport_version": __version__},
+                                  progress=bar.update if bar else None, checksums=checksums)
+            if bar:
+                bar.close()
+            if input_sha256 is not None:
+                report["inputs"][input_sha256[0]]["sha256"] = input_sha256[1].result()
+            report["shards"] = [{"file": s.filename, "bytes": (tmp / s.filename).stat().st_size,
+                                 **({"sha256": s.sha256} if s.sha256 else {}),
+                                 "tensors": sum(len(ps.step.targets) for ps in s.steps)} for s in shards]
+            report["files"] = prepared.write_files(tmp)
+            report["seconds"] = round(time.time() - t0, 3)
+            (tmp / "conversion_report.json").write_text(json.dumps(report, indent=2) + "\n")
+            (tmp / "README.md").write_text(_model_card(report))
     finally:
         for s in prepared.sources.values():
             s.close()

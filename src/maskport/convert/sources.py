@@ -4,13 +4,14 @@ Every reader returns a :class:`TensorSource`. Planning only calls :meth:`TensorS
 calls :meth:`TensorSource.load` (or :meth:`TensorSource.load_into`, which reuses the caller's buffer) for one
 group of tensors at a time.
 
-How bytes are read: safetensors headers are parsed here and each tensor is read with ``os.pread`` at its
-offset; torch zip files are unpickled with ``torch.load(weights_only=True, mmap=True)`` (names, shapes, dtypes,
-strides, nothing read), and each tensor is then read with ``os.pread`` at its storage record's offset
-(:func:`~maskport.convert.safe_load.locate_storages`). Neither path touches a memory mapping of the file, so
-the pages of a 10 GB input never count towards the process's resident set (a mapping's touched pages do, as
-``RssFile``, for as long as it stays mapped); they only pass through the kernel's page cache. Tensors that
-cannot be located fall back to the mapping, and the pages they touched are given back after the copy.
+How bytes are read: safetensors headers are parsed (:func:`maskport.io.safetensors.read_safetensors_header`) and
+each tensor is read with ``os.pread`` at its offset; torch zip files are unpickled with
+``torch.load(weights_only=True, mmap=True)`` (names, shapes, dtypes, strides, nothing read), and each tensor is
+then read with ``os.pread`` at its storage record's offset (:func:`~maskport.convert.safe_load.locate_storages`).
+Neither path touches a memory mapping of the file, so the pages of a 10 GB input never count towards the process's
+resident set (a mapping's touched pages do, as ``RssFile``, for as long as it stays mapped); they only pass through
+the kernel's page cache. Tensors that cannot be located fall back to the mapping, and the pages they touched are
+given back after the copy.
 
 Readers:
 - :func:`open_training_checkpoint`: an mmengine ``iter_N.pth`` file, or a DeepSpeed ZeRO-1/2 directory;
@@ -25,7 +26,6 @@ import hashlib
 import json
 import os
 import re
-import struct
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -35,26 +35,14 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from ..errors import MissingInput, UnreadableFile, UnsupportedCheckpoint
+from ..io.safetensors import HEADER_MAX, ST_DTYPES, StEntry, TensorInfo, read_safetensors_header
 from .safe_load import is_zip_file, locate_storages, safe_torch_load
 
-_ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def nbytes(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n * torch.empty((), dtype=self.dtype).element_size()
+# the safetensors dtype table, header reader and TensorInfo live in maskport.io.safetensors; the names stay
+# importable from here
+_ST_DTYPES = ST_DTYPES
+_ST_HEADER_MAX = HEADER_MAX
+_StEntry = StEntry
 
 
 class TensorSource:
@@ -329,61 +317,6 @@ class TorchFileSource(StateDictSource):
 
     def close(self) -> None:
         self._files.close()
-
-
-_ST_HEADER_MAX = 100 << 20
-
-
-@dataclass(frozen=True)
-class _StEntry:
-    file: Path
-    offset: int   # absolute file offset of the first byte
-    info: TensorInfo
-
-
-def read_safetensors_header(file: Path) -> tuple[dict[str, _StEntry], dict[str, str]]:
-    """Parse a safetensors file's header: ``({name: entry}, metadata)``; raises :class:`UnreadableFile` for
-    anything that is not a well-formed safetensors file (bad length, JSON, dtype, shape or offsets)."""
-    file = Path(file)
-
-    def bad(why: str) -> UnreadableFile:
-        return UnreadableFile(f"{file}: not a readable safetensors file ({why})")
-
-    try:
-        size = file.stat().st_size
-        with open(file, "rb") as f:
-            raw = f.read(8)
-            if len(raw) != 8:
-                raise bad("shorter than its 8-byte header length")
-            (n,) = struct.unpack("<Q", raw)
-            if n > _ST_HEADER_MAX or 8 + n > size:
-                raise bad(f"header length {n} does not fit the file size {size}")
-            header = json.loads(f.read(n))
-    except OSError as exc:
-        raise bad(str(exc)) from exc
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise bad(f"header is not JSON: {exc}") from exc
-    if not isinstance(header, dict):
-        raise bad("header is not a JSON object")
-    data_start = 8 + n
-    metadata = header.pop("__metadata__", None) or {}
-    entries: dict[str, _StEntry] = {}
-    for name, e in header.items():
-        try:
-            dt, shape, (begin, end) = e["dtype"], e["shape"], e["data_offsets"]
-        except (TypeError, KeyError, ValueError) as exc:
-            raise bad(f"tensor {name}: malformed entry {e!r}") from exc
-        if dt not in _ST_DTYPES:
-            raise UnreadableFile(f"{file}: tensor {name} has unsupported dtype {dt}")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-            raise bad(f"tensor {name}: bad shape {shape!r}")
-        info = TensorInfo(tuple(shape), _ST_DTYPES[dt])
-        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end) or end - begin != info.nbytes:
-            raise bad(f"tensor {name}: data_offsets {e['data_offsets']} do not hold {info.shape} {dt}")
-        if data_start + end > size:
-            raise bad(f"tensor {name}: data ends at byte {data_start + end}, past the end of the file (truncated?)")
-        entries[name] = _StEntry(file, data_start + begin, info)
-    return entries, metadata
 
 
 class SafetensorsSource(TensorSource):

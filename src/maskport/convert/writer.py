@@ -37,11 +37,9 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import mmap
 import os
 import queue
-import struct
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -54,13 +52,10 @@ from . import ops
 from ..errors import ShapeMismatch
 from .plan import Plan, PlannedStep
 from ..errors import UnreadableFile
+from ..io.safetensors import ST_DTYPE_NAMES, build_header  # noqa: F401  (ST_DTYPE_NAMES: importable from here)
+from ..io.shards import pack_shards, shard_filenames, write_index
+from ..io.sizes import parse_size  # noqa: F401  (importable from here, as before maskport.io)
 from .sources import TensorInfo, pread_into
-
-ST_DTYPE_NAMES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-}
 
 
 @dataclass
@@ -104,35 +99,18 @@ def write_order(plan: Plan) -> list[PlannedStep]:
 
 def assign_shards(plan: Plan, max_shard_size: int, steps: list[PlannedStep] | None = None) -> list[Shard]:
     """Greedy packing in plan order (or ``steps``' order); all outputs of one step stay in the same shard. A step
-    larger than ``max_shard_size`` gets a shard of its own."""
-    shards: list[Shard] = []
-    cur = Shard("")
-    for ps in (plan.steps if steps is None else steps):
-        size = sum(i.nbytes for i in ps.output_infos)
-        if cur.steps and cur.nbytes + size > max_shard_size:
-            shards.append(cur)
-            cur = Shard("")
-        cur.steps.append(ps)
-        cur.nbytes += size
-    if cur.steps:
-        shards.append(cur)
-    n = len(shards)
-    for i, s in enumerate(shards):
-        s.filename = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-    return shards
+    larger than ``max_shard_size`` gets a shard of its own (:func:`maskport.io.shards.pack_shards`); the shards
+    are named by :func:`maskport.io.shards.shard_filenames`."""
+    def size(ps: PlannedStep) -> int:
+        return sum(i.nbytes for i in ps.output_infos)
+
+    groups = pack_shards(plan.steps if steps is None else steps, size, max_shard_size)
+    return [Shard(name, group, sum(map(size, group))) for name, group in zip(shard_filenames(len(groups)), groups)]
 
 
 def _header(shard: Shard, metadata: dict[str, str]) -> bytes:
-    h: dict[str, object] = {"__metadata__": metadata}
-    off = 0
-    for ps in shard.steps:
-        for name, info in zip(ps.step.targets, ps.output_infos):
-            h[name] = {"dtype": ST_DTYPE_NAMES[info.dtype], "shape": list(info.shape),
-                       "data_offsets": [off, off + info.nbytes]}
-            off += info.nbytes
-    raw = json.dumps(h, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw
+    return build_header(((name, info) for ps in shard.steps for name, info in zip(ps.step.targets, ps.output_infos)),
+                        metadata)
 
 
 def _as_bytes(t: torch.Tensor) -> memoryview:
@@ -794,31 +772,6 @@ def write_shards(
             os.close(fd)
         fds.clear()
     if len(shards) > 1:
-        index = {
-            "metadata": {"total_size": plan.total_bytes()},
-            "weight_map": {t: s.filename for s in shards for ps in s.steps for t in ps.step.targets},
-        }
-        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        write_index(out_dir, {t: s.filename for s in shards for ps in s.steps for t in ps.step.targets},
+                    plan.total_bytes())
     return shards
-
-
-def parse_size(text: str | int) -> int:
-    """'5GB', '500MiB', '2G', 1024 -> bytes (decimal units for GB/MB/KB, binary for GiB/MiB/KiB)."""
-    if isinstance(text, int):
-        return text
-    s = text.strip().upper().replace(" ", "")
-    units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "KB": 10**3, "MB": 10**6, "GB": 10**9,
-             "K": 10**3, "M": 10**6, "G": 10**9, "B": 1}
-    for u, mult in units.items():
-        if s.endswith(u):
-            num = s[: -len(u)]
-            try:
-                value = float(num)
-            except ValueError:
-                break
-            if value <= 0:
-                break
-            return int(value * mult)
-    if s.isdigit() and int(s) > 0:
-        return int(s)
-    raise ValueError(f"not a size: {text!r} (examples: 5GB, 500MB, 2GiB)")

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
-import re
 import shutil
 import tempfile
 import time
@@ -34,6 +32,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import MaskportError, MissingInput, UnreadableFile
+from ..io import atomic_output_dir, parse_size
 from .backend import QuantizeError, QuantSettings, check_shapes, quantize_mllm, versions
 from .calibration import build_calibration
 from .folder import (
@@ -63,15 +62,6 @@ class QuantizeResult:
     report: dict[str, Any]
     verify: Any = None          # maskport.verify.api.VerifyResult when verify_samples was given
     messages: list[str] = field(default_factory=list)
-
-
-def _parse_size(s: str | int) -> int:
-    if isinstance(s, int):
-        return s
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", str(s).upper())
-    if not m:
-        raise MissingInput(f"--max-shard-size must look like 2GB or 500MB, got {s!r}")
-    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " "))
 
 
 def _check_export(export_dir: Path) -> tuple[dict, QuantTarget]:
@@ -134,7 +124,10 @@ def quantize_export(export_dir, out, *, method: str = "gptq", bits: int = 4, gro
                              sym=sym, damp=float(damp), awq_format=awq_format, device=_resolve_device(device),
                              offload_to_disk=bool(offload_to_disk), kernel=kernel)
     settings.check()
-    shard_bytes = _parse_size(max_shard_size)
+    try:
+        shard_bytes = parse_size(max_shard_size)
+    except ValueError as exc:
+        raise MissingInput(f"--max-shard-size: {exc}") from None
     if calib is None and not calib_text_only:
         raise MissingInput("calibration samples are required: --calib samples.jsonl (image + prompt [+ answer]); "
                            "--calib-text-only calibrates without images (worse masks), only when asked for")
@@ -153,7 +146,6 @@ def quantize_export(export_dir, out, *, method: str = "gptq", bits: int = 4, gro
     if settings.kernel:
         resolve_kernel(settings.kernel)  # and so is a kernel name GPTQModel does not know
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.maskport-quant-", dir=out.parent))
-    partial = out.parent / f".{out.name}.maskport-partial-{os.getpid()}"
     try:
         # 1. load + calibration ------------------------------------------------------------------------------
         from transformers import AutoModel, AutoTokenizer
@@ -185,60 +177,53 @@ def quantize_export(export_dir, out, *, method: str = "gptq", bits: int = 4, gro
         peak_gpu = int(torch.cuda.max_memory_allocated()) if settings.device.startswith("cuda") else None
         shutil.rmtree(stage, ignore_errors=True)
 
-        # 3. write the composite folder ----------------------------------------------------------------------
-        if partial.exists():
-            shutil.rmtree(partial)
-        partial.mkdir()
-        entries, qmods = plan_tensors(export_dir, qdir)
-        shards = write_tensors(entries, partial, shard_bytes)
-        qc = composite_quantization_config(qdir, settings.method, target)
-        copy_side_files(export_dir, partial, skip=("config.json",))
-        provenance = {"method": settings.method, "bits": settings.bits, "group_size": settings.group_size,
-                      "source_export": str(export_dir), "maskport_version": __version__,
-                      "gptqmodel_version": versions()["gptqmodel"]}
-        write_config(export_dir, partial, qc, provenance)
-        before_info, after_info = _tensor_info(export_dir), _tensor_info(partial)
-        report = {
-            "schema": 1,
-            "tool": {"maskport": __version__, **versions()},
-            "source_export": str(export_dir.resolve()),
-            "settings": {"method": settings.method, "bits": settings.bits, "group_size": settings.group_size,
-                         "desc_act": settings.desc_act, "sym": settings.resolved_sym(), "damp": settings.damp,
-                         "awq_format": settings.awq_format if settings.method == "awq" else None,
-                         "device": settings.device, "offload_to_disk": settings.offload_to_disk},
-            "quantization_config": qc,
-            "family": target.spec.name,
-            "excluded_prefixes": list(target.excluded_prefixes),
-            "quantized_modules_count": len(qmods),
-            "quantized_modules": qmods,
-            "calibration": calib_set.stats,
-            "sizes": {"before": {"files_bytes": weight_file_bytes(export_dir), "param_bytes": param_bytes(before_info, target)},
-                      "after": {"files_bytes": weight_file_bytes(partial), "param_bytes": param_bytes(after_info, target),
-                                "shards": shards}},
-            "timings_s": {"load_and_calibration": round(t_prep, 2), "quantize": round(t_quant, 2)},
-            "peak_gpu_bytes": peak_gpu,
-            "backend": {k: (str(v) if not isinstance(v, (dict, list, type(None))) else v)
-                        for k, v in backend_info.items() if k != "quantize_config"},
-        }
-        card = partial / "README.md"
-        card.write_text((card.read_text() if card.is_file() else "") + model_card_section(report))
-        if save_mllm is not None:
-            save_mllm = Path(save_mllm)
-            if save_mllm.exists():
-                if not overwrite:
-                    raise MissingInput(f"{save_mllm} exists; pass --overwrite to replace it")
-                shutil.rmtree(save_mllm)
-            shutil.copytree(qdir, save_mllm)
-            mark_standalone_exclusions(save_mllm, settings.method, target)
-            report["standalone_mllm"] = str(save_mllm)
-        report["timings_s"]["total"] = round(time.time() - t_start, 2)
-        (partial / "quantization_report.json").write_text(json.dumps(report, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        partial.rename(out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+        # 3. write the composite folder (hidden beside -o, renamed into place at the end) ----------------------
+        with atomic_output_dir(out, overwrite=overwrite) as partial:
+            entries, qmods = plan_tensors(export_dir, qdir)
+            shards = write_tensors(entries, partial, shard_bytes)
+            qc = composite_quantization_config(qdir, settings.method, target)
+            copy_side_files(export_dir, partial, skip=("config.json",))
+            provenance = {"method": settings.method, "bits": settings.bits, "group_size": settings.group_size,
+                          "source_export": str(export_dir), "maskport_version": __version__,
+                          "gptqmodel_version": versions()["gptqmodel"]}
+            write_config(export_dir, partial, qc, provenance)
+            before_info, after_info = _tensor_info(export_dir), _tensor_info(partial)
+            report = {
+                "schema": 1,
+                "tool": {"maskport": __version__, **versions()},
+                "source_export": str(export_dir.resolve()),
+                "settings": {"method": settings.method, "bits": settings.bits, "group_size": settings.group_size,
+                             "desc_act": settings.desc_act, "sym": settings.resolved_sym(), "damp": settings.damp,
+                             "awq_format": settings.awq_format if settings.method == "awq" else None,
+                             "device": settings.device, "offload_to_disk": settings.offload_to_disk},
+                "quantization_config": qc,
+                "family": target.spec.name,
+                "excluded_prefixes": list(target.excluded_prefixes),
+                "quantized_modules_count": len(qmods),
+                "quantized_modules": qmods,
+                "calibration": calib_set.stats,
+                "sizes": {"before": {"files_bytes": weight_file_bytes(export_dir),
+                                     "param_bytes": param_bytes(before_info, target)},
+                          "after": {"files_bytes": weight_file_bytes(partial),
+                                    "param_bytes": param_bytes(after_info, target), "shards": shards}},
+                "timings_s": {"load_and_calibration": round(t_prep, 2), "quantize": round(t_quant, 2)},
+                "peak_gpu_bytes": peak_gpu,
+                "backend": {k: (str(v) if not isinstance(v, (dict, list, type(None))) else v)
+                            for k, v in backend_info.items() if k != "quantize_config"},
+            }
+            card = partial / "README.md"
+            card.write_text((card.read_text() if card.is_file() else "") + model_card_section(report))
+            if save_mllm is not None:
+                save_mllm = Path(save_mllm)
+                if save_mllm.exists():
+                    if not overwrite:
+                        raise MissingInput(f"{save_mllm} exists; pass --overwrite to replace it")
+                    shutil.rmtree(save_mllm)
+                shutil.copytree(qdir, save_mllm)
+                mark_standalone_exclusions(save_mllm, settings.method, target)
+                report["standalone_mllm"] = str(save_mllm)
+            report["timings_s"]["total"] = round(time.time() - t_start, 2)
+            (partial / "quantization_report.json").write_text(json.dumps(report, indent=2) + "\n")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

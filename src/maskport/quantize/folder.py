@@ -28,8 +28,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from ..io.safetensors import ST_DTYPES, build_header, dtype_size, read_safetensors_header
+from ..io.shards import pack_shards, shard_filenames, write_index
 from .backend import DECODER_LINEARS, QuantizeError
 from .targets import DECODER_BLOCK, QuantTarget
+
 _QMOD_RE = re.compile(r"^model\.language_model\.layers\.\d+\.(" +
                       "|".join(re.escape(n) for n in DECODER_LINEARS) + r")$")
 WEIGHT_FILES_RE = re.compile(r"^model(-\d+-of-\d+)?\.safetensors(\.index\.json)?$")
@@ -63,8 +66,7 @@ def _tensor_info(folder: Path) -> dict[str, tuple[str, list[int]]]:
     return out
 
 
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_DTYPE_BYTES = {name: dtype_size(name) for name in ST_DTYPES}  # safetensors dtype name -> bytes per element
 
 
 def part_of(name: str, target: QuantTarget) -> str:
@@ -184,62 +186,62 @@ def plan_tensors(src_dir: Path, qmllm_dir: Path) -> tuple[list[tuple[str, Path, 
     return out, ["mllm." + m for m in qmods]
 
 
-def _chmod_default(path: Path) -> None:
-    """safetensors creates files 0600; give them the mode a normal write would (0666 & ~umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+_COPY_CHUNK = 8 << 20  # bytes per read/write pass when copying a tensor's bytes
+
+
+def _copy_range(src: int, offset: int, nbytes: int, dst: int, what: str) -> None:
+    """Append ``nbytes`` of file ``src`` from ``offset`` to ``dst``, a chunk at a time."""
+    pos = 0
+    while pos < nbytes:
+        chunk = os.pread(src, min(nbytes - pos, _COPY_CHUNK), offset + pos)
+        if not chunk:
+            raise QuantizeError(f"{what}: unexpected end of file at byte {offset + pos} (truncated?)")
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(dst, view):]
+        pos += len(chunk)
 
 
 def write_tensors(entries: list[tuple[str, Path, str]], out_dir: Path, max_shard_bytes: int = 2 * 1024 ** 3) -> list[str]:
-    """Write sharded safetensors; memory holds one shard at a time. Returns the shard file names."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
+    """Write the tensors ``entries`` = (target name, safetensors file, source name) as sharded safetensors in
+    ``out_dir`` and return the shard file names.
 
-    entries = sorted(entries, key=lambda e: e[0])
-    shards: list[dict[str, Any]] = []
-    current: dict[str, Any] = {}
-    size = 0
-    handles: dict[Path, Any] = {}
-    tmp_names: list[list[str]] = []
-
-    def flush():
-        nonlocal current, size
-        if current:
-            n = len(shards)
-            tmp = out_dir / f".shard-{n}.safetensors"
-            save_file(current, str(tmp), metadata={"format": "pt"})
-            shards.append({"tmp": tmp})
-            tmp_names.append(list(current))
-        current, size = {}, 0
-
+    Tensors are sorted by target name and packed greedily into shards of at most ``max_shard_bytes`` bytes of
+    data (:func:`maskport.io.shards.pack_shards`; a larger tensor gets a shard of its own); names and the index
+    (with more than one shard) come from :mod:`maskport.io.shards`, headers from
+    :func:`maskport.io.safetensors.build_header` (metadata ``{"format": "pt"}``). Each tensor's bytes are copied
+    from its source file as they lie there (the sources' headers are checked by
+    :func:`~maskport.io.safetensors.read_safetensors_header`), a few MB at a time: no tensor is loaded."""
+    headers: dict[Path, dict] = {}
+    located = []
+    for target, file, source in sorted(entries, key=lambda e: e[0]):
+        if file not in headers:
+            headers[file] = read_safetensors_header(file)[0]
+        if source not in headers[file]:
+            raise QuantizeError(f"{file} has no tensor {source}")
+        located.append((target, headers[file][source]))
+    groups = pack_shards(located, lambda e: e[1].info.nbytes, max_shard_bytes)
+    names = shard_filenames(len(groups))
+    fds: dict[Path, int] = {}
     try:
-        for target, file, source in entries:
-            if file not in handles:
-                handles[file] = safe_open(str(file), "pt")
-            t = handles[file].get_tensor(source)
-            nbytes = t.numel() * t.element_size()
-            if current and size + nbytes > max_shard_bytes:
-                flush()
-            current[target] = t.contiguous()
-            size += nbytes
-        flush()
+        for name, group in zip(names, groups):
+            fd = os.open(out_dir / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o666)
+            try:
+                header = memoryview(build_header([(t, e.info) for t, e in group], {"format": "pt"}))
+                while header:
+                    header = header[os.write(fd, header):]
+                for _, e in group:
+                    if e.file not in fds:
+                        fds[e.file] = os.open(e.file, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+                    _copy_range(fds[e.file], e.offset, e.info.nbytes, fd, str(e.file))
+            finally:
+                os.close(fd)
     finally:
-        handles.clear()
-    total = len(shards)
-    names = []
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        name = "model.safetensors" if total == 1 else f"model-{i + 1:05d}-of-{total:05d}.safetensors"
-        shard["tmp"].rename(out_dir / name)
-        _chmod_default(out_dir / name)
-        names.append(name)
-        for k in tmp_names[i]:
-            weight_map[k] = name
-    if total > 1:
-        total_size = sum((out_dir / n).stat().st_size for n in names)
-        (out_dir / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+        for src in fds.values():
+            os.close(src)
+    if len(groups) > 1:
+        write_index(out_dir, {t: name for name, group in zip(names, groups) for t, _ in group},
+                    sum(e.info.nbytes for _, e in located))
     return names
 
 
