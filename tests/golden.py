@@ -85,3 +85,27 @@ def check_mapping_tsv(path: Path, report: dict) -> None:
 
         diff = "".join(list(difflib.unified_diff(want.splitlines(True), got.splitlines(True), str(path), "now"))[:40])
         raise AssertionError(f"the mapping differs from {path}:\n{diff}")
+
+
+def assert_batched_equals_single(model, tokenizer, images, texts, atol: float = 1e-4, **kwargs) -> list:
+    """``predict_forward`` on lists (one batch) gives what it gives one sample at a time: the same answers, the
+    same number of masks, probabilities within ``atol`` and masks equal except pixels whose one-by-one
+    probability lies within ``atol`` of the threshold (a float tie that padding may move)."""
+    import numpy as np
+
+    single = [model.predict_forward(image=i, text=t, tokenizer=tokenizer, return_probabilities=True, **kwargs)
+              for i, t in zip(images, texts)]
+    batch = model.predict_forward(image=list(images), text=list(texts), tokenizer=tokenizer,
+                                  return_probabilities=True, **kwargs)
+    assert isinstance(batch, list) and len(batch) == len(single)
+    threshold = float(kwargs.get("mask_threshold") or model.config.mask_threshold)
+    for n, (s, b) in enumerate(zip(single, batch)):
+        assert b["prediction"] == s["prediction"], (n, s["prediction"], b["prediction"])
+        assert len(b["prediction_masks"]) == len(s["prediction_masks"]), n
+        for ms, mb, ps, pb in zip(s["prediction_masks"], b["prediction_masks"], s["prediction_probabilities"],
+                                  b["prediction_probabilities"]):
+            assert ms.shape == mb.shape and ms.dtype == mb.dtype == np.bool_
+            assert float(np.abs(ps - pb).max()) <= atol, (n, float(np.abs(ps - pb).max()))
+            tie = np.abs(ps - threshold) <= atol
+            assert np.array_equal(ms[~tie], mb[~tie]), n
+    return batch

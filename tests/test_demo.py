@@ -231,3 +231,22 @@ def test_demo_command_reports_missing_artifacts_in_one_line(tmp_path):
     res = CliRunner().invoke(demo_command, ["--artifacts", str(tmp_path / "nope"), "-o", str(tmp_path / "o")])
     assert res.exit_code == 2
     assert res.output.startswith("error: demo artifacts") and len(res.output.strip().splitlines()) == 1
+
+
+def test_batched_prediction_equals_one_by_one(art, export_finetuned):
+    """``predict_forward`` with lists runs one left-padded batch: images of different sizes (so different numbers
+    of image tokens and prompt lengths) and a text-only row give what one-by-one prediction gives."""
+    from PIL import Image
+    from transformers import AutoModel, AutoTokenizer
+
+    from tests.golden import assert_batched_equals_single
+
+    model = AutoModel.from_pretrained(export_finetuned, trust_remote_code=True, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(export_finetuned, trust_remote_code=True)
+    rows = [json.loads(line) for line in art.samples.read_text().splitlines()][:4]
+    images = [Image.open(art.samples.parent / r["image"]).convert("RGB") for r in rows]
+    images[1], images[2] = images[1].resize((150, 90)), images[2].resize((64, 200))
+    texts = [r["prompt"] for r in rows]
+    assert len({im.size for im in images}) >= 3
+    out = assert_batched_equals_single(model, tok, images + [None], texts + ["What colour is the circle?"])
+    assert all(len(o["prediction_masks"]) == 1 for o in out[:4]) and out[4]["prediction_masks"] == []

@@ -526,3 +526,17 @@ def test_golden_mapping_tsv(request, which):
     docs = Path(__file__).resolve().parent.parent / "docs" / "families"
     name = "sa2va-internvl" + ("" if which == "qwen2" else ".internlm2")
     check_mapping_tsv(docs / f"{name}.mapping.tsv", res.report)
+
+
+def test_batched_prediction_equals_one_by_one(qwen_export):
+    """InternVL: a batch of images with different tile counts (different prompt lengths, left-padded) and a
+    text-only row predicts what one-by-one prediction does ([SEG] favoured so the random model segments)."""
+    model, tok = _load(qwen_export.out_dir)
+    rng = np.random.RandomState(3)
+    images = [Image.fromarray((rng.rand(h, w, 3) * 255).astype(np.uint8)) for h, w in ((60, 90), (120, 40), (56, 56))]
+    texts = ["<image>segment it", "<image>Please segment the left object.", "<image>What is it?"]
+    from tests.golden import assert_batched_equals_single
+
+    out = assert_batched_equals_single(model, tok, images + [None], texts + ["hello"], max_new_tokens=6,
+                                       generation_kwargs={"sequence_bias": {(tok.convert_tokens_to_ids("[SEG]"),): 8.0}})
+    assert sum(len(o["prediction_masks"]) for o in out[:3]) >= 3 and out[3]["prediction_masks"] == []

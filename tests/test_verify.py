@@ -515,3 +515,25 @@ def test_could_not_run_is_exit_2_with_one_line(tmp_path, exports, samples_jsonl)
                                  "gt_mask": "gt5.png"}) + "\n")
     _assert_exit_2(_cli(a, a, "--samples", wrong, "--device", "cpu", "--no-progress", "--max-new-tokens", 1),
                    "GT mask is 5 x 5")
+
+
+def test_batched_verify_writes_the_same_report(ab_report, exports, samples_jsonl, tmp_path):
+    """``--batch-size 3``: samples go through ``predict_forward`` three at a time (one left-padded batch), and the
+    report's verdict, answers, mask counts and metrics are those of ``--batch-size 1`` (masks within float ties)."""
+    a, b = exports
+    _, out1 = ab_report
+    r = _cli(a, b, "--samples", samples_jsonl, "--report", tmp_path / "b3", "--device", "cpu", "--max-new-tokens", 3,
+             "--generation-kwargs", FORCE_SEG_JSON, "--no-progress", "--batch-size", 3)
+    one = json.loads((out1 / "report.json").read_text())
+    three = json.loads((tmp_path / "b3" / "report.json").read_text())
+    assert r.exit_code == one["exit_code"], r.output
+    assert three["settings"]["batch_size"] == 3 and one["settings"]["batch_size"] == 1
+    assert three["verdict"] == one["verdict"] and three["failures"] == one["failures"]
+    assert len(three["samples"]) == len(one["samples"]) >= 3
+    for s1, s3 in zip(one["samples"], three["samples"]):
+        for role in ("ref", "cand"):
+            assert s3[role]["answer"] == s1[role]["answer"] and s3[role]["n_masks"] == s1[role]["n_masks"]
+        for p1, p3 in zip(s1["pairs"], s3["pairs"]):
+            assert abs(p3["dice"] - p1["dice"]) <= 1e-3 and abs(p3["iou"] - p1["iou"]) <= 1e-3
+    for key in ("dice", "iou"):
+        assert abs(three["summary"][key]["mean"] - one["summary"][key]["mean"]) <= 1e-3

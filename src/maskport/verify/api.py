@@ -112,6 +112,7 @@ class _Job:
     mask_threshold: float | None = None
     time_budget: float | None = None
     probabilities: bool = True
+    batch_size: int = 1
     overlays_worst: int = 12
     overlays_sample: int = 12
     overlay_seed: int = 0
@@ -126,8 +127,8 @@ def verify(ref, cand, samples, *, report_dir: str | Path | None = None, threshol
            prompt: str | None = None, limit: int | None = None, device: str = "auto", dtype: str = "auto",
            generation_kwargs: dict | None = None, max_new_tokens: int | None = None,
            mask_threshold: float | None = None, time_budget: float | None = None, probabilities: bool = True,
-           num_processes: int = 1, overlays_worst: int = 12, overlays_sample: int = 12, overlay_seed: int = 0,
-           progress: bool = True, samples_label: str | None = None) -> VerifyResult:
+           num_processes: int = 1, batch_size: int = 1, overlays_worst: int = 12, overlays_sample: int = 12,
+           overlay_seed: int = 0, progress: bool = True, samples_label: str | None = None) -> VerifyResult:
     """Compare CAND with REF on ``samples``.
 
     ``ref``/``cand``: export folders, or :class:`~maskport.verify.predictor.InMemoryModel` (one process only).
@@ -137,6 +138,9 @@ def verify(ref, cand, samples, *, report_dir: str | Path | None = None, threshol
     per sample per model; generation is cut there (``max_time``) and the sample flagged. ``report_dir``: where
     ``report.json``, ``index.html`` and ``images/`` go (None: nothing written). ``samples_label`` describes a
     list of samples in the report (e.g. "refcoco val"). ``device="auto"``: CUDA when available, else CPU.
+    ``batch_size``: samples per ``predict_forward`` call (one left-padded batch through the LLM, for models that
+    take lists, as maskport exports do; others run one by one); the report is the same as with 1 except where
+    padding moves a float tie (see ``predict_batch``), and ``time_budget`` then bounds a whole batch.
     """
     thresholds = thresholds or Thresholds()
     if device == "auto":
@@ -155,6 +159,8 @@ def verify(ref, cand, samples, *, report_dir: str | Path | None = None, threshol
     _check_samples(samples)
     if dtype not in P.DTYPES:
         raise MissingInput(f"dtype must be one of {', '.join(P.DTYPES)}, got {dtype!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise MissingInput(f"batch_size must be a positive integer, got {batch_size!r}")
     for name, v in (("max_new_tokens", max_new_tokens), ("time_budget", time_budget)):
         if v is not None and v <= 0:
             raise MissingInput(f"{name} must be positive, got {v}")
@@ -164,7 +170,8 @@ def verify(ref, cand, samples, *, report_dir: str | Path | None = None, threshol
                samples_source=source, report_dir=Path(report_dir) if report_dir is not None else None,
                thresholds=thresholds, device=device, dtype=dtype, generation_kwargs=generation_kwargs,
                max_new_tokens=max_new_tokens, mask_threshold=mask_threshold, time_budget=time_budget,
-               probabilities=probabilities, overlays_worst=overlays_worst, overlays_sample=overlays_sample,
+               probabilities=probabilities, batch_size=batch_size, overlays_worst=overlays_worst,
+               overlays_sample=overlays_sample,
                overlay_seed=overlay_seed, progress=progress, models_described=described)
 
     env_world = int(os.environ.get("WORLD_SIZE", "1") or 1)
@@ -240,6 +247,23 @@ def _load_staggered(source, role: str, job: _Job, device: str, rank: int, barrie
             barrier()
 
 
+def _predicted(lm, job: _Job, indices: list[int], label: str, show: bool, options: dict):
+    """``(index, image, Prediction)`` for each sample of ``indices``, in order, ``job.batch_size`` at a time."""
+    bar = _bar(None, len(indices), label, show) if show else None
+    step = max(1, int(job.batch_size))
+    for start in range(0, len(indices), step):
+        chunk = indices[start:start + step]
+        images = [job.samples[i].image() for i in chunk]
+        preds = P.predict_many(lm, images, [job.samples[i].prompt for i in chunk], [job.samples[i].id for i in chunk],
+                               **options)
+        for i, image, pred in zip(chunk, images, preds):
+            yield i, image, pred
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+
+
 def _run_shard(job: _Job, rank: int, world: int, device: str, barrier: Callable | None):
     """REF then CAND over this rank's samples (index ≡ rank mod world). Returns records, packed masks, timings."""
     mine = list(range(rank, len(job.samples), world))
@@ -256,13 +280,10 @@ def _run_shard(job: _Job, rank: int, world: int, device: str, barrier: Callable 
         info = {"ref": lm.info}
         timings["ref_load"] = lm.load_seconds
         gk = P.resolve_generation_kwargs(job.generation_kwargs, lm.tokenizer)
+        options = dict(mask_threshold=job.mask_threshold, max_new_tokens=job.max_new_tokens, generation_kwargs=gk,
+                       probabilities=job.probabilities, time_budget=job.time_budget)
         t0 = time.perf_counter()
-        for i in _bar(mine, len(mine), "REF" + suffix, show):
-            s = job.samples[i]
-            image = s.image()
-            pred = P.predict(lm, image, s.prompt, s.id, mask_threshold=job.mask_threshold,
-                             max_new_tokens=job.max_new_tokens, generation_kwargs=gk,
-                             probabilities=job.probabilities, time_budget=job.time_budget)
+        for i, image, pred in _predicted(lm, job, mine, "REF" + suffix, show, options):
             has_probs = pred.probabilities is not None
             if has_probs and pred.probabilities:
                 np.save(tmp / f"ref_{i}.npy", np.stack(pred.probabilities))
@@ -276,14 +297,11 @@ def _run_shard(job: _Job, rank: int, world: int, device: str, barrier: Callable 
         info["cand"] = lm.info
         timings["cand_load"] = lm.load_seconds
         gk = P.resolve_generation_kwargs(job.generation_kwargs, lm.tokenizer)
+        options["generation_kwargs"] = gk
         t0 = time.perf_counter()
-        for i in _bar(mine, len(mine), "CAND" + suffix, show):
+        for i, image, cand in _predicted(lm, job, mine, "CAND" + suffix, show, options):
             s = job.samples[i]
-            image = s.image()
             hw = (image.height, image.width)
-            cand = P.predict(lm, image, s.prompt, s.id, mask_threshold=job.mask_threshold,
-                             max_new_tokens=job.max_new_tokens, generation_kwargs=gk,
-                             probabilities=job.probabilities, time_budget=job.time_budget)
             answer, packed, has_probs, seconds, over = ref_out.pop(i)
             ref_masks = _unpack(packed, hw)
             ref_probs = None
@@ -361,7 +379,7 @@ def _execute(job: _Job, rank: int, world: int, collective) -> dict[str, Any]:
             "device": job.device, "dtype": job.dtype,
             "generation_kwargs": P.jsonable(job.generation_kwargs or {}),
             "max_new_tokens": job.max_new_tokens, "mask_threshold": job.mask_threshold,
-            "time_budget_s": job.time_budget, "probabilities": job.probabilities,
+            "time_budget_s": job.time_budget, "probabilities": job.probabilities, "batch_size": job.batch_size,
             "greedy": not (job.generation_kwargs or {}).get("do_sample", False),
             "multi_seg_policy": MULTI_SEG_POLICY, "gt_policy": GT_POLICY, "no_mask_policy": NO_MASK_POLICY,
             "overlays": {"worst": job.overlays_worst, "sample": job.overlays_sample, "seed": job.overlay_seed},

@@ -88,6 +88,8 @@ def _print_result(res, report_dir) -> None:
               help="Load both models in this dtype (auto: each export's own).")
 @click.option("--num-processes", type=int, default=1, show_default=True,
               help="Data-parallel worker processes (one GPU each with CUDA; gloo on CPU). Under torchrun, leave out.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Samples per predict_forward call: one left-padded batch through the LLM (maskport exports).")
 @click.option("--max-new-tokens", type=int, help="Longest answer (default: each export's config).")
 @click.option("--mask-threshold", type=float, help="Probability threshold of the masks (default: the export's).")
 @click.option("--time-budget", type=float,
@@ -103,7 +105,7 @@ def _print_result(res, report_dir) -> None:
 @_one_line_errors
 def verify_command(ref, cand, samples, prompt, refcoco_refs, instances, image_root, split, prompt_template, limit,
                    report_dir, min_dice, max_giou_drop, max_text_mismatch, device, dtype, num_processes,
-                   max_new_tokens, mask_threshold, time_budget, no_probabilities, overlays, overlay_sample,
+                   batch_size, max_new_tokens, mask_threshold, time_budget, no_probabilities, overlays, overlay_sample,
                    generation_kwargs_json, no_progress):
     """Run REF and CAND (export folders) on the same samples and compare their masks and answers.
 
@@ -139,6 +141,7 @@ def verify_command(ref, cand, samples, prompt, refcoco_refs, instances, image_ro
                  limit=limit if refcoco_refs is None else None, device=device, dtype=dtype,
                  generation_kwargs=generation_kwargs, max_new_tokens=max_new_tokens, mask_threshold=mask_threshold,
                  time_budget=time_budget, probabilities=not no_probabilities, num_processes=num_processes,
+                 batch_size=batch_size,
                  overlays_worst=overlays, overlays_sample=overlay_sample, progress=not no_progress,
                  samples_label=label)
     if int(os.environ.get("RANK", "0") or 0) != 0:

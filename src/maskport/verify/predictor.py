@@ -202,12 +202,9 @@ def _as_hw(arr, what: str, role: str, sample_id: str, hw: tuple[int, int], dtype
     return a.astype(dtype)
 
 
-def predict(lm: LoadedModel, image, prompt: str, sample_id: str, *, mask_threshold: float | None = None,
-            max_new_tokens: int | None = None, generation_kwargs: dict | None = None, probabilities: bool = True,
-            time_budget: float | None = None) -> Prediction:
-    """One ``predict_forward`` call, greedy unless ``generation_kwargs`` say otherwise. With ``time_budget``,
-    generation is stopped after that many seconds (transformers' ``max_time``) and the sample is flagged."""
-    kwargs: dict[str, Any] = {"image": image, "text": prompt, "tokenizer": lm.tokenizer}
+def _call_kwargs(lm: LoadedModel, *, mask_threshold, max_new_tokens, generation_kwargs, probabilities,
+                 time_budget) -> tuple[dict[str, Any], bool]:
+    kwargs: dict[str, Any] = {"tokenizer": lm.tokenizer}
     if mask_threshold is not None:
         kwargs["mask_threshold"] = float(mask_threshold)
     want_probs = probabilities and lm.supports_probabilities
@@ -220,16 +217,22 @@ def predict(lm: LoadedModel, image, prompt: str, sample_id: str, *, mask_thresho
         gk.setdefault("max_time", float(time_budget))
     if gk:
         kwargs["generation_kwargs"] = gk
-    t0 = time.perf_counter()
+    return kwargs, want_probs
+
+
+def _call(lm: LoadedModel, sample_id: str, **kwargs):
     try:
-        out = lm.model.predict_forward(**kwargs)
+        return lm.model.predict_forward(**kwargs)
     except MaskportError:
         raise
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise PredictionError(f"{lm.role} predict_forward failed on sample {sample_id}: "
                               f"{type(exc).__name__}: {first}") from exc
-    seconds = time.perf_counter() - t0
+
+
+def _prediction(lm: LoadedModel, out, image, sample_id: str, want_probs: bool, seconds: float,
+                time_budget: float | None) -> Prediction:
     if not isinstance(out, dict) or "prediction" not in out:
         raise PredictionError(f"{lm.role} predict_forward returned {type(out).__name__} for sample {sample_id}, "
                               f"expected a dict with 'prediction' and 'prediction_masks'")
@@ -244,3 +247,38 @@ def predict(lm: LoadedModel, image, prompt: str, sample_id: str, *, mask_thresho
                                   f"for sample {sample_id}")
     return Prediction(str(out["prediction"]), masks, probs, seconds,
                       over_budget=bool(time_budget) and seconds > float(time_budget))
+
+
+def predict(lm: LoadedModel, image, prompt: str, sample_id: str, *, mask_threshold: float | None = None,
+            max_new_tokens: int | None = None, generation_kwargs: dict | None = None, probabilities: bool = True,
+            time_budget: float | None = None) -> Prediction:
+    """One ``predict_forward`` call, greedy unless ``generation_kwargs`` say otherwise. With ``time_budget``,
+    generation is stopped after that many seconds (transformers' ``max_time``) and the sample is flagged."""
+    kwargs, want_probs = _call_kwargs(lm, mask_threshold=mask_threshold, max_new_tokens=max_new_tokens,
+                                      generation_kwargs=generation_kwargs, probabilities=probabilities,
+                                      time_budget=time_budget)
+    t0 = time.perf_counter()
+    out = _call(lm, sample_id, image=image, text=prompt, **kwargs)
+    return _prediction(lm, out, image, sample_id, want_probs, time.perf_counter() - t0, time_budget)
+
+
+def supports_batches(lm: LoadedModel) -> bool:
+    """Whether the model predicts lists of samples as one batch (maskport exports: ``predict_batch``)."""
+    return callable(getattr(lm.model, "predict_batch", None))
+
+
+def predict_many(lm: LoadedModel, images: list, prompts: list[str], sample_ids: list[str], **options) -> list[Prediction]:
+    """Several samples as one batch (``predict_forward`` with lists) when the model supports it, else one by one.
+    Each sample's ``seconds`` is the batch's time divided by its size; ``time_budget`` bounds the batch."""
+    if len(images) == 1 or not supports_batches(lm):
+        return [predict(lm, im, p, i, **options) for im, p, i in zip(images, prompts, sample_ids)]
+    kwargs, want_probs = _call_kwargs(lm, **options)
+    label = f"{sample_ids[0]}..{sample_ids[-1]} (batch of {len(sample_ids)})"
+    t0 = time.perf_counter()
+    outs = _call(lm, label, image=list(images), text=list(prompts), **kwargs)
+    seconds = (time.perf_counter() - t0) / len(images)
+    if not isinstance(outs, list) or len(outs) != len(images):
+        raise PredictionError(f"{lm.role} predict_forward returned {type(outs).__name__} for the batch {label}, "
+                              f"expected a list of {len(images)} results")
+    return [_prediction(lm, o, im, i, want_probs, seconds, options.get("time_budget"))
+            for o, im, i in zip(outs, images, sample_ids)]

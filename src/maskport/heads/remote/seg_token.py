@@ -21,7 +21,7 @@ MASK_PROMPTS_UNSUPPORTED = ("mask_prompts (visual prompts, <vp>) are not support
 
 
 def select_seg_hidden_states(hidden_states, sequences: torch.Tensor, prompt_length: int,
-                             seg_token_id: int) -> torch.Tensor:
+                             seg_token_id: int, row: int = 0, end: int | None = None) -> torch.Tensor:
     """Last-layer hidden states of the ``[SEG]`` tokens the model generated, one row per ``[SEG]``.
 
     ``hidden_states`` is ``generate(..., output_hidden_states=True, return_dict_in_generate=True).hidden_states``:
@@ -41,21 +41,29 @@ def select_seg_hidden_states(hidden_states, sequences: torch.Tensor, prompt_leng
       it was never fed back; like Sa2VA we drop it, so the answer then shows one ``[SEG]`` more than there are
       masks.
 
-    Only batch element 0 is read (``predict_forward`` runs one sample at a time).
+    ``row``: the batch element to read (a batch is left-padded, so every row's prompt ends at ``prompt_length``);
+    ``end``: only positions before it count (a row of a batch that finished earlier is padded after its stop
+    token).
     """
     if not hidden_states:
         return sequences.new_zeros((0, 0), dtype=torch.float32)
-    last = torch.cat([step[-1][0] for step in hidden_states], dim=0)  # [n_fed, C]
-    fed_ids = sequences[0, : last.shape[0]].to(last.device)
+    last = torch.cat([step[-1][row] for step in hidden_states], dim=0)  # [n_fed, C]
+    fed_ids = sequences[row, : last.shape[0]].to(last.device)
     is_seg = fed_ids == seg_token_id
     is_seg[: min(prompt_length, is_seg.shape[0])] = False
+    if end is not None:
+        is_seg[end:] = False
     return last[is_seg]
 
 
 class SegTokenMixin:
     """For a model with ``self.mllm`` (a transformers generative VLM), ``self.text_hidden_fcs``, a mask head mixin
     (``masks_from_prompts``) and a config with ``seg_token``, ``seg_token_id``, ``mask_threshold``,
-    ``max_new_tokens`` and ``template['stop_words']``."""
+    ``max_new_tokens`` and ``template['stop_words']``.
+
+    Batched prediction (:meth:`predict_batch`, or ``predict_forward`` with lists) needs two methods of the model:
+    ``prompt_inputs(image, text, past_text, tokenizer, processor) -> (token ids, MLLM image inputs)`` for one
+    sample, and ``concat_mm_inputs(list of those inputs) -> one dict`` for the batch."""
 
     def check_predict_inputs(self, image, video, text, mask_prompts, tokenizer, processor):
         """``predict_forward``'s argument checks, shared by the families: returns (image as PIL or None, tokenizer)."""
@@ -99,6 +107,70 @@ class SegTokenMixin:
         if return_probabilities:
             result["prediction_probabilities"] = probs
         return result
+
+    def predict_batch(self, images, texts, tokenizer=None, processor=None, past_texts=None, mask_threshold=None,
+                      return_probabilities: bool = False, max_new_tokens=None, generation_kwargs=None) -> list:
+        """``predict_forward`` for several samples at once: one greedy ``generate`` over the batch (prompts
+        left-padded), then the mask head per sample. Returns one result dict per sample, as ``predict_forward``
+        gives it; an entry of ``images`` may be ``None`` (text only).
+
+        Each answer is cut after its first stop token (a row that finished early is padded after it, which one
+        sample alone never sees); ``[SEG]`` hidden states are read per row. Padding changes the shapes the kernels
+        see, so logits can differ from one-by-one prediction in the last bits of floating point: answers and masks
+        are the same unless a greedy choice or a mask pixel sits on such a tie."""
+        images, texts = list(images), list(texts)
+        if len(images) != len(texts):
+            raise ValueError(f"{len(images)} images but {len(texts)} texts")
+        past_texts = [""] * len(texts) if past_texts is None else list(past_texts)
+        if len(past_texts) != len(texts):
+            raise ValueError(f"{len(past_texts)} past_texts for {len(texts)} texts")
+        if not texts:
+            return []
+        rows = []
+        for image, text, past in zip(images, texts, past_texts):
+            image, tokenizer = self.check_predict_inputs(image, None, text, None, tokenizer, processor)
+            ids, mm = self.prompt_inputs(image, text, past or "", tokenizer, processor)
+            rows.append((image, list(ids), mm))
+        device, _ = module_device_dtype(self.mllm)
+        threshold = self.config.mask_threshold if mask_threshold is None else float(mask_threshold)
+        max_new = self.config.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+        stop_ids = self.stop_token_ids(tokenizer)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop_ids[0] if stop_ids else 0)
+        width = max(len(ids) for _, ids, _ in rows)
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (_, ids, _) in enumerate(rows):
+            input_ids[i, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[i, width - len(ids):] = 1
+        mms = [mm for _, _, mm in rows if mm]
+        mm = {k: v.to(device) for k, v in self.concat_mm_inputs(mms).items()} if mms else {}
+        gen_kwargs = dict(max_new_tokens=max_new, do_sample=False, num_beams=1,
+                          eos_token_id=stop_ids or None, pad_token_id=pad_id, use_cache=True)
+        gen_kwargs.update(generation_kwargs or {})
+        gen_kwargs.update(output_hidden_states=True, return_dict_in_generate=True)
+        out = self.mllm.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **mm,
+                                 **gen_kwargs)
+        results = []
+        for i, (image, _, _) in enumerate(rows):
+            generated = out.sequences[i, width:].tolist()
+            cut = next((j + 1 for j, t in enumerate(generated) if t in stop_ids), len(generated))
+            result: dict[str, Any] = {
+                "prediction": tokenizer.decode(generated[:cut], skip_special_tokens=False).strip(),
+                "prediction_masks": []}
+            if return_probabilities:
+                result["prediction_probabilities"] = []
+            if image is not None:
+                seg_hidden = select_seg_hidden_states(out.hidden_states, out.sequences, width,
+                                                      self.seg_token_id(tokenizer), row=i, end=width + cut)
+                if seg_hidden.shape[0]:
+                    fcs_device, fcs_dtype = module_device_dtype(self.text_hidden_fcs)
+                    emb = self.text_hidden_fcs(seg_hidden.to(device=fcs_device, dtype=fcs_dtype))
+                    masks, probs = self.masks_from_prompts(image, emb, threshold, return_probabilities)
+                    result["prediction_masks"] = masks
+                    if return_probabilities:
+                        result["prediction_probabilities"] = probs
+            results.append(result)
+        return results
 
     def stop_token_ids(self, tokenizer) -> list[int]:
         ids = []

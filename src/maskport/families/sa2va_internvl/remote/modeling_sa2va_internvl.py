@@ -160,9 +160,9 @@ class Sa2VAInternVLModel(SegTokenMixin, Sam2ImageHeadMixin, PreTrainedModel):
     @torch.inference_mode()
     def predict_forward(
         self,
-        image: Image.Image | None = None,
+        image: Image.Image | list | None = None,
         video: Any = None,
-        text: str | None = None,
+        text: str | list | None = None,
         past_text: str = "",
         mask_prompts: Any = None,
         tokenizer=None,
@@ -175,7 +175,8 @@ class Sa2VAInternVLModel(SegTokenMixin, Sam2ImageHeadMixin, PreTrainedModel):
         """Answer ``text`` about ``image`` and segment every ``[SEG]`` of the answer.
 
         Returns ``{"prediction": str, "prediction_masks": [np.bool_ (1, H, W) per [SEG]]}`` (plus
-        ``"prediction_probabilities"`` when asked); text-only calls return ``prediction_masks == []``.
+        ``"prediction_probabilities"`` when asked); text-only calls return ``prediction_masks == []``. Lists of
+        images and texts run as one batch (``predict_batch``) and return a list of such dicts.
 
         Steps (Sa2VA's released InternVL HF code, ``Sa2VAChatModel.predict_forward``):
 
@@ -189,9 +190,27 @@ class Sa2VAInternVLModel(SegTokenMixin, Sam2ImageHeadMixin, PreTrainedModel):
         4. SAM2 with the embedding as a prompt (best of the multi-mask outputs), bilinear to the SAM2 size then to
            H x W, sigmoid, ``> mask_threshold``.
         """
+        if isinstance(text, (list, tuple)):  # a batch: see predict_batch
+            if video is not None or mask_prompts is not None:
+                raise NotImplementedError("batched prediction takes images and texts only")
+            images = list(image) if isinstance(image, (list, tuple)) else [image] * len(text)
+            return self.predict_batch(images, text, tokenizer=tokenizer, processor=processor,
+                                      past_texts=[past_text] * len(text), mask_threshold=mask_threshold,
+                                      return_probabilities=return_probabilities, max_new_tokens=max_new_tokens,
+                                      generation_kwargs=generation_kwargs)
         image, tokenizer = self.check_predict_inputs(image, video, text, mask_prompts, tokenizer, processor)
         device, _ = module_device_dtype(self.mllm)
 
+        ids, mm = self.prompt_inputs(image, text, past_text, tokenizer, processor)
+        input_ids = torch.tensor([ids], dtype=torch.long, device=device)
+        attention_mask = torch.ones_like(input_ids)
+
+        return self.generate_and_segment(input_ids, attention_mask, mm, tokenizer, image, mask_threshold,
+                                         max_new_tokens, generation_kwargs, return_probabilities)
+
+    def prompt_inputs(self, image, text: str, past_text: str, tokenizer, processor=None):
+        """(token ids of the prompt, ``{"pixel_values": tiles}`` or ``{}``) for one sample: step 1 of
+        ``predict_forward``."""
         mm: dict[str, torch.Tensor] = {}
         image_tokens = None
         if image is not None:
@@ -199,14 +218,15 @@ class Sa2VAInternVLModel(SegTokenMixin, Sam2ImageHeadMixin, PreTrainedModel):
             image_tokens = self.image_token_string(mm["pixel_values"].shape[0])
         prompt = build_prompt(self.config.template, text, past_text, image_tokens,
                               self.config.image_processor.get("image_placeholder", "<image>"))
-        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
         if self.config.add_bos_token and tokenizer.bos_token_id is not None:
-            ids = [tokenizer.bos_token_id] + list(ids)
-        input_ids = torch.tensor([ids], dtype=torch.long, device=device)
-        attention_mask = torch.ones_like(input_ids)
+            ids = [tokenizer.bos_token_id] + ids
+        return ids, mm
 
-        return self.generate_and_segment(input_ids, attention_mask, mm, tokenizer, image, mask_threshold,
-                                         max_new_tokens, generation_kwargs, return_probabilities)
+    @staticmethod
+    def concat_mm_inputs(mms: list) -> dict[str, torch.Tensor]:
+        """The tiles of several samples as one batch (InternVL fills the image-context tokens in order)."""
+        return {"pixel_values": torch.cat([m["pixel_values"] for m in mms])}
 
 
 __all__ = ["Sa2VAInternVLModel", "build_prompt", "dynamic_tiles", "tile_grids", "choose_grid"]

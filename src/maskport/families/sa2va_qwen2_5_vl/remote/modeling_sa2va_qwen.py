@@ -179,9 +179,9 @@ class Sa2VAQwenModel(SegTokenMixin, Sam2ImageHeadMixin, PreTrainedModel):
     @torch.inference_mode()
     def predict_forward(
         self,
-        image: Image.Image | None = None,
+        image: Image.Image | list | None = None,
         video: Any = None,
-        text: str | None = None,
+        text: str | list | None = None,
         past_text: str = "",
         mask_prompts: Any = None,
         tokenizer=None,
@@ -217,27 +217,48 @@ class Sa2VAQwenModel(SegTokenMixin, Sam2ImageHeadMixin, PreTrainedModel):
         override the defaults above, except the hidden-state/return-dict settings the masks need.
 
         The answer is decoded with special tokens kept (so ``[SEG]`` stays visible) and stripped, like Sa2VA.
+
+        Lists of images and texts (same length; an image may be ``None``) run as one batch (``predict_batch``) and
+        return a list of such dicts.
         """
+        if isinstance(text, (list, tuple)):  # a batch: see predict_batch
+            if video is not None or mask_prompts is not None:
+                raise NotImplementedError("batched prediction takes images and texts only")
+            images = list(image) if isinstance(image, (list, tuple)) else [image] * len(text)
+            return self.predict_batch(images, text, tokenizer=tokenizer, processor=processor,
+                                      past_texts=[past_text] * len(text), mask_threshold=mask_threshold,
+                                      return_probabilities=return_probabilities, max_new_tokens=max_new_tokens,
+                                      generation_kwargs=generation_kwargs)
         image, tokenizer = self.check_predict_inputs(image, video, text, mask_prompts, tokenizer, processor)
-        template = self.config.template
         mllm_device, _ = self._module_device_dtype(self.mllm)
 
         # 1. MLLM inputs
+        ids, mm = self.prompt_inputs(image, text, past_text, tokenizer, processor)
+        input_ids = torch.tensor([ids], dtype=torch.long, device=mllm_device)
+        attention_mask = torch.ones_like(input_ids)
+        mm = {k: v.to(mllm_device) for k, v in mm.items()}
+
+        # 3-4. generate, then SAM2 for every [SEG]
+        return self.generate_and_segment(input_ids, attention_mask, mm, tokenizer, image, mask_threshold,
+                                         max_new_tokens, generation_kwargs, return_probabilities)
+
+    def prompt_inputs(self, image, text: str, past_text: str, tokenizer, processor=None):
+        """(token ids of the prompt, ``pixel_values``/``image_grid_thw`` or ``{}``) for one sample: step 1 of
+        ``predict_forward``."""
         mm: dict[str, torch.Tensor] = {}
         n_image_tokens = None
         if image is not None:
             mm = self._mllm_image_inputs(image, processor)
             merge = int(self.config.image_processor["merge_size"])
             n_image_tokens = int(mm["image_grid_thw"].prod(dim=-1).sum().item()) // (merge * merge)
-        prompt = build_prompt(template, text, past_text, n_image_tokens)
-        enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
-        input_ids = enc["input_ids"].to(mllm_device)
-        attention_mask = enc.get("attention_mask", torch.ones_like(enc["input_ids"])).to(mllm_device)
-        mm = {k: v.to(mllm_device) for k, v in mm.items()}
+        prompt = build_prompt(self.config.template, text, past_text, n_image_tokens)
+        return list(tokenizer(prompt, add_special_tokens=False)["input_ids"]), mm
 
-        # 3-4. generate, then SAM2 for every [SEG]
-        return self.generate_and_segment(input_ids, attention_mask, mm, tokenizer, image, mask_threshold,
-                                         max_new_tokens, generation_kwargs, return_probabilities)
+    @staticmethod
+    def concat_mm_inputs(mms: list) -> dict[str, torch.Tensor]:
+        """The image inputs of several samples as one batch (Qwen2.5-VL takes patches and grids concatenated)."""
+        return {"pixel_values": torch.cat([m["pixel_values"] for m in mms]),
+                "image_grid_thw": torch.cat([m["image_grid_thw"] for m in mms])}
 
 
 __all__ = ["Sa2VAQwenModel", "select_seg_hidden_states", "build_prompt", "smart_resize"]
