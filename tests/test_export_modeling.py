@@ -266,6 +266,29 @@ def test_legacy_qwen_layout_still_loads(tmp_path, config, model):
         assert torch.equal(v, ref[k]), k
 
 
+_ALLOWED_IMPORTS = {"torch", "transformers", "numpy", "PIL", "__future__", "math", "copy", "typing"}
+
+
+def _import_problems(path, shipped: set[str]) -> list[str]:
+    """The imports of an exported file that break the rule: absolute imports outside ``_ALLOWED_IMPORTS``,
+    relative imports of anything but a sibling module in ``shipped``."""
+    problems = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            roots = {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: only sibling files that travel with it
+                if node.level != 1 or node.module not in shipped:
+                    problems.append(f"{path.name}: from {'.' * node.level}{node.module or ''} import ...")
+                continue
+            roots = {node.module.split(".")[0]}
+        else:
+            continue
+        if not roots <= _ALLOWED_IMPORTS:
+            problems.append(f"{path.name}: imports {sorted(roots - _ALLOWED_IMPORTS)}")
+    return problems
+
+
 def test_exported_files_import_only_allowed_modules():
     """Every file an export carries (each registered family's code files and the shared heads it lists) imports
     only torch/transformers/numpy/PIL and the stdlib modules below, and relatively only files that the same export
@@ -273,7 +296,6 @@ def test_exported_files_import_only_allowed_modules():
     from maskport.families import FAMILIES
     from maskport.heads import remote_file
 
-    allowed = {"torch", "transformers", "numpy", "PIL", "__future__", "math", "copy", "typing"}
     assert FAMILIES
     for fam in FAMILIES.values():
         spec = fam.spec
@@ -281,18 +303,20 @@ def test_exported_files_import_only_allowed_modules():
         files.update({f"{h}.py": remote_file(h) for h in spec.heads})
         shipped = {name.removesuffix(".py") for name in files}
         for name, path in files.items():
-            tree = ast.parse(path.read_text())
-            for node in ast.walk(tree):
-                if isinstance(node, ast.Import):
-                    roots = {a.name.split(".")[0] for a in node.names}
-                elif isinstance(node, ast.ImportFrom):
-                    if node.level:  # relative: only files this export carries
-                        assert node.level == 1 and node.module in shipped, (spec.name, name, node.module)
-                        continue
-                    roots = {node.module.split(".")[0]}
-                else:
-                    continue
-                assert roots <= allowed, (spec.name, name, roots)
+            assert not _import_problems(path, shipped), (spec.name, name, _import_problems(path, shipped))
+
+
+def test_shared_head_files_import_only_allowed_modules():
+    """Every file of ``maskport/heads/remote/`` (listed from the folder, so a head no family uses yet is checked
+    too) imports only torch/transformers/numpy/PIL and the stdlib modules above, and relatively only other files
+    of that folder."""
+    from maskport.heads import REMOTE_DIR, remote_heads
+
+    files = sorted(p for p in REMOTE_DIR.glob("*.py") if p.name != "__init__.py")
+    assert {p.stem for p in files} == set(remote_heads()) and len(files) >= 4
+    shipped = {p.stem for p in files}
+    problems = [msg for path in files for msg in _import_problems(path, shipped)]
+    assert not problems, problems
 
 
 def test_automodel_trust_remote_code(tmp_path, config, model, tok, image):
