@@ -250,3 +250,30 @@ def test_batched_prediction_equals_one_by_one(art, export_finetuned):
     assert len({im.size for im in images}) >= 3
     out = assert_batched_equals_single(model, tok, images + [None], texts + ["What colour is the circle?"])
     assert all(len(o["prediction_masks"]) == 1 for o in out[:4]) and out[4]["prediction_masks"] == []
+
+
+@pytest.mark.parametrize("cpu_budget", ["1MB", "7MB"])
+def test_offloaded_export_predicts_the_same(art, export_finetuned, tmp_path, cpu_budget):
+    """``device_map="auto"`` with a memory limit that offloads the export to disk (all of it, or part of it with
+    the rest on the CPU): ``predict_forward`` works and gives the same answer and masks as the model in memory
+    (it failed with "Tensor.item() cannot be called on meta tensors" before)."""
+    from PIL import Image
+    from transformers import AutoModel, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(export_finetuned, trust_remote_code=True)
+    row = json.loads(art.samples.read_text().splitlines()[0])
+    image = Image.open(art.samples.parent / row["image"]).convert("RGB")
+    ref = AutoModel.from_pretrained(export_finetuned, trust_remote_code=True, dtype=torch.float32).eval()
+    want = ref.predict_forward(image=image, text=row["prompt"], tokenizer=tok, return_probabilities=True)
+    off = AutoModel.from_pretrained(export_finetuned, trust_remote_code=True, dtype=torch.float32,
+                                    device_map="auto", max_memory={"cpu": cpu_budget},
+                                    offload_folder=str(tmp_path / "offload")).eval()
+    placed = set(getattr(off, "hf_device_map", {}).values())
+    assert "disk" in placed and (cpu_budget == "1MB" or "cpu" in placed), placed
+    assert any(p.device.type == "meta" for p in off.parameters())  # really offloaded
+    got = off.predict_forward(image=image, text=row["prompt"], tokenizer=tok, return_probabilities=True)
+    assert got["prediction"] == want["prediction"] and len(got["prediction_masks"]) == 1
+    assert (got["prediction_masks"][0] == want["prediction_masks"][0]).all()
+    assert abs(got["prediction_probabilities"][0] - want["prediction_probabilities"][0]).max() <= 1e-5
+    batch = off.predict_forward(image=[image, image], text=[row["prompt"]] * 2, tokenizer=tok)
+    assert [b["prediction"] for b in batch] == [want["prediction"]] * 2

@@ -6,6 +6,7 @@ numpy and PIL.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import numpy as np
@@ -35,9 +36,43 @@ def as_pil(image: Any) -> Image.Image:
 
 
 def module_device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """(device inputs of ``module`` go to, its parameters' dtype). For a model dispatched by accelerate
+    (``device_map=...`` with CPU or disk offload), offloaded parameters sit on the ``meta`` device and are moved in
+    by hooks at forward time: the device is then the hooks' execution device, never ``meta``."""
+    dtype = next((p.dtype for p in module.parameters()), torch.float32)
+    for m in module.modules():
+        device = getattr(getattr(m, "_hf_hook", None), "execution_device", None)
+        if device is not None:
+            return (torch.device("cuda", device) if isinstance(device, int) else torch.device(device)), dtype
     for p in module.parameters():
-        return p.device, p.dtype
-    return torch.device("cpu"), torch.float32
+        if p.device.type != "meta":
+            return p.device, dtype
+    return torch.device("cpu"), dtype
 
 
-__all__ = ["as_pil", "module_device_dtype", "to_rgb"]
+@contextlib.contextmanager
+def onloaded(module: nn.Module):
+    """Inside the block, an accelerate-offloaded ``module`` (``device_map`` with CPU or disk offload: parameters on
+    ``meta``, each submodule's brought in by its own hook when that submodule's ``forward`` runs) holds all its
+    weights, so code that reads parameters directly or calls methods other than ``forward`` works (e.g.
+    ``Sam2Model.get_image_embeddings``, a prompt encoder's embeddings); they are offloaded again afterwards. A
+    no-op for a module whose weights are all in memory."""
+    if not any(p.device.type == "meta" for p in module.parameters()):
+        yield module
+        return
+    hooks = []
+    for m in module.modules():
+        hook = getattr(m, "_hf_hook", None)
+        for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+            if getattr(h, "offload", False):
+                hooks.append((m, h))
+    for m, h in hooks:
+        h.pre_forward(m)
+    try:
+        yield module
+    finally:
+        for m, h in reversed(hooks):
+            h.post_forward(m, None)
+
+
+__all__ = ["as_pil", "module_device_dtype", "onloaded", "to_rgb"]

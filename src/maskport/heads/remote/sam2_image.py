@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .image_utils import module_device_dtype, to_rgb
+from .image_utils import module_device_dtype, onloaded, to_rgb
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -141,8 +141,9 @@ class Sam2ImageHeadMixin:
         """One mask per prompt embedding (``[N, D]``, the projected ``[SEG]`` states): SAM2 -> bilinear to
         ``sam2_image_size`` then to the image's H x W (Sa2VA's two resizes) -> sigmoid -> ``> threshold``. Returns
         (masks, probabilities), each a list of ``(1, H, W)`` arrays."""
-        logits = self.sam2_mask_logits(self.sam2_preprocess(image), prompt_embeddings.unsqueeze(0),
-                                       multimask_output=self.config.sam2_multimask_output)[0]
+        with onloaded(self.sam2):
+            logits = self.sam2_mask_logits(self.sam2_preprocess(image), prompt_embeddings.unsqueeze(0),
+                                           multimask_output=self.config.sam2_multimask_output)[0]
         size = self.config.sam2_image_size
         logits = F.interpolate(logits[:, None].float(), size=(size, size), mode="bilinear", align_corners=False)
         logits = F.interpolate(logits, size=(image.height, image.width), mode="bilinear", align_corners=False)

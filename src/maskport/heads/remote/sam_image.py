@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .image_utils import module_device_dtype, to_rgb
+from .image_utils import module_device_dtype, onloaded, to_rgb
 
 # Meta's Sam(pixel_mean=..., pixel_std=...) in segment_anything/build_sam.py: ImageNet's, on the 0-255 scale
 SAM_PIXEL_MEAN = [123.675, 116.28, 103.53]
@@ -178,8 +178,9 @@ class SamImageHeadMixin:
         computed as ``logits > 0`` (in float32 a logit within ~6e-8 of zero has a sigmoid that rounds to exactly
         0.5, where the two would otherwise disagree)."""
         pixel_values, input_size = self.sam_preprocess(image)
-        logits = self.sam_mask_logits(pixel_values, prompt_embeddings.unsqueeze(0),
-                                      multimask_output=bool(self.config.sam_multimask_output))[0]
+        with onloaded(self.sam):
+            logits = self.sam_mask_logits(pixel_values, prompt_embeddings.unsqueeze(0),
+                                          multimask_output=bool(self.config.sam_multimask_output))[0]
         logits = self.sam_postprocess(logits, input_size, (image.height, image.width))  # [N, H, W]
         masks, probabilities = [], []
         for x in logits:
