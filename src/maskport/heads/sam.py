@@ -56,7 +56,7 @@ from typing import Any, Mapping
 
 from ..convert.rules import Duplicate, Rename, Rule, Take, parse_ref, prefixed
 from ..errors import MissingInput, UnreadableFile, UnsupportedCheckpoint, WrongFamily
-from ..families.spec import MMENGINE_TO_HF, InputOption
+from ..convert.options import MMENGINE_TO_HF, InputOption
 
 __all__ = [
     "SAM_RULES",

@@ -43,7 +43,7 @@ from pathlib import Path
 
 from ..convert.rules import Concat, Drop, Duplicate, Rename, Rule, Take, parse_ref, prefixed
 from ..errors import MissingInput, UnreadableFile, UnsupportedCheckpoint, WrongFamily
-from ..families.spec import MMENGINE_TO_HF, InputOption
+from ..convert.options import MMENGINE_TO_HF, InputOption
 
 __all__ = [
     "sam2_inputs",
