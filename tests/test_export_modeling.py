@@ -266,7 +266,7 @@ def test_legacy_qwen_layout_still_loads(tmp_path, config, model):
         assert torch.equal(v, ref[k]), k
 
 
-_ALLOWED_IMPORTS = {"torch", "transformers", "numpy", "PIL", "__future__", "math", "copy", "typing"}
+_ALLOWED_IMPORTS = {"torch", "transformers", "numpy", "PIL", "__future__", "math", "copy", "typing", "contextlib"}
 
 
 def _import_problems(path, shipped: set[str]) -> list[str]:

@@ -120,3 +120,37 @@ def test_pattern_placeholders():
     assert rx.match("layers.3.self_attn.q_proj.weight").groupdict() == {"i": "3", "rest": "self_attn.q_proj"}
     assert rx.match("layers.3.weight") is None
     assert compile_pattern("a.{i}.b").match("a.1.2.b") is None
+
+
+def test_drop_if_equal_checks_values_before_anything_is_written():
+    """A copy (e.g. a buffer DeepSpeed kept) is dropped only if it equals its original: bit-equal, or the original
+    rounded to bf16/fp16 in the copy's dtype. A difference is a one-line ValueMismatch naming both; a copy without
+    counterpart is a plan problem; the original is only read (its own rule still claims it)."""
+    from maskport.convert.rules import DropIfEqual
+    from maskport.errors import ValueMismatch
+
+    g = torch.randn(3, 4)
+    rules = [Rename("w", "base:w"), Rename("g", "base:g"),
+             DropIfEqual("ckpt:enc.{rest}", equals="base:{rest}", reason="frozen copy")]
+
+    def run(copy, **extra):
+        return build_plan(rules, {"base": src("base", w=torch.ones(2), g=g),
+                                  "ckpt": src("ckpt", enc__g=copy, **extra)}, out_dtype=torch.float32)
+
+    for ok in (g.clone(), g.bfloat16(), g.bfloat16().float(), g.half()):
+        plan = run(ok)
+        assert [(str(r), reason) for r, reason in plan.drops] == [
+            ("ckpt:enc.g", "frozen copy (values checked equal to the 'base' copy)")]
+        assert {str(k): str(v) for k, v in plan.checked_equal.items()} == {"ckpt:enc.g": "base:g"}
+    with pytest.raises(ValueMismatch) as exc:
+        run(g + 1e-3)
+    assert "ckpt:enc.g should duplicate base:g" in str(exc.value) and "\n" not in str(exc.value)
+    with pytest.raises(ValueMismatch, match="another shape"):
+        run(torch.zeros(4, 3))
+    with pytest.raises(PlanError, match="ckpt:enc.extra has no counterpart base:extra"):
+        run(g.clone(), enc__extra=torch.zeros(1))
+    # ordinary rules claim first: a tensor an ordinary rule uses is not re-checked
+    optional = DropIfEqual("ckpt:enc.{rest}", equals="base:{rest}", reason="frozen copy", optional=True)
+    plan = build_plan([Rename("d", "ckpt:enc.g"), *rules[:2], optional], {"base": src("base", w=torch.ones(2), g=g),
+                                                             "ckpt": src("ckpt", enc__g=g + 1)}, out_dtype=torch.float32)
+    assert plan.checked_equal == {}

@@ -358,7 +358,7 @@ def test_mask_decoder_from_training_checkpoint(tiny, outputs):
 
 
 def test_detect_rejects_what_is_not_an_official_sam2(tiny):
-    with pytest.raises(WrongFamily, match="spec_from_meta_config"):
+    with pytest.raises(WrongFamily, match="--sam2-config"):
         detect_sam2_preset(tiny["src"])  # a valid SAM2, but no official size
     with pytest.raises(UnreadableFile):
         detect_sam2_preset(StateDictSource("sam2", "e.pt", {}, "empty"))
@@ -416,3 +416,29 @@ def test_full_size_detection_and_plan(name):
 
 def test_rules_table_is_only_sam2_sourced():
     assert all(getattr(r, "source", getattr(r, "sources", ("sam2:",))[0]).startswith("sam2:") for r in SAM2_RULES)
+
+
+@pytest.mark.parametrize("name", sorted(_YAMLS))
+def test_meta_yaml_read_safely_gives_the_preset(name):
+    """``--sam2-config`` takes Meta's own hydra YAML (parsed with yaml.safe_load, no OmegaConf)."""
+    from maskport.heads.sam2 import read_sam2_config
+
+    assert spec_from_meta_config(read_sam2_config(_YAMLS[name])) == SAM2_PRESETS[name]
+
+
+def test_sam2_config_reader_refuses_what_is_not_plain_data(tmp_path):
+    from maskport.heads.sam2 import read_sam2_config
+
+    bad = tmp_path / "evil.yaml"
+    bad.write_text("model: !!python/object/apply:os.system ['echo hi']\n")
+    with pytest.raises(UnreadableFile, match="not valid YAML") as exc:
+        read_sam2_config(bad)
+    assert "\n" not in str(exc.value)
+    big = tmp_path / "big.yaml"
+    big.write_text("x: " + "a" * (2 << 20))
+    with pytest.raises(UnreadableFile, match="limit"):
+        read_sam2_config(big)
+    lst = tmp_path / "list.json"
+    lst.write_text("[1, 2]")
+    with pytest.raises(UnreadableFile, match="not a model config mapping"):
+        read_sam2_config(lst)

@@ -61,8 +61,8 @@ def _family_options(command: str):
 def _output_options(fn):
     for decorator in reversed([
         click.option("-o", "--out", type=click.Path(path_type=Path), help="Output folder (must not exist)."),
-        click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]),
-                     help="Output dtype (default: the input's)."),
+        click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32", "bfloat16", "float16", "float32"]),
+                     help="Output dtype (default: the input's); torch's names are accepted too."),
         click.option("--max-shard-size", default="2GB", show_default=True,
                      help="Largest shard: 2GB = 2*10^9 bytes, 2GiB = 2*2^30 (as the Hub counts)."),
         click.option("--sha256", is_flag=True,
@@ -86,8 +86,9 @@ def _output_options(fn):
 @_friendly
 def convert_mmengine_to_hf_cmd(checkpoint, family, out, dtype, max_shard_size, sha256, dry_run, overwrite,
                                allow_unsafe_pickle, no_progress, report_json, **inputs):
-    """Convert an mmengine/xtuner training CHECKPOINT (iter_N.pth, or a DeepSpeed ZeRO-1/2 folder). The options
-    between --family and -o are the inputs the families declare; each family reads its own."""
+    """Convert an mmengine/xtuner training CHECKPOINT (iter_N.pth, a DeepSpeed ZeRO-1/2/3 folder, or what
+    zero_to_fp32 wrote). The options between --family and -o are the inputs the families declare; each family reads
+    its own."""
     from .convert.api import convert_mmengine_to_hf
 
     res = convert_mmengine_to_hf(

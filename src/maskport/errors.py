@@ -44,6 +44,10 @@ class ShapeMismatch(MaskportError):
     """A tensor's shape is not the one the plan or the target model expects."""
 
 
+class ValueMismatch(MaskportError):
+    """A tensor that should duplicate another (e.g. a buffer saved beside the trained weights) holds other values."""
+
+
 class UnsupportedCheckpoint(MaskportError):
     """A checkpoint format that maskport recognises but cannot convert yet (e.g. DeepSpeed ZeRO-3)."""
 

@@ -88,7 +88,8 @@ def convert_mmengine_to_hf(
     log=print,
     **inputs: Any,
 ) -> ConversionResult:
-    """Convert a training checkpoint (mmengine ``.pth`` or DeepSpeed ZeRO-1/2 folder) into an HF folder.
+    """Convert a training checkpoint (mmengine ``.pth``, DeepSpeed ZeRO-1/2/3 folder, or zero_to_fp32's output) into
+    an HF folder.
 
     ``inputs``: the family's declared inputs (``FamilySpec.inputs``), e.g. ``base=``, ``sam2=``, ``lora_alpha=``;
     ``None`` = not given. Steps:
@@ -119,7 +120,7 @@ def convert_mmengine_to_hf(
                           f"(keys like {', '.join(sorted(tc.source.keys())[:3])})")
     options = family_options(fam, MMENGINE_TO_HF, inputs, allow_unsafe_pickle)
     prepared = fam.prepare(tc, cfg, options)
-    out_dtype = DTYPES[dtype] if dtype else _training_dtype(tc.source)
+    out_dtype = DTYPES[dtype] if dtype else (tc.dtype_hint or _training_dtype(tc.source))
 
     inputs_report = {"checkpoint": {"path": str(ckpt), "format": tc.format},
                      **{name: {"path": str(p)} for name, p in options.paths().items()}}

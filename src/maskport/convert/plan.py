@@ -10,17 +10,20 @@ Steps:
    mis-shaped targets are errors.
 All problems are collected and raised together as :class:`~maskport.errors.PlanError` before anything
 is written.
+7. only then, the one check that reads tensor data: each :class:`~maskport.convert.rules.DropIfEqual` drop (small
+   buffers, in practice) is compared with the tensor it duplicates; a difference raises
+   :class:`~maskport.errors.ValueMismatch` naming it, still before anything is written.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..errors import PlanError
-from .rules import CopyRest, Ref, Rule, Step, parse_ref
+from ..errors import PlanError, ValueMismatch
+from .rules import Ref, Rule, Step, parse_ref
 from .sources import TensorInfo, TensorSource
 
 
@@ -37,6 +40,7 @@ class Plan:
     drops: list[tuple[Ref, str]]             # (source tensor, reason) for drops and superseded tensors
     sources: dict[str, TensorSource]
     out_dtype: torch.dtype
+    checked_equal: dict[Ref, Ref] = field(default_factory=dict)  # DropIfEqual: dropped copy -> checked original
 
     @property
     def targets(self) -> dict[str, TensorInfo]:
@@ -102,12 +106,16 @@ def build_plan(
                     problems.append(f"{label}: needs {ref}, which is missing")
                 else:
                     claim(ref, label)
+            eq = step.equals
+            if eq is not None and (eq.source not in sources or eq.key not in sources[eq.source]):
+                problems.append(f"{step.superseded[0]} has no counterpart {eq} to be checked against "
+                                "(a tensor the training run changed? no rule uses it)")
             steps.append(step)
         if n == 0 and not rule.optional:
             problems.append(f"rule {rule.describe()} matched no tensor in '{src_name}' (checkpoint of another family?)")
 
-    ordinary = [r for r in rules if not isinstance(r, CopyRest)]
-    rest = [r for r in rules if isinstance(r, CopyRest)]
+    ordinary = [r for r in rules if not r.claims_rest]
+    rest = [r for r in rules if r.claims_rest]
     for r in ordinary:
         run_rule(r, only_unclaimed=False)
     for r in rest:
@@ -165,4 +173,36 @@ def build_plan(
 
     if problems:
         raise PlanError(problems)
-    return Plan(planned, drops, dict(sources), out_dtype)
+    checked = {step.superseded[0]: step.equals for step in steps if step.equals is not None}
+    for copy, original in checked.items():
+        check_duplicate(sources, copy, original)
+    return Plan(planned, drops, dict(sources), out_dtype, checked)
+
+
+_ROUNDINGS = (torch.bfloat16, torch.float16)
+
+
+def check_duplicate(sources: Mapping[str, TensorSource], copy: Ref, original: Ref) -> None:
+    """Raise :class:`ValueMismatch` unless ``copy`` holds ``original``'s values: bit-equal in ``copy``'s dtype, or
+    equal to ``original`` rounded to a training dtype (bfloat16, float16) and stored in ``copy``'s dtype."""
+    a_info, b_info = sources[copy.source].info(copy.key), sources[original.source].info(original.key)
+    if tuple(a_info.shape) != tuple(b_info.shape):
+        raise ValueMismatch(f"{copy} {tuple(a_info.shape)} should duplicate {original} but has another shape "
+                            f"{tuple(b_info.shape)}; nothing was written")
+    a = sources[copy.source].load(copy.key)
+    b = sources[original.source].load(original.key)
+    if a.dtype.is_floating_point and b.dtype.is_floating_point:
+        candidates = [b.to(a.dtype)] + [b.to(d).to(a.dtype) for d in _ROUNDINGS if d != a.dtype]
+    else:
+        candidates = [b.to(a.dtype)] if a.dtype == b.dtype else []
+    if any(torch.equal(a, c) for c in candidates):
+        return
+    detail = ""
+    if a.dtype.is_floating_point and b.dtype.is_floating_point:
+        diff = (a.double() - b.double()).abs()
+        detail = f" (max abs difference {diff.max().item():.3g} over {int((diff > 0).sum())} of {diff.numel()} values)"
+    elif a.dtype != b.dtype:
+        detail = f" (dtype {str(a.dtype).replace('torch.', '')} vs {str(b.dtype).replace('torch.', '')})"
+    raise ValueMismatch(f"{copy} should duplicate {original} but holds other values{detail}: the checkpoint "
+                        f"was not trained from this {original.source} input, or changed that tensor; nothing was "
+                        "written")

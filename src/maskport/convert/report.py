@@ -60,6 +60,8 @@ def plan_entries(plan: Plan) -> tuple[list[dict], list[dict]]:
         entry = {"source": str(ref), "reason": reason}
         if ref in superseded_by:
             entry["superseded_by"] = superseded_by[ref]
+        if ref in plan.checked_equal:
+            entry["checked_equal_to"] = str(plan.checked_equal[ref])
         drops.append(entry)
     return targets, drops
 

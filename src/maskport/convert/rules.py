@@ -18,6 +18,10 @@ Rule kinds:
 - :class:`Split` / :class:`Concat`: layout changes; :class:`Duplicate`: one tensor written to several targets.
 - :class:`Apply`: any typed op of :mod:`maskport.convert.ops` (e.g. a LoRA merge chained with a grouped qkv split).
 - :class:`Drop`: a source tensor deliberately not exported, with the reason.
+- :class:`DropIfEqual`: a source tensor that duplicates another (a buffer DeepSpeed saved beside the trained
+  parameters, equal to the base's or SAM2's copy): dropped once its values are checked equal to that copy; a
+  copy that differs stops the conversion (:class:`~maskport.errors.ValueMismatch`). Runs after ordinary rules,
+  on what they left unclaimed.
 - :class:`CopyRest`: every tensor of a source that no earlier rule claimed, renamed by a pattern. It runs
   after all other rules, so a table reads "these tensors are special; everything else is copied".
 """
@@ -88,6 +92,7 @@ class Step:
     op: ops.Op | None
     superseded: tuple[Ref, ...] = ()
     reason: str | None = None
+    equals: Ref | None = None  # a drop that is valid only if the superseded tensor equals this one (checked)
 
     @property
     def op_name(self) -> str:
@@ -107,6 +112,8 @@ class Rule:
     primary: str
     optional: bool = False
     note: str = ""
+    #: expanded after every ordinary rule, over the tensors no rule claimed (``CopyRest``, ``DropIfEqual``)
+    claims_rest: bool = False
 
     def describe(self) -> str:
         return f"{type(self).__name__}({self.primary})"
@@ -273,12 +280,38 @@ class Drop(Rule):
 
 
 @dataclass(frozen=True)
+class DropIfEqual(Rule):
+    """Every not-yet-claimed tensor of ``source`` matching it is a copy of ``equals`` (filled from the same
+    placeholders), e.g. a persistent buffer that DeepSpeed's module state keeps beside the trained parameters
+    (``ckpt:grounding_encoder.sam2_model.{rest}`` = ``sam2:{rest}``). Planning reads both and checks them equal
+    (the checkpoint's copy may be the other rounded to the training dtype: bfloat16 or float16); then the
+    copy is dropped with ``reason`` and the export takes ``equals``' own tensor through its rule. A copy that
+    differs (or whose shape differs) stops the conversion, naming it. ``equals`` is only read, not claimed."""
+
+    source: str
+    equals: str
+    reason: str
+    optional: bool = False
+    claims_rest = True
+
+    @property
+    def primary(self) -> str:  # type: ignore[override]
+        return self.source
+
+    def make_step(self, b):
+        other = _ref(self.equals, b)
+        return Step(self, (), (), None, superseded=(_ref(self.source, b),),
+                    reason=f"{self.reason} (values checked equal to the '{other.source}' copy)", equals=other)
+
+
+@dataclass(frozen=True)
 class CopyRest(Rule):
     """Every not-yet-claimed tensor of ``source`` matching it becomes ``target`` (runs after other rules)."""
 
     target: str
     source: str
     optional: bool = False
+    claims_rest = True
 
     @property
     def primary(self) -> str:  # type: ignore[override]
@@ -303,7 +336,7 @@ def prefixed(prefix: str, rules: Sequence[Rule], *, source: str | None = None) -
         if hasattr(r, "targets"):
             changes["targets"] = tuple(prefix + t for t in r.targets)
         if source is not None:
-            for f in ("source", "base", "a", "b"):
+            for f in ("source", "base", "a", "b"):  # (DropIfEqual's ``equals`` names another source: kept)
                 if hasattr(r, f) and isinstance(getattr(r, f), str):
                     changes[f] = source + ":" + parse_ref(getattr(r, f))[1]
             if hasattr(r, "sources"):

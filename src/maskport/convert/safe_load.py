@@ -51,6 +51,33 @@ def _history_buffer_getattr(obj: Any, name: str) -> str:
     return f"<HistoryBuffer.{name}>"
 
 
+class DeepSpeedZeroStageStub(int):
+    """Inert stand-in for ``deepspeed.runtime.zero.config.ZeroStageEnum`` (an ``int`` enum): the stage number."""
+
+    def __new__(cls, value: Any = 0):
+        if not isinstance(value, int):
+            raise pickle.UnpicklingError("ZeroStageEnum holds a non-integer value")
+        return int.__new__(cls, value)
+
+
+class DeepSpeedLossScalerStub:
+    """Inert stand-in for DeepSpeed's ``LossScaler`` / ``DynamicLossScaler``: keeps the pickled state as data."""
+
+    def __setstate__(self, state: Any) -> None:
+        self.__dict__["state"] = state
+
+
+def deepspeed_allowlist() -> list:
+    """The DeepSpeed objects its ZeRO optimizer-state files (``*_optim_states.pt``) pickle, each replaced by an
+    inert stub (nothing of DeepSpeed is imported or run): the ZeRO stage enum and the fp16/bf16 loss scaler.
+    Only the readers of those files pass it to :func:`safe_torch_load`."""
+    return [
+        (DeepSpeedZeroStageStub, "deepspeed.runtime.zero.config.ZeroStageEnum"),
+        (DeepSpeedLossScalerStub, "deepspeed.runtime.fp16.loss_scaler.LossScaler"),
+        (DeepSpeedLossScalerStub, "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler"),
+    ]
+
+
 def _numpy_allowlist() -> list:
     import numpy as np
 
@@ -93,7 +120,8 @@ def is_zip_file(path: str | Path) -> bool:
 _is_zip = is_zip_file
 
 
-def safe_torch_load(path: str | Path, *, mmap: bool = True, allow_unsafe_pickle: bool = False) -> Any:
+def safe_torch_load(path: str | Path, *, mmap: bool = True, allow_unsafe_pickle: bool = False,
+                    extra_globals: Iterable = ()) -> Any:
     """Load a torch pickle with ``weights_only=True`` and the allowlist above.
 
     Steps:
@@ -106,7 +134,10 @@ def safe_torch_load(path: str | Path, *, mmap: bool = True, allow_unsafe_pickle:
         mmap: memory-map tensor storages (only for zip-format files; legacy files are read whole).
         allow_unsafe_pickle: unpickle with full pickle. This executes any code the file names: only for
             files you trust. A warning is printed on stderr every time.
+        extra_globals: more allowlist entries for this file only (e.g. :func:`deepspeed_allowlist` for
+            DeepSpeed's optimizer-state files).
     """
+    extra_globals = list(extra_globals)
     path = Path(path)
     if not path.is_file():
         raise UnreadableFile(f"{path}: not a file")
@@ -124,13 +155,13 @@ def safe_torch_load(path: str | Path, *, mmap: bool = True, allow_unsafe_pickle:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # numpy.core aliases
-            with torch.serialization.safe_globals(allowlist()):
+            with torch.serialization.safe_globals(allowlist() + extra_globals):
                 return torch.load(path, map_location="cpu", weights_only=True, mmap=use_mmap)
     except pickle.UnpicklingError as exc:
         msg = str(exc)
         detail = _unpickler_detail(msg)
         if "GLOBAL" in msg or "global" in detail or "getattr is only allowed" in msg:
-            unsafe = _unsafe_globals(path)
+            unsafe = _unsafe_globals(path, extra_globals)
             names = ", ".join(unsafe) if unsafe else detail
             raise UnsafeCheckpoint(
                 f"{path}: refusing to unpickle objects outside the allowlist ({names}). "
@@ -152,8 +183,9 @@ def _unpickler_detail(msg: str) -> str:
     return lines[0] if lines else "unpickling failed"
 
 
-def _unsafe_globals(path: Path) -> list[str]:
-    allowed = {e[1] if isinstance(e, tuple) else f"{e.__module__}.{e.__qualname__}" for e in allowlist()}
+def _unsafe_globals(path: Path, extra: list = ()) -> list[str]:
+    allowed = {e[1] if isinstance(e, tuple) else f"{e.__module__}.{e.__qualname__}"
+               for e in allowlist() + list(extra)}
     try:
         found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception:  # noqa: BLE001 - best effort for the message only

@@ -14,7 +14,9 @@ the kernel's page cache. Tensors that cannot be located fall back to the mapping
 given back after the copy.
 
 Readers:
-- :func:`open_training_checkpoint`: an mmengine ``iter_N.pth`` file, or a DeepSpeed ZeRO-1/2 directory;
+- :func:`open_training_checkpoint`: an mmengine ``iter_N.pth`` file, a DeepSpeed ZeRO-1/2 directory, a ZeRO-3
+  directory (:mod:`maskport.convert.deepspeed`), or what DeepSpeed's ``zero_to_fp32`` wrote (a state-dict file,
+  or a folder of ``pytorch_model*.bin`` / ``model*.safetensors`` shards with their index);
 - :func:`open_hf_folder`: a HuggingFace model folder (sharded or single safetensors; ``.bin`` with
   ``weights_only``);
 - :func:`open_sam2_checkpoint`: Meta's SAM2 ``.pt`` (``{'model': state_dict}``) or a safetensors file.
@@ -432,9 +434,10 @@ class TrainingCheckpoint:
     """A training checkpoint: its trainable-subset tensors plus the plain-data metadata that came with it."""
 
     source: TensorSource
-    format: str  # "mmengine" | "deepspeed-zero2"
+    format: str  # "mmengine" | "deepspeed" | "deepspeed-zero3" | "zero_to_fp32" | "state-dict"
     meta: dict = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)  # the files whose bytes hold the weights (for sha256)
+    dtype_hint: torch.dtype | None = None  # the training dtype when the tensors are fp32 masters (ZeRO-3)
 
     def sha256(self) -> str:
         if len(self.files) == 1:
@@ -488,16 +491,19 @@ def open_training_checkpoint(path: str | Path, *, allow_unsafe_pickle: bool = Fa
     path = Path(path)
     if not path.exists():
         raise MissingInput(f"training checkpoint {path} does not exist")
+    if path.is_file() and (path.suffix == ".safetensors" or path.name.endswith(".index.json")):
+        return _open_zero_to_fp32_output(path.parent if path.name.endswith(".index.json") else path, path,
+                                         allow_unsafe_pickle=allow_unsafe_pickle)
     if path.is_dir():
+        if _is_state_dict_folder(path):
+            return _open_zero_to_fp32_output(path, path, allow_unsafe_pickle=allow_unsafe_pickle)
         ds = _find_deepspeed_dir(path)
         model_file = ds / _DS_MODEL_FILE
         zero3 = sorted(p.name for p in ds.iterdir() if _ZERO3_RE.match(p.name))
         if zero3 and not model_file.exists():
-            raise UnsupportedCheckpoint(
-                f"{path}: a DeepSpeed ZeRO-3 checkpoint ({zero3[0]}, ...): its weights are partitioned across "
-                "ranks, which maskport does not gather yet. Consolidate it first with DeepSpeed's "
-                "zero_to_fp32.py and pass the resulting file."
-            )
+            from .deepspeed import open_zero3_checkpoint
+
+            return open_zero3_checkpoint(ds, path, allow_unsafe_pickle=allow_unsafe_pickle)
         obj = safe_torch_load(model_file, allow_unsafe_pickle=allow_unsafe_pickle)
         if not isinstance(obj, dict) or "module" not in obj:
             raise UnreadableFile(f"{model_file}: no 'module' entry; not a DeepSpeed model-states file")
@@ -533,6 +539,31 @@ def open_training_checkpoint(path: str | Path, *, allow_unsafe_pickle: bool = Fa
     meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
     src = TorchFileSource.from_file("ckpt", path, path, sd, f"{fmt} checkpoint {path.name}")
     return TrainingCheckpoint(src, fmt, meta, [path])
+
+
+_STATE_DICT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
+                     "pytorch_model.bin")
+
+
+def _is_state_dict_folder(path: Path) -> bool:
+    """A folder that ``zero_to_fp32`` (``convert_zero_checkpoint_to_fp32_state_dict``) wrote: the HF weight file
+    names, and no DeepSpeed model states."""
+    return any((path / n).is_file() for n in _STATE_DICT_FILES) and not (path / _DS_MODEL_FILE).exists() \
+        and not any(_ZERO3_RE.match(p.name) for p in path.iterdir())
+
+
+def _open_zero_to_fp32_output(target: Path, path: Path, *, allow_unsafe_pickle: bool = False) -> TrainingCheckpoint:
+    """The consolidated state dict DeepSpeed's ``zero_to_fp32`` writes: one ``pytorch_model.bin`` or
+    ``model.safetensors``, or shards with their ``*.index.json`` (DeepSpeed > 0.15.2 shards at 5GB by default).
+    ``.bin`` files go through the safe loader; no training config comes with them (pass LoRA settings as flags)."""
+    if target.is_file():  # a single .safetensors file
+        keys = list(read_safetensors_header(target)[0])
+        src: TensorSource = SafetensorsSource("ckpt", path, {k: target for k in keys}, f"state dict {target.name}")
+        return TrainingCheckpoint(src, "zero_to_fp32", {}, [target])
+    src = open_hf_folder(target, name="ckpt", allow_unsafe_pickle=allow_unsafe_pickle)
+    src.description = f"zero_to_fp32 output {target.name}"
+    files = sorted({p for n in ("model*.safetensors", "pytorch_model*.bin") for p in target.glob(n)})
+    return TrainingCheckpoint(src, "zero_to_fp32", {}, files)
 
 
 def _ds_zero_stage(obj: Mapping) -> int | None:

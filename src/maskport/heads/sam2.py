@@ -41,7 +41,7 @@ from typing import Any, Mapping
 
 from pathlib import Path
 
-from ..convert.rules import Concat, Drop, Duplicate, Rename, Rule, Take, parse_ref, prefixed
+from ..convert.rules import Concat, Drop, DropIfEqual, Duplicate, Rename, Rule, Take, parse_ref, prefixed
 from ..errors import MissingInput, UnreadableFile, UnsupportedCheckpoint, WrongFamily
 from ..convert.options import MMENGINE_TO_HF, InputOption
 
@@ -56,6 +56,7 @@ __all__ = [
     "SAM2_PRESETS",
     "detect_sam2_preset",
     "spec_from_meta_config",
+    "read_sam2_config",
     "hf_sam2_config",
 ]
 
@@ -202,7 +203,15 @@ def sam2_rules(*, target_prefix: str = "sam2.", mask_decoder_from: str | None = 
             key = parse_ref(r.source)[1]
             out.append(Take(r.target, f"{src}:{key_prefix}{key}", replaces=(r.source,), why=why))
         rules = out
-    return prefixed(target_prefix, rules) if target_prefix else rules
+    rules = prefixed(target_prefix, rules) if target_prefix else rules
+    if mask_decoder_from is not None:
+        rules.append(DropIfEqual(f"{src}:{key_prefix}{{rest}}", equals=S + "{rest}", reason=FROZEN_COPY_REASON,
+                                 optional=True))
+    return rules
+
+
+FROZEN_COPY_REASON = ("frozen copy (e.g. a persistent buffer) that the training checkpoint keeps beside the trained "
+                      "tensors, as DeepSpeed's module state does; the export takes the original")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -406,8 +415,8 @@ def detect_sam2_preset(source) -> tuple[str, MetaSam2Spec]:
     described = ", ".join(f"{k}={v}" for k, v in sig.items())
     raise WrongFamily(
         f"{where}: a SAM2 checkpoint that matches none of the official presets ({', '.join(SAM2_PRESETS)}); "
-        f"found {described}. For a custom SAM2, build its spec from the hydra model config with "
-        "spec_from_meta_config(...)."
+        f"found {described}. For a custom SAM2, pass its model config with --sam2-config (Meta's hydra "
+        "sam2*_hiera_*.yaml, or the same as JSON)."
     )
 
 
@@ -436,6 +445,41 @@ def _plain(cfg: Any) -> Any:
     except ImportError:  # pragma: no cover
         pass
     return cfg
+
+
+_CONFIG_MAX_BYTES = 1 << 20  # Meta's model configs are ~4 KB
+
+
+def read_sam2_config(path: Path) -> dict:
+    """Meta's SAM2 model config as plain data: its hydra YAML (``sam2.1_hiera_l.yaml``, parsed with
+    ``yaml.safe_load``: no tags, no objects; hydra's ``# @package`` line is a comment) or the same as JSON
+    (``.json``). At most 1 MiB. Errors are one line (:class:`~maskport.errors.UnreadableFile`)."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise MissingInput(f"--sam2-config {path} does not exist")
+    size = path.stat().st_size
+    if size > _CONFIG_MAX_BYTES:
+        raise UnreadableFile(f"--sam2-config {path}: {size} bytes; a SAM2 model config is a few KB "
+                             f"(limit {_CONFIG_MAX_BYTES})")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise UnreadableFile(f"--sam2-config {path}: not valid JSON ({exc})") from None
+    else:
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            first = " ".join(str(exc).split())
+            raise UnreadableFile(f"--sam2-config {path}: not valid YAML ({first})") from None
+    if not isinstance(data, dict):
+        raise UnreadableFile(f"--sam2-config {path}: holds a {type(data).__name__}, not a model config mapping")
+    return data
 
 
 def spec_from_meta_config(cfg: Mapping[str, Any]) -> MetaSam2Spec:
@@ -622,8 +666,9 @@ def sam2_inputs(*released_commands: str) -> tuple[InputOption, ...]:
     both = (MMENGINE_TO_HF, *released_commands)
     return (
         InputOption("sam2", "path", "Meta's SAM2 checkpoint the run started from (e.g. sam2_hiera_large.pt)."),
-        InputOption("sam2_config", "path", "JSON of Meta's SAM2 model config, for a non-official SAM2 (default: "
-                    "detected from the tensor shapes, or <sam2>.config.json beside the checkpoint).", commands=both),
+        InputOption("sam2_config", "path", "Meta's SAM2 model config (its hydra sam2*_hiera_*.yaml, or the same as "
+                    "JSON), for a non-official SAM2 (default: detected from the tensor shapes, or "
+                    "<sam2>.config.json / .config.yaml beside the checkpoint).", commands=both),
         InputOption("sam2_normalization", "choice", "SAM2 input mean/std: 'sa2va' = ImageNet's rounded to "
                     "bfloat16, as Sa2VA's code computes them (masks equal Sa2VA's own predict_forward); 'exact' for "
                     "models trained with float32 preprocessing.", commands=both, choices=("sa2va", "exact"),
@@ -660,16 +705,22 @@ def open_sam2(options, notes: list[str]):
     if options.sam2 is None:
         raise MissingInput("--sam2 is required: Meta's SAM2 checkpoint the run started from (e.g. sam2_hiera_large.pt)")
     from ..convert.sources import open_sam2_checkpoint
-    from ..families._common import read_json
 
     sam2 = open_sam2_checkpoint(options.sam2, allow_unsafe_pickle=options.allow_unsafe_pickle)
     sam2_cfg_path = options.sam2_config
-    sidecar = Path(options.sam2).with_suffix(".config.json")
-    if sam2_cfg_path is None and sidecar.is_file():
-        sam2_cfg_path = sidecar
-        notes.append(f"SAM2 architecture read from {sidecar.name} beside the checkpoint")
+    if sam2_cfg_path is None:
+        for suffix in (".config.json", ".config.yaml", ".config.yml"):
+            sidecar = Path(options.sam2).with_suffix(suffix)
+            if sidecar.is_file():
+                sam2_cfg_path = sidecar
+                notes.append(f"SAM2 architecture read from {sidecar.name} beside the checkpoint")
+                break
     if sam2_cfg_path is not None:
-        preset, spec = "custom", spec_from_meta_config(read_json(Path(sam2_cfg_path)))
+        try:
+            preset, spec = "custom", spec_from_meta_config(read_sam2_config(Path(sam2_cfg_path)))
+        except (ValueError, TypeError, KeyError) as exc:  # e.g. a training yaml's ${...} interpolations
+            raise UnreadableFile(f"SAM2 model config {sam2_cfg_path}: not a usable SAM2 model config "
+                                 f"({type(exc).__name__}: {' '.join(str(exc).split())})") from None
     else:
         preset, spec = detect_sam2_preset(sam2)
     return sam2, preset, hf_sam2_config(spec)

@@ -77,14 +77,51 @@ def _cfg_text(base_dir: Path, template: str) -> str:
 VISION_6B = dict(VISION, qkv_bias=False, norm_type="rms_norm", qk_normalization=True)  # InternViT-6B style
 
 
+class Sa2VAInternVLTrainingModule(nn.Module):
+    """Sa2VA's training-module layout around the fixture's parts: ``mllm.model`` (the InternVL chat model with its
+    peft-wrapped language model, ``mlp1``, ``vision_model``), ``grounding_encoder.sam2_model`` (Meta's SAM2) and
+    ``text_hidden_fcs``. Only ``trained`` parameters require grad, and ``state_dict`` keeps only them, as Sa2VA's
+    ``state_dict`` override does."""
+
+    def __init__(self, chat: nn.Module, sam2: nn.Module, fcs: nn.Module, trained: set[str]):
+        super().__init__()
+        self.mllm = nn.Module()
+        self.mllm.model = chat
+        self.grounding_encoder = nn.Module()
+        self.grounding_encoder.sam2_model = sam2
+        self.text_hidden_fcs = fcs
+        self.trained = sorted(trained)
+        self.requires_grad_(False)
+        params = dict(self.named_parameters())
+        assert set(trained) <= set(params), sorted(set(trained) - set(params))[:5]
+        for k in trained:
+            params[k].requires_grad_(True)
+
+    def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
+        from collections import OrderedDict
+
+        full = super().state_dict(prefix=prefix, keep_vars=keep_vars)
+        keep = set(self.trained)
+        out = OrderedDict((k, v) for k, v in full.items() if k[len(prefix):] in keep)
+        if destination is not None:
+            destination.update(out)
+            return destination
+        return out
+
+
 def make_internvl_fixture(root: Path, *, llm: str = "qwen2", version: str = "v2", seed: int = 0,
                           deepspeed: bool = False, tokenizer_dir: Path | None = None,
-                          vision: dict | None = None, head_lora: bool = False, tied: bool = False) -> InternVLFixture:
+                          vision: dict | None = None, head_lora: bool = False, tied: bool = False,
+                          deepspeed_stage: int = 2, deepspeed_world_size: int = 1,
+                          deepspeed_buffers: bool = False) -> InternVLFixture:
     """Build every input of a conversion under ``root``. ``tokenizer_dir``: a base tokenizer to copy (the
     InternLM2 fixture brings its own); default: the tiny byte-level BPE with InternVL's tokens added.
     ``head_lora``: LoRA on the LM head too (``output``/``lm_head`` among the targets, as older v1 runs had).
     ``tied``: a Qwen2 LLM that ties its head to the embeddings (Qwen2.5-0.5B/1.5B in InternVL2.5-1B / InternVL3-2B,
-    i.e. Sa2VA-1B / Sa2VA-InternVL3-2B): the base folder saves no ``lm_head.weight``."""
+    i.e. Sa2VA-1B / Sa2VA-InternVL3-2B): the base folder saves no ``lm_head.weight``.
+    ``deepspeed``: the checkpoint is a folder written by DeepSpeed itself (fp32, ZeRO ``deepspeed_stage`` over
+    ``deepspeed_world_size`` ranks, :mod:`maskport.testing.deepspeed`) from :class:`Sa2VAInternVLTrainingModule`;
+    ``deepspeed_buffers``: its module state also keeps every persistent buffer (SAM2's gaussian matrix)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer
 
@@ -198,11 +235,18 @@ def make_internvl_fixture(root: Path, *, llm: str = "qwen2", version: str = "v2"
     template = "internlm2_chat" if llm == "internlm2" else "qwen_chat"
     meta = {"cfg": _cfg_text(base_dir, template), "iter": 2, "epoch": 0}
     if deepspeed:
-        ckpt = root / "iter_2.pth"
-        ckpt.mkdir()
-        (root / "latest").write_text("iter_2.pth")
-        torch.save({"module": copy.deepcopy(ckpt_sd), "ds_version": "0.19.8", "meta": meta},
-                   ckpt / "mp_rank_00_model_states.pt")
+        from .deepspeed import save_with_deepspeed
+
+        module = Sa2VAInternVLTrainingModule(copy.deepcopy(model), copy.deepcopy(sam2), copy.deepcopy(fcs),
+                                             set(ckpt_sd))
+        assert set(module.state_dict()) == set(ckpt_sd)
+        module_file = root / "training_module.pickle.pt"
+        torch.save(module, module_file)  # the fixture's own file, read back by its own workers
+        ckpt = save_with_deepspeed("maskport.testing.deepspeed:load_pickled_module",
+                                   {"module": str(module_file), "client_state": {"meta": meta}}, root, "iter_2.pth",
+                                   stage=deepspeed_stage, world_size=deepspeed_world_size, bf16=False,
+                                   unfiltered_state_dict=deepspeed_buffers)
+        module_file.unlink()
     else:
         ckpt = root / "iter_2.pth"
         torch.save({"state_dict": ckpt_sd, "meta": meta}, ckpt)

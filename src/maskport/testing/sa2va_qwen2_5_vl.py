@@ -20,8 +20,9 @@ The in-memory oracle objects returned hold exactly the values stored on disk (fp
 bf16-rounded tensors), so fp32 comparisons against converted exports can be exact.
 
 The base tokenizer is :func:`maskport.testing.tokenizers.make_tiny_tokenizer`, the SAM2 is
-:func:`maskport.testing.sam2.make_meta_sam2`. The DeepSpeed checkpoint is written by :func:`_ds_worker` in a
-subprocess that imports this module by name (``maskport.testing.sa2va_qwen2_5_vl``).
+:func:`maskport.testing.sam2.make_meta_sam2`. The DeepSpeed checkpoint is written by
+:func:`maskport.testing.deepspeed.save_with_deepspeed` in subprocesses that rebuild the module with :func:`_ds_build`
+(imported by name); :func:`write_deepspeed_checkpoint` writes more (ZeRO-3 over several ranks, buffers kept).
 """
 
 from __future__ import annotations
@@ -30,8 +31,6 @@ import copy
 import functools
 import json
 import os
-import socket
-import subprocess
 import sys
 import uuid
 from dataclasses import dataclass, field
@@ -676,62 +675,34 @@ def make_sa2va_qwen_fixture(
 
 
 # --------------------------------------------------------------------------------------------------
-# DeepSpeed (run in a subprocess: it initialises torch.distributed and patches global state)
+# DeepSpeed (run in subprocesses: it initialises torch.distributed and patches global state)
 # --------------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _run_deepspeed_worker(root, base_dir, sam2_cfg_path, sam2_pt, ckpt, seed, train_steps, *, stage: int = 2,
+                          world_size: int = 1, unfiltered_state_dict: bool = False,
+                          out_name: str = "ds_work_dir") -> Path:
+    from .deepspeed import save_with_deepspeed
+
+    args = dict(base_dir=str(base_dir), sam2_cfg_path=str(sam2_cfg_path), sam2_pt=str(sam2_pt), ckpt=str(ckpt),
+                seed=seed)
+    return save_with_deepspeed(f"{__name__}:_ds_build", args, Path(root) / out_name, f"iter_{train_steps}.pth",
+                               stage=stage, world_size=world_size, bf16=True,
+                               unfiltered_state_dict=unfiltered_state_dict, timeout=600)
 
 
-def _run_deepspeed_worker(root, base_dir, sam2_cfg_path, sam2_pt, ckpt, seed, train_steps) -> Path:
-    ds_root = Path(root) / "ds_work_dir"
-    env = dict(os.environ)
-    env.update(
-        DS_ACCELERATOR="cpu",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(_free_port()),
-        RANK="0",
-        LOCAL_RANK="0",
-        WORLD_SIZE="1",
-        LOCAL_WORLD_SIZE="1",
-        OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "2"),
-    )
-    # the worker imports this module by name: put the folder holding this ``maskport`` package first on its path
-    package_root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = package_root + os.pathsep + env.get("PYTHONPATH", "")
-    args = dict(
-        ds_root=str(ds_root),
-        base_dir=str(base_dir),
-        sam2_cfg_path=str(sam2_cfg_path),
-        sam2_pt=str(sam2_pt),
-        ckpt=str(ckpt),
-        seed=seed,
-        tag=f"iter_{train_steps}.pth",
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c",
-         f"import json,sys; from {__name__} import _ds_worker; _ds_worker(json.loads(sys.argv[1]))",
-         json.dumps(args)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"DeepSpeed worker failed (rc={proc.returncode}):\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
-        )
-    out = ds_root / args["tag"]
-    assert out.is_dir(), f"DeepSpeed did not write {out}"
-    return out
+def write_deepspeed_checkpoint(fx: "Sa2VAQwenFixture", root: Path, *, stage: int = 2, world_size: int = 1,
+                               unfiltered_state_dict: bool = False, seed: int = 0, train_steps: int = 2) -> Path:
+    """Another genuine DeepSpeed save (bf16) of the fixture's trained module, under ``root``: ZeRO ``stage`` with
+    ``world_size`` ranks; ``unfiltered_state_dict``: DeepSpeed's module state then keeps every persistent buffer
+    (SAM2's ``positional_encoding_gaussian_matrix``) beside the trained parameters (see
+    :mod:`maskport.testing.deepspeed`). Returns the tag folder."""
+    return _run_deepspeed_worker(root, fx.base_dir, fx.sam2_pt.with_suffix(".config.json"), fx.sam2_pt, fx.ckpt,
+                                 seed, train_steps, stage=stage, world_size=world_size,
+                                 unfiltered_state_dict=unfiltered_state_dict, out_name=Path(root).name + "_ds")
 
 
-def _ds_worker(args: dict) -> None:
-    """Rebuild the training module, load the trained values of the mmengine checkpoint, wrap it in a
-    DeepSpeed ZeRO-2 (bf16) engine and save it the way mmengine's ``DeepSpeedStrategy`` does
-    (``save_checkpoint(dirname, tag=basename, client_state=extra, exclude_frozen_parameters=True)``)."""
-    import deepspeed
+def _ds_build(args: dict):
+    """Rebuild the training module and load the trained values of the mmengine checkpoint (a builder for
+    :func:`maskport.testing.deepspeed.save_with_deepspeed`); the client state is mmengine's extra entries."""
     from peft import get_peft_model
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
@@ -754,31 +725,4 @@ def _ds_worker(args: dict) -> None:
     assert not unexpected, unexpected
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
     assert trainable == set(ck["state_dict"]), sorted(trainable ^ set(ck["state_dict"]))[:10]
-
-    # single process: skip the JIT build (~90 s with a cold cache) of DeepSpeed's shared-memory CPU
-    # all-reduce kernel; it only speeds up multi-process CPU collectives and is optional in DeepSpeed.
-    import importlib
-
-    # (importlib: the attribute `deepspeed.comm.torch` is the torch package itself, not the submodule)
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
-    ds_config = {
-        "train_micro_batch_size_per_gpu": 2,
-        "gradient_accumulation_steps": 1,
-        "gradient_clipping": 1.0,
-        "zero_optimization": {"stage": 2, "overlap_comm": False, "contiguous_gradients": False},
-        "bf16": {"enabled": True},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.05)
-    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
-    extra = {k: ck[k] for k in ("meta", "message_hub", "param_schedulers") if k in ck}
-    engine.save_checkpoint(
-        args["ds_root"], tag=args["tag"], client_state=extra, save_latest=False, exclude_frozen_parameters=True
-    )
-    import torch.distributed as dist
-
-    dist.barrier()
-    dist.destroy_process_group()
+    return module, {k: ck[k] for k in ("meta", "message_hub", "param_schedulers") if k in ck}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ...convert.rules import CopyRest, Drop, LoraMerge, Rename, Rule, Split, Take
+from ...convert.rules import CopyRest, Drop, DropIfEqual, LoraMerge, Rename, Rule, Split, Take
 from ...heads import sam2 as sam2map
 from . import internlm2_llama
 
@@ -123,6 +123,9 @@ def _embedding_rules(base: BaseLayout, *, embed: str, head: str, head_lora_base:
         Drop(PEFT + "{rest}.original_module.weight",
              reason="frozen pre-training copy kept by peft modules_to_save; superseded by the trained copy",
              optional=True),
+        # frozen copies of base tensors (persistent buffers) that DeepSpeed's module state keeps: checked equal
+        DropIfEqual(PEFT + "model.{rest}", equals=base.decoder + "{rest}", reason=sam2map.FROZEN_COPY_REASON,
+                    optional=True),
         # untouched by training: the base's (CopyRest claims only what no rule above took)
         CopyRest(target=LM + "embed_tokens.weight", source=base.decoder + embed + ".weight", optional=True),
     ]
@@ -149,6 +152,9 @@ def rules(layout: str, llm: str, *, base: BaseLayout, projector_trained: bool, l
         llm_rules = qwen2_llm_rules(base, lora=bool(lora_modules), head_lora_base=head_lora_base,
                                     lora_scaling=lora_scaling)
     vision = intern_vit_rules() if layout == REMOTE else [CopyRest(VT + "{rest}", "base:model.vision_tower.{rest}")]
+    if layout == REMOTE:  # frozen vision-tower copies (buffers) a DeepSpeed module state may keep: checked equal
+        vision.append(DropIfEqual("ckpt:mllm.model.vision_model.{rest}", equals="base:vision_model.{rest}",
+                                  reason=sam2map.FROZEN_COPY_REASON, optional=True))
     return [
         *llm_rules,                                                    # 1. language model (LoRA merged)
         *projector_rules(layout, projector_trained),                   # 2. projector

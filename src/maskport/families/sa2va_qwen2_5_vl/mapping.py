@@ -8,7 +8,7 @@ Sources: ``ckpt`` (the training checkpoint), ``base`` (the base folder, keys in 
 
 from __future__ import annotations
 
-from ...convert.rules import CopyRest, Drop, LoraMerge, Rename, Take
+from ...convert.rules import CopyRest, Drop, DropIfEqual, LoraMerge, Rename, Take
 from ...heads import sam2 as sam2map
 
 PEFT = "ckpt:mllm.model.base_model.model."     # peft wraps Qwen2_5_VLForConditionalGeneration
@@ -48,6 +48,8 @@ def rules(*, lora_scaling: float | None, base_has_lm_head: bool = True) -> list:
         Drop(PEFT + "{rest}.original_module.weight",
              reason="frozen pre-training copy kept by peft modules_to_save; superseded by the trained copy",
              optional=True),
+        #    frozen copies of base tensors (persistent buffers) that DeepSpeed's module state keeps: checked equal
+        DropIfEqual(PEFT + "{rest}", equals="base:{rest}", reason=sam2map.FROZEN_COPY_REASON, optional=True),
         # 3. the [SEG] projection into SAM2's prompt space: Linear(C, C) -> ReLU -> Linear(C, 256) -> Dropout
         Rename(target="text_hidden_fcs.{rest}", source="ckpt:text_hidden_fcs.{rest}"),
         # 4. SAM2: Meta's keys -> transformers' Sam2Model; the mask decoder from the training checkpoint
