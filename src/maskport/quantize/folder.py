@@ -70,7 +70,9 @@ _DTYPE_BYTES = {name: dtype_size(name) for name in ST_DTYPES}  # safetensors dty
 
 
 def part_of(name: str, target: QuantTarget) -> str:
-    """Which part of the composite a tensor belongs to (for the size table)."""
+    """Which part of the composite a tensor belongs to (for the size table): the decoder's linears and the rest of
+    its layers, the family's vision prefixes, the language model's other tensors, else the composite's top-level
+    module (the mask head, the projection, ...: whatever the family's model holds beside ``mllm``)."""
     if name.startswith("mllm.model.language_model.layers."):
         mod = name[len("mllm."):].rsplit(".", 1)[0]
         return "decoder_linears" if _QMOD_RE.match(mod) else "decoder_other"
@@ -78,11 +80,7 @@ def part_of(name: str, target: QuantTarget) -> str:
         return "vision"
     if name.startswith("mllm."):
         return "embeddings_lm_head_norm"
-    if name.startswith("sam2."):
-        return "sam2"
-    if name.startswith("text_hidden_fcs."):
-        return "text_hidden_fcs"
-    return "other"
+    return name.split(".", 1)[0] if "." in name else "other"
 
 
 def param_bytes(info: dict[str, tuple[str, list[int]]], target: QuantTarget) -> dict[str, int]:
