@@ -298,3 +298,22 @@ def test_released_folder_imports_to_the_checkpoint_conversions_tensors(fx3, expo
     r = CliRunner().invoke(main, ["convert", "sa2va-hf-to-native", str(src), "--dry-run", "--sam2-config",
                                   str(fx3.sam2_pt.with_suffix(".config.json"))])
     assert r.exit_code == 0 and f"family: {NAME}" in r.output, r.output
+
+
+def test_a_checkpoint_without_training_config_needs_the_family_flag(fx3, export3_bf16, tmp_path):
+    """zero_to_fp32-style output (a bare state dict, no training config): the key names alone cannot tell Qwen3-VL
+    from Qwen2.5-VL. Detection takes the Qwen2.5-VL family, which refuses the Qwen3-VL base in one line pointing to
+    --family; with --family sa2va-qwen3-vl the conversion equals the one of the mmengine checkpoint."""
+    from maskport.convert.api import convert_mmengine_to_hf
+    from maskport.errors import WrongFamily
+
+    sd = torch.load(fx3.ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    folder = tmp_path / "fp32_out"
+    folder.mkdir()
+    torch.save(sd, folder / "pytorch_model.bin")
+    kw = dict(base=fx3.base_dir, sam2=fx3.sam2_pt, progress=False, lora_alpha=fx3.lora_alpha)
+    with pytest.raises(WrongFamily, match="'qwen3_vl'.*--family"):
+        convert_mmengine_to_hf(folder, out=tmp_path / "auto", **kw)
+    res = convert_mmengine_to_hf(folder, out=tmp_path / "forced", family=NAME, **kw)
+    a, b = _tensors(res.out_dir), _tensors(export3_bf16.out_dir)
+    assert sorted(a) == sorted(b) and [k for k in a if not torch.equal(a[k], b[k])] == []
