@@ -271,6 +271,47 @@ def test_sam2_normalisation_is_sa2vas_bfloat16_rounded_by_default(export_fp32, f
     assert not (tmp_path / "x").exists()
 
 
+def test_released_folder_imports_to_the_checkpoint_conversions_tensors(fx, export_fp32, tmp_path):
+    """ByteDance's released Sa2VA-Qwen2.5-VL layout (Sa2VA's tools/convert_to_hf.py: ``model.*`` = peft's
+    merge_and_unload of the MLLM, the whole SAM2 under ``grounding_encoder.sam2_model.`` with ``g_weight``,
+    ``text_hidden_fcs.*``, a ``sa2va_chat`` config holding the Qwen2.5-VL config) -> ``sa2va-hf-to-native``: every
+    tensor bit for bit the conversion of the training checkpoint (float32)."""
+    from safetensors.torch import load_file
+
+    from maskport.convert.api import convert_sa2va_hf_to_native
+    from maskport.errors import WrongFamily
+    from maskport.testing.sa2va_qwen2_5_vl import make_released_folder
+
+    src = make_released_folder(fx, tmp_path / "released")
+    res = convert_sa2va_hf_to_native(src, out=tmp_path / "native", dtype="fp32", progress=False, log=lambda *a: None,
+                                     sam2_config=fx.sam2_pt.with_suffix(".config.json"))  # tiny SAM2: no preset
+    assert res.family == "sa2va-qwen2_5-vl"
+    assert res.report["coverage"]["unaccounted"] == []
+    a = load_file(str(res.out_dir / "model.safetensors"))
+    b = load_file(str(export_fp32.out_dir / "model.safetensors"))
+    assert sorted(a) == sorted(b)
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    cfg_a = json.loads((res.out_dir / "config.json").read_text())
+    cfg_b = json.loads((export_fp32.out_dir / "config.json").read_text())
+    for key in ("mllm_config", "sam2_config", "seg_token_id", "special_tokens", "image_processor", "template"):
+        assert cfg_a[key] == cfg_b[key], key
+    # a release saved by a transformers that wrote Qwen2.5-VL's legacy names (model.model.layers.*, model.visual.*)
+    legacy = {}
+    for k, v in b.items():
+        if k.startswith("mllm."):
+            k = k[len("mllm."):]
+            k = k.replace("model.language_model.", "model.", 1).replace("model.visual.", "visual.", 1)
+            legacy[k] = v
+    src = make_released_folder(fx, tmp_path / "released-legacy", mllm_state=legacy)
+    res = convert_sa2va_hf_to_native(src, out=tmp_path / "native-legacy", dtype="fp32", progress=False,
+                                     log=lambda *a: None, sam2_config=fx.sam2_pt.with_suffix(".config.json"))
+    c = load_file(str(res.out_dir / "model.safetensors"))
+    assert sorted(c) == sorted(b) and [k for k in c if not torch.equal(c[k], b[k])] == []
+    # a plain Qwen2.5-VL base folder is not a release
+    with pytest.raises(WrongFamily, match="no family imports a released folder"):
+        convert_sa2va_hf_to_native(fx.base_dir, out=tmp_path / "o", progress=False)
+
+
 def test_golden_mapping_tsv(fx):
     """``docs/families/sa2va-qwen2_5-vl.mapping.tsv`` spells out every source -> target of the fixture's conversion
     (``--dry-run --report-json``); a mapping change shows as a diff of that file."""

@@ -115,7 +115,7 @@ def convert_mmengine_to_hf(
 
     # 2. the family
     fam = get_family(family) if family else detect_family(tc)
-    if family and not fam.claims(tc):
+    if family and not fam.accepts(tc):
         raise WrongFamily(f"{ckpt}: this checkpoint's keys do not look like family {fam.name} "
                           f"(keys like {', '.join(sorted(tc.source.keys())[:3])})")
     options = family_options(fam, MMENGINE_TO_HF, inputs, allow_unsafe_pickle)

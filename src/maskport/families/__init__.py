@@ -53,6 +53,11 @@ class Family:
         """Open the other inputs, check they belong to this family, and build rules and the export config."""
         raise NotImplementedError
 
+    def accepts(self, ckpt: "TrainingCheckpoint") -> bool:
+        """Whether a checkpoint forced to this family (``--family``) can be its: by default :meth:`claims`; a family
+        whose detection also reads the training config (e.g. which base generation) accepts on the keys alone."""
+        return self.claims(ckpt)
+
     def claims_released(self, folder_config: dict) -> bool:
         return False
 

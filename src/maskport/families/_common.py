@@ -25,6 +25,85 @@ LORA_INPUTS = (
 )
 
 
+# The class names a Sa2VA training config spells for each Qwen-VL generation (its mllm wrapper, its processor): the
+# only thing that tells a Qwen2.5-VL run from a Qwen3-VL one, whose trainable tensors have the same names.
+_QWEN_VL_WORDS = {"qwen3_vl": ("Qwen3VL", "qwen3vl", "Qwen3-VL"), "qwen2_5_vl": ("Qwen2_5_VL", "Qwen2.5-VL")}
+
+
+def qwen_vl_generation(ckpt: TrainingCheckpoint) -> str | None:
+    """The base ``model_type`` (``qwen2_5_vl`` / ``qwen3_vl``) a Qwen-VL Sa2VA checkpoint's training config names,
+    or ``None`` when it has no config or names neither (or both)."""
+    text = ckpt.config_text or ""
+    found = [mt for mt, words in _QWEN_VL_WORDS.items() if any(w in text for w in words)]
+    return found[0] if len(found) == 1 else None
+
+
+def looks_like_qwen_vl_sa2va(ckpt: TrainingCheckpoint) -> bool:
+    """Keys of a Sa2VA run on a transformers Qwen-VL model: peft-wrapped ``model.language_model`` + text_hidden_fcs."""
+    keys = ckpt.source.keys()
+    return any(k.startswith("mllm.model.base_model.model.model.language_model.") for k in keys) and any(
+        k.startswith("text_hidden_fcs.") for k in keys)
+
+
+def released_qwen_vl_generation(folder_config: dict) -> str | None:
+    """The Qwen-VL generation (``qwen2_5_vl`` / ``qwen3_vl``) of a released Sa2VA Qwen folder's ``config.json``
+    (Sa2VA's ``Sa2VAChatConfigQwen``: a ``Qwen2_5_VLConfig`` / ``Qwen3VLConfig`` saved with ``model_type``
+    ``sa2va_chat``), from its sub-configs' model types; ``None`` for anything else (an InternVL release has
+    ``llm_config``)."""
+    if not isinstance(folder_config, dict) or folder_config.get("model_type") != "sa2va_chat":
+        return None
+    if "llm_config" in folder_config or not isinstance(folder_config.get("vision_config"), dict):
+        return None
+    types = [str(folder_config["vision_config"].get("model_type", ""))]
+    if isinstance(folder_config.get("text_config"), dict):
+        types.append(str(folder_config["text_config"].get("model_type", "")))
+    for generation in ("qwen3_vl", "qwen2_5_vl"):
+        if any(t == generation or t.startswith(generation + "_") for t in types):
+            return generation
+    return None
+
+
+RELEASED_SAM2_PREFIX = "grounding_encoder.sam2_model."
+
+
+def open_released_qwen_vl(src_dir: Path, allow_unsafe_pickle: bool = False):
+    """A released Sa2VA Qwen folder (``Sa2VAChatModelQwen``: ``model.*`` = the LoRA-merged
+    ``Qwen*VLForConditionalGeneration``, ``grounding_encoder.sam2_model.*`` = the whole SAM2 in Meta's names with
+    ``gamma`` renamed ``g_weight`` by Sa2VA's export script, ``text_hidden_fcs.*``) as two sources: ``base`` (the
+    MLLM in transformers' native names, ``model.language_model.*`` / ``model.visual.*`` / ``lm_head.weight``, a
+    legacy ``model.layers.*`` / ``visual.*`` layout normalised; plus ``text_hidden_fcs.*``) and ``sam2`` (Meta's
+    names). Any other tensor stays in ``base`` under its own name, where the plan reports it."""
+    from ..convert.sources import RenamedSource, open_hf_folder
+    from ..errors import WrongFamily
+
+    folder = open_hf_folder(src_dir, allow_unsafe_pickle=allow_unsafe_pickle)
+    keys = folder.keys()
+    sam_keys = [k for k in keys if k.startswith(RELEASED_SAM2_PREFIX)]
+    mllm_keys = [k for k in keys if k.startswith("model.")]
+    if not sam_keys or not mllm_keys or not any(k.startswith("text_hidden_fcs.") for k in keys):
+        raise WrongFamily(f"{src_dir}: no model.* / grounding_encoder.sam2_model.* / text_hidden_fcs.* tensors: not a "
+                          "released Sa2VA Qwen folder")
+    native = any(k.startswith(("model.model.language_model.", "model.model.visual.")) for k in mllm_keys)
+    rename = {}
+    for k in keys:
+        if k in sam_keys:
+            continue
+        new = k
+        if k.startswith("model."):
+            new = k[len("model."):]
+            if not native:
+                if new.startswith("visual."):
+                    new = "model." + new
+                elif new.startswith("model."):
+                    new = "model.language_model." + new[len("model."):]
+        rename[k] = new
+    base = RenamedSource(folder, rename, f"{Path(src_dir).name} without SAM2 (model.* -> the MLLM's own names"
+                         + ("" if native else ", legacy layout normalised") + ")")
+    sam2 = RenamedSource(folder, {k: k[len(RELEASED_SAM2_PREFIX):].replace(".g_weight", ".gamma") for k in sam_keys},
+                         f"SAM2 inside {Path(src_dir).name} (grounding_encoder.sam2_model.*, g_weight -> gamma)")
+    return base, sam2
+
+
 def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())

@@ -676,6 +676,17 @@ def sam2_inputs(*released_commands: str) -> tuple[InputOption, ...]:
     )
 
 
+def sam2_architecture(sam2, options) -> tuple[str, "MetaSam2Spec", Any]:
+    """(preset name, spec, transformers ``Sam2Config``) of a SAM2 held inside another folder (a released Sa2VA
+    folder's ``grounding_encoder.sam2_model.*``, presented in Meta's names): from ``--sam2-config`` (Meta's YAML or
+    JSON) when given, else recognised from the tensor shapes among the official presets."""
+    if getattr(options, "sam2_config", None) is not None:
+        preset, spec = "custom", spec_from_meta_config(read_sam2_config(Path(options.sam2_config)))
+    else:
+        preset, spec = detect_sam2_preset(sam2)
+    return preset, spec, hf_sam2_config(spec)
+
+
 SAM2_NORMALIZATIONS = ("sa2va", "exact")
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -120,6 +120,8 @@ def quantize_export(export_dir, out, *, method: str = "gptq", bits: int = 4, gro
     t_start = time.time()
     export_dir, out = Path(export_dir), Path(out)
     _, target = _check_export(export_dir)
+    if method in target.unsupported_methods:
+        raise MissingInput(f"--method {method} is not available for this export: {target.unsupported_methods[method]}")
     settings = QuantSettings(method=method, bits=int(bits), group_size=int(group_size), desc_act=bool(desc_act),
                              sym=sym, damp=float(damp), awq_format=awq_format, device=_resolve_device(device),
                              offload_to_disk=bool(offload_to_disk), kernel=kernel)

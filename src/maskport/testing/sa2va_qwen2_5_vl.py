@@ -46,7 +46,8 @@ from .sam2 import build_meta_sam2, make_meta_sam2, tiny_meta_sam2_config
 from .tokenizers import QWEN_CHAT_TEMPLATE, QWEN_SPECIAL_TOKENS, make_tiny_tokenizer, qwen_special_ids
 
 __all__ = ["LORA_ALPHA", "LORA_R", "LORA_TARGET_REGEX", "QWEN_SPECIAL_TOKENS", "SPECIAL_TOKENS", "Sa2VAQwenFixture",
-           "make_qwen_processor", "make_sa2va_qwen_fixture", "make_tiny_tokenizer", "tiny_qwen2_5_vl_config"]
+           "make_qwen_processor", "make_released_folder", "make_sa2va_qwen_fixture", "make_tiny_tokenizer",
+           "tiny_qwen2_5_vl_config"]
 
 LORA_R = 8
 LORA_ALPHA = 16
@@ -133,6 +134,24 @@ def make_qwen_processor(tokenizer):
         chat_template=QWEN_CHAT_TEMPLATE,
     )
 
+
+
+@dataclass(frozen=True)
+class QwenArch:
+    """One Qwen-VL generation of the fixture: its tiny config, model class, processor and the names Sa2VA's training
+    config spells for it."""
+
+    make_config: Any
+    model_class: str
+    make_processor: Any
+    processor_class: str
+    sa2va_mllm_type: str
+    config_file: str
+    token_types: bool = False  # the model's forward takes the processor's mm_token_type_ids
+
+
+QWEN2_5_VL = QwenArch(tiny_qwen2_5_vl_config, "Qwen2_5_VLForConditionalGeneration", make_qwen_processor,
+                      "Qwen2_5_VLProcessor", "projects.sa2va.models.mllm.qwenvl.Qwen2_5_VL", "sa2va_tiny_qwen25vl.py")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -254,6 +273,7 @@ def _build_sa2va_module_class():
                 pixel_values=data["pixel_values"],
                 image_grid_thw=data["image_grid_thw"],
                 output_hidden_states=True,
+                **({"mm_token_type_ids": data["mm_token_type_ids"]} if "mm_token_type_ids" in data else {}),
             )
             hidden = self.text_hidden_fcs(out.hidden_states[-1])
             seg_mask = data["input_ids"] == self.seg_token_idx
@@ -276,7 +296,7 @@ def _build_sa2va_module_class():
 class _TinySegDataset(torch.utils.data.Dataset):
     """Deterministic in-memory referring-segmentation samples (qwen_chat template, one [SEG])."""
 
-    def __init__(self, processor, seed: int, n: int = 8, sam_image_size: int = 256):
+    def __init__(self, processor, seed: int, n: int = 8, sam_image_size: int = 256, token_types: bool = False):
         self.items = []
         gen = torch.Generator().manual_seed(seed + 10)
         tok = processor.tokenizer
@@ -298,16 +318,17 @@ class _TinySegDataset(torch.utils.data.Dataset):
             yy, xx = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
             cy, cx = torch.randint(16, 48, (2,), generator=gen).tolist()
             mask = (((yy - cy) ** 2 + (xx - cx) ** 2) < 15**2).to(torch.uint8)
-            self.items.append(
-                dict(
-                    input_ids=ids,
-                    labels=labels,
-                    pixel_values=enc["pixel_values"],
-                    image_grid_thw=enc["image_grid_thw"],
-                    g_pixel_values=g_img,
-                    masks=mask,
-                )
+            item = dict(
+                input_ids=ids,
+                labels=labels,
+                pixel_values=enc["pixel_values"],
+                image_grid_thw=enc["image_grid_thw"],
+                g_pixel_values=g_img,
+                masks=mask,
             )
+            if token_types:  # Qwen3-VL's M-RoPE needs the processor's image-token marks
+                item["mm_token_type_ids"] = enc["mm_token_type_ids"][0]
+            self.items.append(item)
         self.pad_id = tok.pad_token_id
 
     def __len__(self):
@@ -336,17 +357,24 @@ def _collate(pad_id, batch):
         g_pixel_values=[b["g_pixel_values"] for b in batch],
         masks=torch.stack([b["masks"] for b in batch]),
     )
+    if "mm_token_type_ids" in batch[0]:
+        types = torch.zeros((len(batch), L), dtype=batch[0]["mm_token_type_ids"].dtype)
+        for i, b in enumerate(batch):
+            types[i, :len(b["input_ids"])] = b["mm_token_type_ids"]
+        data["mm_token_type_ids"] = types
     return dict(data=data, data_samples=None)
 
 
-def _config_text(base_dir: Path, sam2_cfg_path: Path, sam2_pt: Path, train_steps: int, seed: int) -> str:
+def _config_text(base_dir: Path, sam2_cfg_path: Path, sam2_pt: Path, train_steps: int, seed: int,
+                 arch: "QwenArch | None" = None) -> str:
+    arch = arch or QWEN2_5_VL
     return f'''\
 from mmengine.hooks import (CheckpointHook, DistSamplerSeedHook, IterTimerHook,
                             LoggerHook, ParamSchedulerHook)
 from mmengine.optim import LinearLR, OptimWrapper
 from peft import LoraConfig
 from torch.optim import AdamW
-from transformers import AutoTokenizer, Qwen2_5_VLProcessor
+from transformers import AutoTokenizer, {arch.processor_class}
 
 #######################################################################
 #                          PART 1  Settings                           #
@@ -393,7 +421,7 @@ model = dict(
     frozen_sam2_decoder=False,
     arch_type='qwen',
     mllm=dict(
-        type='projects.sa2va.models.mllm.qwenvl.Qwen2_5_VL',
+        type={arch.sa2va_mllm_type!r},
         model_path=path,
         freeze_llm=True,
         freeze_visual_encoder=True,
@@ -417,7 +445,7 @@ model = dict(
 )
 
 preprocessor = dict(
-    type=Qwen2_5_VLProcessor.from_pretrained,
+    type={arch.processor_class}.from_pretrained,
     pretrained_model_name_or_path=path,
     trust_remote_code=True,
 )
@@ -532,10 +560,13 @@ def make_sa2va_qwen_fixture(
     deepspeed: bool = False,
     train_steps: int = 2,
     base_vocab_size: int | None = None,
+    arch: "QwenArch | None" = None,
 ) -> Sa2VAQwenFixture:
     """Build the tiny base model, SAM2 checkpoint and a genuine mmengine Sa2VA checkpoint under ``root``.
 
     ``base_vocab_size``: embedding rows of the saved base model (default: ``len(base tokenizer)``).
+    ``arch``: which Qwen-VL generation (default :data:`QWEN2_5_VL`; :mod:`maskport.testing.sa2va_qwen3_vl` passes
+    its Qwen3-VL one; the DeepSpeed folders are built for Qwen2.5-VL only).
     Real Qwen2.5-VL checkpoints pad it (151936 rows for a 151665-token tokenizer), and Sa2VA's
     ``resize_token_embeddings(len(tokenizer))`` then *shrinks* it; pass e.g. 512 to reproduce that.
     """
@@ -544,8 +575,12 @@ def make_sa2va_qwen_fixture(
     from mmengine.config import Config
     from mmengine.runner import Runner
     from peft import get_peft_model
-    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+    import transformers
+    from transformers import AutoTokenizer
 
+    arch = arch or QWEN2_5_VL
+    if deepspeed and arch is not QWEN2_5_VL:
+        raise ValueError("the DeepSpeed folders are built for the Qwen2.5-VL fixture only")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     base_dir = root / "base"
@@ -555,11 +590,11 @@ def make_sa2va_qwen_fixture(
 
     # ---- base Qwen2.5-VL ----------------------------------------------------------------------
     base_tok = make_tiny_tokenizer(base_dir)
-    processor = make_qwen_processor(base_tok)
+    processor = arch.make_processor(base_tok)
     processor.save_pretrained(str(base_dir))
-    cfg = tiny_qwen2_5_vl_config(base_vocab_size or len(base_tok))
+    cfg = arch.make_config(base_vocab_size or len(base_tok))
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(cfg).float()
+    model = getattr(transformers, arch.model_class)(cfg).float()
     gen = torch.Generator().manual_seed(seed + 3)
     perturb_(model.parameters(), gen, 0.02)  # make norms/biases distinctive too
     round_bf16_(model)  # the oracle holds exactly the bf16 values saved below
@@ -589,7 +624,7 @@ def make_sa2va_qwen_fixture(
     perturb_([p for n, p in peft_model.named_parameters() if "lora_B" in n], gen, 0.05)
     perturb_([p for n, p in peft_model.named_parameters() if ".modules_to_save." in n], gen, 0.01)
     perturb_(sam2.sam_mask_decoder.parameters(), gen, 0.01)
-    train_processor = make_qwen_processor(tokenizer)
+    train_processor = arch.make_processor(tokenizer)
     seg_idx = tokenizer.convert_tokens_to_ids("[SEG]")
 
     Sa2VA = _build_sa2va_module_class()
@@ -598,12 +633,13 @@ def make_sa2va_qwen_fixture(
     module.train()
 
     _CachedPrettyConfig = _cached_pretty_config_class()
-    cfg_path = root / "sa2va_tiny_qwen25vl.py"
-    cfg_path.write_text(_config_text(base_dir, sam2_cfg_path, sam2_pt, train_steps, seed))
+    cfg_path = root / arch.config_file
+    cfg_path.write_text(_config_text(base_dir, sam2_cfg_path, sam2_pt, train_steps, seed, arch))
     mm_cfg = Config.fromfile(str(cfg_path))
     object.__setattr__(mm_cfg, "__class__", _CachedPrettyConfig)  # same object, pretty_text memoised (see class docstring)
 
-    dataset = _TinySegDataset(train_processor, seed, sam_image_size=sam2_cfg["model"]["image_size"])
+    dataset = _TinySegDataset(train_processor, seed, sam_image_size=sam2_cfg["model"]["image_size"],
+                              token_types=arch.token_types)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=2,
@@ -726,3 +762,42 @@ def _ds_build(args: dict):
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
     assert trainable == set(ck["state_dict"]), sorted(trainable ^ set(ck["state_dict"]))[:10]
     return module, {k: ck[k] for k in ("meta", "message_hub", "param_schedulers") if k in ck}
+
+
+# --------------------------------------------------------------------------------------------------
+# the released HF folder Sa2VA's own export script writes
+# --------------------------------------------------------------------------------------------------
+def make_released_folder(fx: Sa2VAQwenFixture, out: Path, *, mllm_state: dict | None = None) -> Path:
+    """The folder Sa2VA's ``tools/convert_to_hf.py`` writes for the fixture's trained model (``Sa2VAChatModelQwen``):
+    ``model.*`` = the MLLM after peft's ``merge_and_unload`` (``modules_to_save`` copies in place), the whole SAM2
+    under ``grounding_encoder.sam2_model.`` in Meta's names with ``gamma`` renamed ``g_weight``,
+    ``text_hidden_fcs.*``; ``config.json`` = the base's MLLM config with ``model_type`` ``sa2va_chat``, the
+    vocabulary of the tokenizer, untied embeddings, ``template`` and ``auto_map``; the processor (tokenizer with
+    Sa2VA's tokens) saved beside it. Tensors in float32 (the fixture's values).
+
+    ``mllm_state``: the MLLM's tensors (transformers' names) to write instead of peft's merge, e.g. those of a
+    maskport export, to build the folder from exactly the same weights."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True)
+    if mllm_state is None:
+        merged = copy.deepcopy(fx.peft_model).merge_and_unload()
+        mllm_state = merged.state_dict()
+    sd = {"model." + k: v.detach().float().clone().contiguous() for k, v in mllm_state.items()}
+    for k, v in fx.meta_sam2.state_dict().items():
+        sd["grounding_encoder.sam2_model." + k.replace(".gamma", ".g_weight")] = v.detach().clone().contiguous()
+    for k, v in fx.text_hidden_fcs.state_dict().items():
+        sd["text_hidden_fcs." + k] = v.detach().clone().contiguous()
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((fx.base_dir / "config.json").read_text())
+    cfg.update(model_type="sa2va_chat", architectures=["Sa2VAChatModelQwen"], template="qwen_chat",
+               tie_word_embeddings=False,
+               auto_map={"AutoConfig": "configuration_sa2va_chat.Sa2VAChatConfigQwen",
+                         "AutoModel": "modeling_sa2va_qwen.Sa2VAChatModelQwen",
+                         "AutoModelForCausalLM": "modeling_sa2va_qwen.Sa2VAChatModelQwen"})
+    cfg["text_config"].update(vocab_size=len(fx.tokenizer), tie_word_embeddings=False)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    (out / "modeling_sa2va_qwen.py").write_text("raise RuntimeError('remote code must never run')\n")
+    fx.processor.save_pretrained(str(out))
+    return out

@@ -392,11 +392,7 @@ class Sa2VAInternVL(Family):
                              f"SAM2 inside {src_dir.name} (grounding_encoder.sam2_model.*, g_weight -> gamma)")
         base = RenamedSource(folder, {k: k for k in keys if not k.startswith(gprefix)},
                              f"{src_dir.name} without SAM2")
-        if options.sam2_config is not None:
-            preset, spec = "custom", sam2map.spec_from_meta_config(read_json(Path(options.sam2_config)))
-        else:
-            preset, spec = sam2map.detect_sam2_preset(sam2)
-        sam2_config = sam2map.hf_sam2_config(spec)
+        preset, _, sam2_config = sam2map.sam2_architecture(sam2, options)  # --sam2-config: Meta's YAML or JSON
         embed = where.decoder.split(":", 1)[1] + ("tok_embeddings.weight" if llm == "internlm2" else "embed_tokens.weight")
         vocab = base.info(embed).shape[0]
         hidden = int(llm_cfg["hidden_size"])

@@ -20,17 +20,22 @@ from typing import Any
 from ...convert.sources import RenamedSource, TensorSource, TrainingCheckpoint, open_hf_folder
 from ...convert.training_config import TrainingConfig
 from ...errors import MissingInput, ShapeMismatch, UnreadableFile, WrongFamily
-from ...heads.sam2 import open_sam2, sam2_normalization
+from ...heads.sam2 import open_sam2, sam2_architecture, sam2_normalization
 from .. import Family
-from .._common import lora_settings, target_shapes, write_export_files
+from .._common import (looks_like_qwen_vl_sa2va, lora_settings, open_released_qwen_vl, quiet_transformers,
+                       qwen_vl_generation, released_qwen_vl_generation, target_shapes, write_export_files)
 from .._common import plain as _plain
 from .._common import read_json as _read_json
 from ..spec import ConvertOptions, Prepared
-from .mapping import PEFT, rules
+from .mapping import PEFT, released_rules, rules
 from .spec import SPEC
 
 NAME = SPEC.name
 DEFAULT_SPECIAL_TOKENS = ["[SEG]", "<p>", "</p>", "<vp>", "</vp>"]
+GENERATION = "qwen2_5_vl"  # the base's model_type
+# keys of a released folder's config.json that are Sa2VA's, not the MLLM configuration's
+_RELEASED_CONFIG_EXTRAS = ("model_type", "architectures", "auto_map", "template", "transformers_version",
+                           "_name_or_path")
 
 # Chat templates Sa2VA trains with (xtuner's PROMPT_TEMPLATE names), as plain data.
 TEMPLATES: dict[str, dict[str, Any]] = {
@@ -65,9 +70,12 @@ class Sa2VAQwen25VL(Family):
     spec = SPEC
 
     def claims(self, ckpt: TrainingCheckpoint) -> bool:
-        keys = ckpt.source.keys()
-        return any(k.startswith("mllm.model.base_model.model.model.language_model.") for k in keys) and any(
-            k.startswith("text_hidden_fcs.") for k in keys)
+        """Sa2VA-on-Qwen-VL keys, and a training config that does not name another Qwen-VL generation (a checkpoint
+        without a config is taken as Qwen2.5-VL, the first Sa2VA Qwen release; ``--family`` overrides)."""
+        return looks_like_qwen_vl_sa2va(ckpt) and qwen_vl_generation(ckpt) in (None, "qwen2_5_vl")
+
+    def accepts(self, ckpt: TrainingCheckpoint) -> bool:
+        return looks_like_qwen_vl_sa2va(ckpt)
 
     def prepare(self, ckpt: TrainingCheckpoint, cfg: TrainingConfig, options: ConvertOptions) -> Prepared:
         from transformers import AutoTokenizer, Qwen2_5_VLConfig
@@ -87,7 +95,8 @@ class Sa2VAQwen25VL(Family):
         base_cfg = _read_json(base_dir / "config.json")
         if base_cfg.get("model_type") != "qwen2_5_vl":
             raise WrongFamily(f"base folder {base_dir} holds a {base_cfg.get('model_type')!r} model; family {NAME} "
-                              "needs a Qwen2.5-VL base (e.g. Qwen/Qwen2.5-VL-3B-Instruct)")
+                              "needs a Qwen2.5-VL base (e.g. Qwen/Qwen2.5-VL-3B-Instruct); for another base pass "
+                              "--family with the family of that base (maskport convert mmengine-to-hf --help)")
         base = _normalise_base_keys(open_hf_folder(base_dir, allow_unsafe_pickle=options.allow_unsafe_pickle))
         mllm_config = Qwen2_5_VLConfig.from_pretrained(base_dir)
 
@@ -179,6 +188,88 @@ class Sa2VAQwen25VL(Family):
         return Prepared(sources={"ckpt": ckpt.source, "base": base, "sam2": sam2},
                         rules=rules(base_has_lm_head=base_has_lm_head, lora_scaling=scaling), expected=expected, export_config=config.to_dict(),
                         write_files=write_files, notes=notes, settings=settings)
+
+
+    # ---- released Sa2VA HF folders (ByteDance's Sa2VA Qwen releases) ----------------------------------------
+    def claims_released(self, folder_config: dict) -> bool:
+        return released_qwen_vl_generation(folder_config) == GENERATION
+
+    def prepare_released(self, src_dir: Path, options: ConvertOptions) -> Prepared:
+        """A released Sa2VA folder (Sa2VA's ``tools/convert_to_hf.py``: ``Sa2VAChatModelQwen`` with ``model.*`` = the
+        LoRA-merged MLLM, ``grounding_encoder.sam2_model.*`` = the whole SAM2 in Meta's names, ``gamma`` ->
+        ``g_weight``, ``text_hidden_fcs.*``; ``config.json`` = the MLLM's config with ``model_type`` ``sa2va_chat``,
+        ``template``, ``auto_map``) -> the same native export as a converted training checkpoint. The folder's
+        remote code is never run: its config is read as JSON."""
+        from transformers import AutoTokenizer, Qwen2_5_VLConfig
+
+        from .remote.configuration_sa2va_qwen import Sa2VAQwenConfig
+        from .remote.modeling_sa2va_qwen import Sa2VAQwenModel
+
+        notes: list[str] = []
+        src_dir = Path(src_dir)
+        src_cfg = _read_json(src_dir / "config.json")
+        base, sam2 = open_released_qwen_vl(src_dir, options.allow_unsafe_pickle)
+        preset, _, sam2_config = sam2_architecture(sam2, options)
+        mllm_kwargs = {k: v for k, v in src_cfg.items() if k not in _RELEASED_CONFIG_EXTRAS}
+        mllm_kwargs["architectures"] = ["Qwen2_5_VLForConditionalGeneration"]  # what the MLLM's own folder says (Sa2VA's wrapper replaced it)
+        try:
+            mllm_config = Qwen2_5_VLConfig(**mllm_kwargs)
+        except Exception as exc:  # noqa: BLE001 - re-raised typed
+            raise UnreadableFile(f"{src_dir}/config.json: not a {GENERATION} configuration ({exc})") from exc
+        embed = "model.language_model.embed_tokens.weight"
+        for key in (embed, "lm_head.weight", "text_hidden_fcs.0.weight", "text_hidden_fcs.2.weight"):
+            if key not in base:
+                raise UnreadableFile(f"{src_dir}: tensor {key!r} is missing (model.{key} for the MLLM)")
+        vocab = base.info(embed).shape[0]
+        hidden = mllm_config.text_config.hidden_size
+        c_in = base.info("text_hidden_fcs.0.weight").shape[1]
+        if c_in != hidden:
+            raise ShapeMismatch(f"text_hidden_fcs.0.weight takes {c_in} features but the LLM's hidden size is {hidden}")
+        out_dim = base.info("text_hidden_fcs.2.weight").shape[0]
+        special = list(DEFAULT_SPECIAL_TOKENS)  # Sa2VA's, in its order (checked against the folder's tokenizer)
+        try:
+            with quiet_transformers():
+                tokenizer = AutoTokenizer.from_pretrained(src_dir, trust_remote_code=False)
+        except Exception as exc:  # noqa: BLE001 - re-raised typed
+            raise UnreadableFile(f"{src_dir}: cannot load its tokenizer ({exc})") from exc
+        missing = [t for t in special if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id)]
+        if missing:
+            raise UnreadableFile(f"{src_dir}: the tokenizer lacks Sa2VA's tokens {missing}: not a released Sa2VA folder?")
+        seg_id = tokenizer.convert_tokens_to_ids("[SEG]")
+        if seg_id >= vocab:
+            raise ShapeMismatch(f"[SEG] has id {seg_id} but the embeddings have only {vocab} rows")
+        template = src_cfg.get("template")
+        if template in TEMPLATES:
+            template = TEMPLATES[template]
+        else:
+            notes.append(f"the folder's template {template!r} is not one Sa2VA trains with; using qwen_chat")
+            template = TEMPLATES["qwen_chat"]
+        mllm_dict = mllm_config.to_dict()
+        mllm_dict["text_config"]["vocab_size"] = vocab
+        mllm_dict["text_config"]["tie_word_embeddings"] = False
+        mllm_dict["tie_word_embeddings"] = False
+        from ... import __version__
+
+        config = Sa2VAQwenConfig(
+            mllm_config=mllm_dict, sam2_config=sam2_config.to_dict(), seg_token="[SEG]", seg_token_id=seg_id,
+            special_tokens=special, template=_plain(template),
+            image_processor=_image_processor_settings(src_dir, TrainingConfig.from_text(None)),
+            text_hidden_fcs_out_dim=out_dim, **sam2_normalization(options.sam2_normalization),
+            maskport={"version": __version__, "family": NAME, "mapping_version": SPEC.mapping_version,
+                      "sam2_preset": preset, "released_folder": src_dir.name},
+        )
+        config.architectures = [SPEC.model_class]
+        config.auto_map = dict(SPEC.auto_map)
+        expected = target_shapes(Sa2VAQwenModel, config)
+
+        def write_files(out: Path) -> list[str]:
+            return write_export_files(out, spec=SPEC, config=config, tokenizer=tokenizer, base_dir=src_dir,
+                                      template=template)
+
+        settings = {"special_tokens": special, "seg_token_id": seg_id, "vocab_size": vocab, "sam2_preset": preset,
+                    "template": template, "base_model_type": GENERATION, "base_layout": "released Sa2VA folder"}
+        return Prepared(sources={"base": base, "sam2": sam2}, rules=released_rules(), expected=expected,
+                        export_config=config.to_dict(), write_files=write_files, notes=notes, settings=settings)
 
 
 def _image_processor_settings(base_dir: Path, cfg: TrainingConfig) -> dict:

@@ -57,3 +57,14 @@ def rules(*, lora_scaling: float | None, base_has_lm_head: bool = True) -> list:
         # 5. everything else of the base MLLM (vision tower, merger, norms, untouched linears), unchanged
         CopyRest(target="mllm.{rest}", source="base:{rest}"),
     ]
+
+
+def released_rules() -> list:
+    """The table for a released Sa2VA folder (``maskport convert sa2va-hf-to-native``): ``base`` is the folder's
+    LoRA-merged MLLM in transformers' names plus ``text_hidden_fcs.*``, ``sam2`` its whole SAM2 (trained mask decoder
+    included) in Meta's names."""
+    return [
+        Rename(target="text_hidden_fcs.{rest}", source="base:text_hidden_fcs.{rest}"),
+        *sam2map.sam2_rules(target_prefix="sam2."),
+        CopyRest(target="mllm.{rest}", source="base:{rest}"),
+    ]

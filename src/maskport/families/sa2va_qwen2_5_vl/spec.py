@@ -4,6 +4,8 @@ from ...heads.sam2 import sam2_inputs
 from .._common import BASE_INPUT, LORA_INPUTS
 from ..spec import FamilySpec
 
+RELEASED_COMMAND = "sa2va-hf-to-native"
+
 SPEC = FamilySpec(
     name="sa2va-qwen2_5-vl",
     description="Sa2VA on Qwen2.5-VL (LoRA + modules_to_save + SAM2 mask decoder + text_hidden_fcs)",
@@ -12,7 +14,8 @@ SPEC = FamilySpec(
     model_class="Sa2VAQwenModel",
     code_files=("configuration_sa2va_qwen.py", "modeling_sa2va_qwen.py"),
     heads=("image_utils", "seg_token", "sam2_image"),
-    inputs=(BASE_INPUT, *sam2_inputs(), *LORA_INPUTS),
+    inputs=(BASE_INPUT, *sam2_inputs(RELEASED_COMMAND), *LORA_INPUTS),
+    released_command=RELEASED_COMMAND,
     base_files=("preprocessor_config.json", "chat_template.json", "chat_template.jinja",
                 "video_preprocessor_config.json"),
     docs="docs/families/sa2va-qwen2_5-vl.md",

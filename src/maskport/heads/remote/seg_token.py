@@ -65,6 +65,11 @@ class SegTokenMixin:
     ``prompt_inputs(image, text, past_text, tokenizer, processor) -> (token ids, MLLM image inputs)`` for one
     sample, and ``concat_mm_inputs(list of those inputs) -> one dict`` for the batch."""
 
+    def token_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-token inputs the MLLM needs beside the (left-padded) prompt ids, e.g. Qwen3-VL's
+        ``mm_token_type_ids``; none by default."""
+        return {}
+
     def check_predict_inputs(self, image, video, text, mask_prompts, tokenizer, processor):
         """``predict_forward``'s argument checks, shared by the families: returns (image as PIL or None, tokenizer)."""
         if video is not None:
@@ -93,7 +98,8 @@ class SegTokenMixin:
                           eos_token_id=stop_ids or None, pad_token_id=pad_id, use_cache=True)
         gen_kwargs.update(generation_kwargs or {})
         gen_kwargs.update(output_hidden_states=True, return_dict_in_generate=True)
-        out = self.mllm.generate(input_ids=input_ids, attention_mask=attention_mask, **mm, **gen_kwargs)
+        out = self.mllm.generate(input_ids=input_ids, attention_mask=attention_mask, **mm,
+                                 **self.token_inputs(input_ids), **gen_kwargs)
         prompt_length = input_ids.shape[1]
         prediction = tokenizer.decode(out.sequences[0, prompt_length:], skip_special_tokens=False).strip()
         result: dict[str, Any] = {"prediction": prediction, "prediction_masks": []}
@@ -148,8 +154,9 @@ class SegTokenMixin:
                           eos_token_id=stop_ids or None, pad_token_id=pad_id, use_cache=True)
         gen_kwargs.update(generation_kwargs or {})
         gen_kwargs.update(output_hidden_states=True, return_dict_in_generate=True)
-        out = self.mllm.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **mm,
-                                 **gen_kwargs)
+        input_ids = input_ids.to(device)
+        out = self.mllm.generate(input_ids=input_ids, attention_mask=attention_mask.to(device), **mm,
+                                 **self.token_inputs(input_ids), **gen_kwargs)
         results = []
         for i, (image, _, _) in enumerate(rows):
             generated = out.sequences[i, width:].tolist()

@@ -45,6 +45,7 @@ class QuantTarget:
     excluded_prefixes: tuple[str, ...] = ()       # composite (export) prefixes kept floating point
     standalone_excluded: tuple[str, ...] = ()     # the same in the standalone MLLM folder
     vision_prefixes: tuple[str, ...] = ()         # composite prefixes counted as "vision" in the size table
+    unsupported_methods: dict[str, str] = {}      # method -> why it is refused for this family (before loading)
 
     def stage(self, model, tokenizer, folder: Path) -> None:
         """Save ``model.mllm`` as a standalone folder GPTQModel can load (weights, config, tokenizer, processor)."""
