@@ -259,7 +259,8 @@ def _engine_src(root: Path, rev: str) -> Path:
     return dest / "src"
 
 
-def bench(size: str, root: Path, *, repeat: int = 2, zero_to_fp32: bool = True, compare_rev: str | None = None) -> dict | None:
+def bench(size: str, root: Path, *, repeat: int = 2, zero_to_fp32: bool = True, compare_rev: str | None = None,
+          note: str | None = None) -> dict | None:
     import run as runner
 
     d = root / size
@@ -280,7 +281,7 @@ def bench(size: str, root: Path, *, repeat: int = 2, zero_to_fp32: bool = True, 
                  "machine": runner.machine(), "inputs": {"bytes": sum(f.stat().st_size for f in in_files),
                                                          "files": gen["bytes"]},
                  "commit": runner.sh(f"git -C '{REPO}' rev-parse --short HEAD"),
-                 "maskport": [], "copy": [], "zero_to_fp32": None, "older_engine": None}
+                 "maskport": [], "copy": [], "zero_to_fp32": None, "older_engine": None, "note": note}
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                PYTHONPATH=str(REPO / "src"), DS_ACCELERATOR="cpu")
     convert = [sys.executable, "-m", "maskport.cli", "convert", "mmengine-to-hf", str(folder), "--base", str(base),
@@ -378,10 +379,10 @@ def render_section(results: list[dict]) -> list[str]:
         "objects DeepSpeed saves (its own `ZeroStageEnum` and `LossScaler`); `tests/test_zero3_bench.py` checks the "
         "generator against a folder DeepSpeed itself writes and against DeepSpeed's own `zero_to_fp32`. "
         "maskport and the copy run interleaved, each twice, `sync` between runs; the faster of each is used for the "
-        "ratios. Each run's inputs are read right before it, but 35 GB do not fit the page cache (23.5 GiB RAM): "
-        "57-64 % of the input bytes were resident at each start (`inputs_resident` in the JSON), so runs read part "
-        "of their input from disk. The CPU was shared with four other jobs (load averages in the table, on 2 "
-        "cores): the same engine's two runs differ 2x in wall time, user + sys time (CPU seconds) varies less. "
+        "ratios. Each run's inputs are read right before it (`inputs_resident` in the JSON: the fraction of the "
+        "input bytes in the page cache at the start; below 1 when the inputs exceed what the cache holds, then a "
+        "run reads part of its input from disk). Wall times depend on the machine's load (load averages in the "
+        "table); user + sys (CPU seconds) depends on it less. "
         "`zero_to_fp32` is DeepSpeed's own consolidation (`python -m "
         "deepspeed.utils.zero_to_fp32 DIR OUT -t TAG --safe_serialization`: fp32 safetensors of the trained tensors "
         "only, no export), measured on the same folder in the same run.",
@@ -397,6 +398,14 @@ def render_section(results: list[dict]) -> list[str]:
                   f"Inputs: {r['inputs']['bytes'] / 1e9:.2f} GB (" + ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in
                                                                               files.items())
                   + f"); run {r['date']}, engine at commit {r['commit']}.", ""]
+        res_frac = [x["extra"].get("inputs_resident") for x in [*r["maskport"], *r["copy"]]]
+        res_frac = [f for f in res_frac if f is not None]
+        walls = [x["wall_s"] for x in mk]
+        lines += [(f"{r['note']} " if r.get("note") else "")
+                  + (f"Inputs resident at the runs' starts: {min(res_frac):.0%}-{max(res_frac):.0%}. " if res_frac else "")
+                  + (f"maskport's runs: {min(walls)}-{max(walls)} s wall ({max(walls) / min(walls):.2f}x apart), "
+                     f"user + sys {min(x['user_s'] + x['sys_s'] for x in mk):.1f}-"
+                     f"{max(x['user_s'] + x['sys_s'] for x in mk):.1f} s." if walls else ""), ""]
         lines += ["| run | wall (s) | peak RSS (GiB) | RssAnon / RssFile peak (GiB) | user / sys (s) | bytes out | "
                   "load avg before / after |", "|---|---|---|---|---|---|---|"]
         rows = [(f"maskport #{i + 1}", x) for i, x in enumerate(r["maskport"])]
@@ -428,7 +437,7 @@ def render_section(results: list[dict]) -> list[str]:
             if o and o.get("rc") == 0:
                 lines.append(f"- the engine before the fix ({o['extra'].get('rev')}) peaked at {_gib(o['max_rss_kib'])} "
                              f"GiB (**{'met' if o['max_rss_kib'] <= bound_kib else 'NOT met'}**): it gathered each "
-                             "fp32 master whole (2.17 GB for `embed_tokens` and for `lm_head`) outside the writer's "
+                             f"fp32 master whole ({2 * lbytes / 1e9:.2f} GB for the largest) outside the writer's "
                              "pool, beside its bf16 output (its wall time, "
                              f"{o['wall_s']} s at load average {o['extra']['loadavg_before']}, is not compared: the "
                              "machine's load differed).")
@@ -471,6 +480,7 @@ def main(argv=None) -> int:
     r.add_argument("--repeat", type=int, default=2)
     r.add_argument("--no-zero-to-fp32", action="store_true")
     r.add_argument("--compare-rev", help="also measure the engine of this git revision once (e.g. before a fix)")
+    r.add_argument("--note", help="a sentence on the run's conditions for RESULTS.md (e.g. other jobs sharing the CPU)")
     sub.add_parser("render")
     args = ap.parse_args(argv)
     if args.cmd == "generate":
@@ -479,7 +489,7 @@ def main(argv=None) -> int:
         return 0
     if args.cmd == "run":
         res = bench(args.size, args.root, repeat=args.repeat, zero_to_fp32=not args.no_zero_to_fp32,
-                    compare_rev=args.compare_rev)
+                    compare_rev=args.compare_rev, note=args.note)
         if not res:
             return 1
     import run as runner
