@@ -109,6 +109,17 @@ def test_sa2va_zero3_two_ranks_converts_like_zero2(fx, tmp_path):
     from maskport.convert.sources import open_training_checkpoint
 
     _assert_bit_identical(open_training_checkpoint(folder).source, _zero_to_fp32(folder))
+    # the fp32 masters written as bf16 are converted while read: such a step takes only its bf16 output buffer (at
+    # 7B the 2 GiB fp32 embed_tokens/lm_head gathered whole beside it broke the memory bound: RESULTS.md)
+    from maskport.convert.writer import _step_buffer_plan
+
+    plan = res.plan
+    cast = [ps for ps in plan.steps if _step_buffer_plan(ps, plan)[2] == "cast-read"]
+    names = {t for ps in cast for t in ps.step.targets}
+    assert any("embed_tokens" in t for t in names) and any("lm_head" in t for t in names), sorted(names)[:5]
+    for ps in cast:
+        assert {r.source for r in ps.step.inputs} == {"ckpt"} and ps.input_infos[0].dtype == torch.float32
+        assert _step_buffer_plan(ps, plan)[0] == [ps.output_infos[0].nbytes]
 
 
 # ----------------------------------------------------------------------------------------------------------------

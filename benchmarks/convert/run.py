@@ -405,13 +405,17 @@ def main(argv=None) -> int:
         for size in args.size or ["3b", "7b"]:
             if bench(size, args.root, repeat=args.repeat, baseline=not args.no_baseline, log_dir=log_dir) is None:
                 skipped[size] = "inputs not generated (disk space) or no room for an export; see the run's output"
-    results = [json.loads(p.read_text()) for p in sorted(RESULTS_DIR.glob("*.json"))]
+    results = [json.loads(p.read_text()) for p in sorted(RESULTS_DIR.glob("*.json"))
+               if not p.name.startswith("zero3-") and p.name != "skipped.json"]
     skip_file = RESULTS_DIR / "skipped.json"
     if skip_file.is_file():
         skipped = {**json.loads(skip_file.read_text()), **skipped}
     for r in results:
         skipped.pop(r["size"], None)
-    (HERE / "RESULTS.md").write_text(render(results, skipped))
+    import zero3  # the DeepSpeed ZeRO-3 section (zero3.py run)
+
+    text = render(results, skipped) + "\n".join(["", *zero3.render_results(), *zero3.SMALL_FOLDERS])
+    (HERE / "RESULTS.md").write_text(text.rstrip("\n") + "\n")
     print(f"wrote {HERE / 'RESULTS.md'}")
     return 0
 

@@ -34,7 +34,7 @@ import torch
 from ..errors import UnreadableFile, UnsupportedCheckpoint
 from ..io.safetensors import TensorInfo
 from .safe_load import deepspeed_allowlist, is_zip_file, locate_storages, safe_torch_load
-from .sources import TensorSource, TrainingCheckpoint, _Files, pread_into, release_pages
+from .sources import CAST_CHUNK_BYTES, TensorSource, TrainingCheckpoint, _Files, pread_into, release_pages
 
 __all__ = ["ZeRO3Source", "open_zero3_checkpoint", "is_zero3_folder"]
 
@@ -190,7 +190,7 @@ class ZeRO3Source(TensorSource):
             raise KeyError(key)
         raw = self._raw(key)
         if raw in self._params:
-            return self._gather(raw)
+            return self._gather(raw)  # fresh memory; the writer uses load_into / load_into_as (pooled buffers)
         if raw in self._buffers:
             b = self._buffers[raw]
             out = b.to(torch.float32, copy=True) if b.is_floating_point() else b.clone()
@@ -203,29 +203,84 @@ class ZeRO3Source(TensorSource):
             release_pages(f)
         return out
 
-    def _gather(self, raw: str) -> torch.Tensor:
+    def _segments(self, raw: str):
+        """``(start in the flat value, rank, group, offset in the group, n)`` of every piece of ``raw``'s value
+        (padding excluded), in order."""
         offset, part, shape = self._params[raw]
-        out = torch.empty(part * self.world_size, dtype=self._param_dtype)
-        es = out.element_size()
+        numel = shape.numel()
         for r in range(self.world_size):
-            dest = out[r * part:(r + 1) * part]
-            pos = 0
+            pos = r * part
             for g, (lo, hi) in enumerate(zip(self._bounds[:-1], self._bounds[1:])):
                 start, end = max(lo, offset), min(hi, offset + part)
                 if start >= end:
                     continue
-                n = end - start
-                chunk = dest[pos:pos + n]
-                fofs = self._group_offsets[r][g]
-                if fofs is not None:
-                    pread_into(self._files.fd(self.optim_files[r]), memoryview(chunk.view(torch.uint8).numpy()),
-                               fofs + (start - lo) * es, what=str(self.optim_files[r]))
-                else:
-                    src = self._groups[r][g]
-                    chunk.copy_(src[start - lo:end - lo])
-                    release_pages(src)
-                pos += n
-        return out[:shape.numel()].view(shape)
+                n = min(end - start, numel - pos)
+                if n <= 0:
+                    return
+                yield pos, r, g, start - lo, n
+                pos += end - start
+
+    def _read_segment(self, r: int, g: int, goff: int, dest: torch.Tensor) -> None:
+        """Rank ``r``'s group ``g`` elements ``[goff, goff + dest.numel())`` into ``dest`` (of the group's dtype)."""
+        fofs = self._group_offsets[r][g]
+        if fofs is not None:
+            pread_into(self._files.fd(self.optim_files[r]), memoryview(dest.view(torch.uint8).numpy()),
+                       fofs + goff * dest.element_size(), what=str(self.optim_files[r]))
+        else:
+            src = self._groups[r][g]
+            dest.copy_(src[goff:goff + dest.numel()])
+            release_pages(src)
+
+    def _gather(self, raw: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        shape = self._params[raw][2]
+        n = shape.numel()
+        nbytes = n * self._param_dtype.itemsize
+        out = (buffer[:nbytes].view(self._param_dtype) if buffer is not None and n
+               else torch.empty(n, dtype=self._param_dtype))
+        for pos, r, g, goff, k in self._segments(raw):
+            self._read_segment(r, g, goff, out[pos:pos + k])
+        return out.view(shape)
+
+    def buffer_nbytes(self, key: str) -> int:
+        raw = self._raw(key)
+        return self._params[raw][2].numel() * self._param_dtype.itemsize if raw in self._params else 0
+
+    def load_into(self, key: str, buffer: torch.Tensor | None) -> torch.Tensor:
+        if key not in self._keyset():
+            raise KeyError(key)
+        raw = self._raw(key)
+        if raw in self._params:
+            if buffer is not None and buffer.numel() < self.buffer_nbytes(key):
+                raise ValueError(f"load_into needs a buffer of at least {self.buffer_nbytes(key)} bytes")
+            return self._gather(raw, buffer)
+        return self.load(key)
+
+    def reads_as(self, key: str, dtype: torch.dtype) -> bool:
+        return key in self._keyset() and self._raw(key) in self._params
+
+    def load_into_as(self, key: str, dtype: torch.dtype, buffer: torch.Tensor | None) -> torch.Tensor:
+        """The parameter converted to ``dtype`` (bit for bit ``load(key).to(dtype)``): its pieces are read a chunk
+        of :data:`~maskport.convert.sources.CAST_CHUNK_BYTES` at a time and converted into the output."""
+        if not self.reads_as(key, dtype):
+            return super().load_into_as(key, dtype, buffer)
+        raw = self._raw(key)
+        shape = self._params[raw][2]
+        n = shape.numel()
+        nbytes = n * dtype.itemsize
+        if buffer is not None and n:
+            if buffer.dtype != torch.uint8 or buffer.dim() != 1 or buffer.numel() < nbytes:
+                raise ValueError(f"load_into_as needs a 1-D uint8 buffer of at least {nbytes} bytes")
+            out = buffer[:nbytes].view(dtype)
+        else:
+            out = torch.empty(n, dtype=dtype)
+        step = max(1, CAST_CHUNK_BYTES // self._param_dtype.itemsize)
+        chunk = torch.empty(min(step, max(n, 1)), dtype=self._param_dtype)
+        for pos, r, g, goff, k in self._segments(raw):
+            for i in range(0, k, step):
+                m = min(step, k - i)
+                self._read_segment(r, g, goff + i, chunk[:m])
+                out[pos + i:pos + i + m].copy_(chunk[:m])
+        return out.view(shape)
 
     def prefetch(self, key: str) -> None:
         pass

@@ -40,6 +40,12 @@ class OverlaySource(TensorSource):
     def load_into(self, key: str, buffer: torch.Tensor | None) -> torch.Tensor:
         return self._src(key).load_into(key, buffer)
 
+    def reads_as(self, key: str, dtype: torch.dtype) -> bool:
+        return self._src(key).reads_as(key, dtype)
+
+    def load_into_as(self, key: str, dtype: torch.dtype, buffer: torch.Tensor | None) -> torch.Tensor:
+        return self._src(key).load_into_as(key, dtype, buffer)
+
     def prefetch(self, key: str) -> None:
         self._src(key).prefetch(key)
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import sys
@@ -74,6 +75,21 @@ class TensorSource:
         not pay for fresh memory at every tensor. The result is only valid until the buffer is reused."""
         return self.load(key)
 
+    def reads_as(self, key: str, dtype: torch.dtype) -> bool:
+        """Whether :meth:`load_into_as` converts ``key`` to ``dtype`` while reading it, a bounded chunk
+        (:data:`CAST_CHUNK_BYTES`) at a time, so the tensor never exists whole in its stored dtype (a ZeRO-3 fp32
+        master written as bf16 then needs only the bf16 bytes). ``False`` by default."""
+        return False
+
+    def load_into_as(self, key: str, dtype: torch.dtype, buffer: torch.Tensor | None) -> torch.Tensor:
+        """``load(key).to(dtype)`` (the same bits), built in ``buffer`` (a 1-D ``uint8`` tensor of at least the
+        converted tensor's bytes; ``None``: fresh memory). Sources for which :meth:`reads_as` is true do it a chunk
+        at a time; this default loads the whole tensor first."""
+        info = self.info(key)
+        n = math.prod(info.shape) * _element_size(dtype)
+        out = _buffer_view(buffer, n).view(dtype).view(info.shape) if n else torch.empty(info.shape, dtype=dtype)
+        return out.copy_(self.load(key))
+
     def prefetch(self, key: str) -> None:
         """Hint that ``key`` will be read soon (file-backed sources ask the kernel to read ahead)."""
 
@@ -120,6 +136,7 @@ class StateDictSource(TensorSource):
         return self._tensors[key]
 
 
+CAST_CHUNK_BYTES = 16 << 20  # stored-dtype bytes a source converting while it reads holds at a time (reads_as)
 _MAX_READ = 1 << 30  # bytes per pread call (Linux caps one read at 2 GiB - 4 KiB)
 
 
@@ -399,6 +416,12 @@ class RenamedSource(TensorSource):
 
     def load_into(self, key: str, buffer: torch.Tensor | None) -> torch.Tensor:
         return self.inner.load_into(self._to_inner[key], buffer)
+
+    def reads_as(self, key: str, dtype: torch.dtype) -> bool:
+        return self.inner.reads_as(self._to_inner[key], dtype)
+
+    def load_into_as(self, key: str, dtype: torch.dtype, buffer: torch.Tensor | None) -> torch.Tensor:
+        return self.inner.load_into_as(self._to_inner[key], dtype, buffer)
 
     def prefetch(self, key: str) -> None:
         self.inner.prefetch(self._to_inner[key])

@@ -16,7 +16,9 @@ Memory and speed (see ``benchmarks/convert/``):
 - a reader thread reads the steps' inputs, in order and ahead of the computation, straight into pool buffers
   (:meth:`~maskport.convert.sources.TensorSource.load_into`); a LoRA merge runs a few MB of float32 rows at a
   time and writes back into its input's buffer (:func:`~maskport.convert.ops.lora_merge_rows`); a tensor
-  converted to another dtype is written from a second buffer;
+  converted to another dtype is written from a second buffer, or, from a source that converts while it reads
+  (:meth:`~maskport.convert.sources.TensorSource.reads_as`: ZeRO-3's fp32 masters), built in its output buffer a
+  16 MiB chunk at a time (a 7B embedding's fp32 master, 2 GiB, never exists whole);
 - a tensor that is only renamed (same dtype, and its source can say where its bytes lie in the file:
   :meth:`~maskport.convert.sources.TensorSource.file_span`) takes no buffer at all: the writer copies it file to
   file in the kernel (``os.copy_file_range``, falling back to ``pread``/``write`` through a small buffer where the
@@ -55,7 +57,7 @@ from ..errors import UnreadableFile
 from ..io.safetensors import ST_DTYPE_NAMES, build_header  # noqa: F401  (ST_DTYPE_NAMES: importable from here)
 from ..io.shards import pack_shards, shard_filenames, write_index
 from ..io.sizes import parse_size  # noqa: F401  (importable from here, as before maskport.io)
-from .sources import TensorInfo, pread_into
+from .sources import CAST_CHUNK_BYTES, TensorInfo, pread_into
 
 
 @dataclass
@@ -472,7 +474,9 @@ def _step_buffer_plan(ps: PlannedStep, plan: Plan) -> tuple[list[int], int, str]
     """(pooled buffer sizes, extra bytes reserved, kind) for one step. Buffers: one per input (as the source
     reads it), then for a LoRA merge a float32 output buffer or an output buffer of another dtype (none when merged
     in place); for a renaming that changes dtype an output buffer. ``kind`` is ``lora``, ``identity``,
-    ``passthrough`` (a renaming copied file to file by the writer: no buffers) or ``generic``."""
+    ``passthrough`` (a renaming copied file to file by the writer: no buffers), ``cast-read`` (a renaming that
+    changes dtype, from a source that converts while it reads: only the output buffer and one chunk) or
+    ``generic``."""
     step = ps.step
     ins = [plan.sources[r.source].buffer_nbytes(r.key) for r in step.inputs]
     outs = [i.nbytes for i in ps.output_infos]
@@ -491,6 +495,9 @@ def _step_buffer_plan(ps: PlannedStep, plan: Plan) -> tuple[list[int], int, str]
         same = ps.input_infos[0].dtype == ps.output_infos[0].dtype
         if same and _file_span(ps, plan) is not None:
             return [], 0, "passthrough"  # copied file to file by the writer: no buffer
+        r = step.inputs[0]
+        if not same and plan.sources[r.source].reads_as(r.key, ps.output_infos[0].dtype):
+            return outs, CAST_CHUNK_BYTES, "cast-read"  # converted while read: the output buffer and one chunk
         return ins + ([] if same else outs), 0, "identity"
     # anything else: the op allocates its own outputs (natural dtype, then the cast)
     natural = sum(i.nbytes * 2 for i in ps.output_infos)
@@ -550,7 +557,11 @@ def _read_step(ps: PlannedStep, plan: Plan, pool: _Pool) -> _Loaded:
         return _Loaded(ps, [], [], 0, kind)
     bufs = pool.take(sizes, reserve)
     try:
-        xs = [plan.sources[r.source].load_into(r.key, bufs[i]) for i, r in enumerate(ps.step.inputs)]
+        if kind == "cast-read":
+            r = ps.step.inputs[0]
+            xs = [plan.sources[r.source].load_into_as(r.key, ps.output_infos[0].dtype, bufs[0])]
+        else:
+            xs = [plan.sources[r.source].load_into(r.key, bufs[i]) for i, r in enumerate(ps.step.inputs)]
     except BaseException:
         pool.give([b for b in bufs if b is not None], reserve)
         raise
@@ -573,6 +584,9 @@ def _compute_step(ld: _Loaded) -> list[torch.Tensor]:
         else:
             dst = _view(bufs[4] if len(bufs) > 4 else None, info)
         outs = [step.op.compute_into(dst, w, a, b)]
+    elif ld.kind == "cast-read":  # read in the output dtype already
+        _check_shape(step.targets[0], xs[0], info)
+        outs = [xs[0]]
     elif ld.kind == "identity":
         x = xs[0]
         _check_shape(step.targets[0], x, info)
