@@ -150,7 +150,8 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 
 async def parse_segment_request(request: Request, limits: Limits) -> dict[str, Any]:
-    """multipart/form-data (``image`` file or base64 field, ``prompt``, ...) or JSON (``image`` base64)."""
+    """multipart/form-data (``image`` file or base64 field, ``prompt``, ...), a url-encoded form (``image`` base64)
+    or JSON (``image`` base64)."""
     body = await _read_body(request, limits.max_body_bytes)
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     fields: dict[str, Any]
@@ -164,7 +165,7 @@ async def parse_segment_request(request: Request, limits: Limits) -> dict[str, A
             raise ApiError(400, "body: expected a JSON object")
         if fields.get("image") is not None:
             image_bytes = _b64("image", fields["image"])
-    elif ctype == "multipart/form-data":
+    elif ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
         async def replay():
             return {"type": "http.request", "body": body, "more_body": False}
 
@@ -184,7 +185,7 @@ async def parse_segment_request(request: Request, limits: Limits) -> dict[str, A
             else:
                 image_bytes = _b64("image", img)
     else:
-        raise ApiError(415, f"content-type: expected multipart/form-data or application/json, got {ctype or 'none'}")
+        raise ApiError(415, f"content-type: expected multipart/form-data, application/json or application/x-www-form-urlencoded, got {ctype or 'none'}")
     known = {"image", "prompt", "threshold", "max_new_tokens", "return_probabilities"}
     unknown = sorted(set(fields) - known)
     if unknown:

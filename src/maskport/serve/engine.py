@@ -192,8 +192,6 @@ class Batcher:
                 await t
             except (asyncio.CancelledError, Exception):  # noqa: BLE001 - shutting down
                 pass
-        for r in self.replicas:
-            r.executor.shutdown(wait=False, cancel_futures=True)
 
     async def submit(self, job: Job, timeout_s: float,
                      is_disconnected: Callable[[], Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
