@@ -13,7 +13,7 @@ PAGE = r"""<!doctype html>
  textarea,input[type=text],input[type=password]{width:100%;box-sizing:border-box;font:inherit;padding:.35rem}
  #drop{border:2px dashed #aaa;border-radius:6px;padding:.8rem;text-align:center;color:#555;margin:.4rem 0}
  button{font:inherit;padding:.4rem 1rem;margin-right:.5rem;cursor:pointer}
- #view{max-width:100%;border:1px solid #ccc;image-rendering:pixelated;display:block;margin-top:.5rem}
+ #view{width:512px;max-width:100%;border:1px solid #ccc;image-rendering:pixelated;display:block;margin-top:.5rem}
  #answer{font-family:ui-monospace,monospace;background:#f4f4f4;padding:.5rem;border-radius:4px;min-height:1.2rem;white-space:pre-wrap}
  #status{color:#555;font-size:.85rem;margin:.4rem 0} #status.err{color:#b00020}
  .mask{display:inline-flex;align-items:center;margin:.2rem .8rem .2rem 0} .sw{width:14px;height:14px;display:inline-block;margin:0 .3rem;border:1px solid #333}
@@ -41,7 +41,7 @@ PAGE = r"""<!doctype html>
 <canvas id="view" width="1" height="1"></canvas>
 <script>
 "use strict";
-const COLORS=[[255,48,48],[48,160,255],[40,200,80],[255,190,0],[200,60,255],[0,210,210],[255,120,200],[140,90,40]];
+const COLORS=[[0,120,255],[255,48,48],[40,200,80],[255,190,0],[200,60,255],[0,210,210],[255,120,200],[140,90,40]];
 let img=null, imgBlob=null, masks=[], shown=[];
 const $=id=>document.getElementById(id);
 const key=$("apikey"); key.value=localStorage.getItem("maskport-api-key")||"";
