@@ -124,6 +124,7 @@ async def run_point(url: str, n_clients: int, duration: float, data: list, refer
                 gpu.append(g)
             await asyncio.sleep(1.0)
 
+    load_before = os.getloadavg()
     await asyncio.gather(monitor(), *(client(k) for k in range(n_clients)))
     wall = time.perf_counter() - t_start
     ms = np.asarray(lat) * 1e3
@@ -139,6 +140,7 @@ async def run_point(url: str, n_clients: int, duration: float, data: list, refer
             "rss_mib": {"start": round(rss[0][1], 1), "end": round(rss[-1][1], 1),
                         "max": round(max(m for _, m in rss), 1),
                         "slope_mib_per_min_second_half": None if slope is None else round(slope, 2)},
+            "loadavg_1min": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
             "gpu_mib": {"start": gpu[0], "end": gpu[-1], "max": [max(x) for x in zip(*gpu)]} if gpu else None}
 
 

@@ -24,6 +24,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from .engine import Batcher, ClientGone, Job, QueueFull, Replica, RequestTimeout
 from .page import PAGE
@@ -271,7 +272,10 @@ def create_app(replicas: list[Replica], info: dict[str, Any], *, limits: Limits 
     @app.post("/v1/segment", dependencies=[Depends(auth)])
     async def segment(request: Request):
         t0 = time.perf_counter()
-        req = await parse_segment_request(request, limits)
+        try:
+            req = await parse_segment_request(request, limits)
+        except ClientDisconnect:
+            return _error(499, "client disconnected")
         t1 = time.perf_counter()
         job = Job(future=asyncio.get_running_loop().create_future(), **req)
         try:
