@@ -131,6 +131,7 @@ def _bad_cases():
         ("no prompt", dict(files={"image": GOOD_PNG}), 400, "prompt"),
         ("empty prompt", dict(files={"image": GOOD_PNG}, data={"prompt": "  "}), 400, "prompt"),
         ("prompt too long", dict(data={"prompt": "x" * 201}), 413, "prompt"),
+        ("<image> without an image", dict(data={"prompt": "<image>Please segment it."}), 400, "no image"),
         ("NUL in prompt", dict(data={"prompt": "a\x00b"}), 400, "NUL"),
         ("not an image", dict(files={"image": b"hello, not a png"}, data={"prompt": "x"}), 400, "image"),
         ("truncated image", dict(files={"image": GOOD_PNG[:200]}, data={"prompt": "x"}), 400, "image"),

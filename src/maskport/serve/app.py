@@ -199,6 +199,8 @@ async def parse_segment_request(request: Request, limits: Limits) -> dict[str, A
     if "\x00" in prompt:
         raise ApiError(400, "prompt: contains a NUL character")
     image = _decode_image(image_bytes, limits) if image_bytes is not None else None
+    if image is None and "<image>" in prompt:
+        raise ApiError(400, "prompt: places <image> but no image was sent")
     if image is not None and "<image>" not in prompt:
         prompt = "<image>" + prompt  # the export puts the image where Sa2VA's prompts say <image>
     return {"image": image, "prompt": prompt, "threshold": _parse_threshold(fields.get("threshold")),
