@@ -18,6 +18,16 @@ if ! (command -v pkg-config >/dev/null 2>&1 && pkg-config --exists libpcre2-8); 
     echo "please install libpcre2-dev and pkg-config (needed to build gptqmodel's PyPcre)" >&2
   fi
 fi
+# the web page test of `maskport serve` drives Debian's chromium through Playwright (no browser download)
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    (apt-get install -y -q chromium >/dev/null 2>&1 ||
+      (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1)) ||
+      echo "warning: could not install chromium; the serve page test will be skipped" >&2
+  else
+    echo "note: no chromium found; the serve page test will be skipped (apt-get install chromium)" >&2
+  fi
+fi
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi

@@ -50,3 +50,18 @@ def export_fp32(fx, tmp_path_factory):
     res = _convert(fx, out, dtype="fp32")
     check_export("sa2va-qwen2_5-vl/fp32", out)
     return res
+
+
+@pytest.fixture(scope="session")
+def demo_export(tmp_path_factory):
+    """The embedded demo (examples/tiny-sa2va) converted as `maskport demo` converts it (fp32, the SAM2
+    normalisation its training used): a really trained model that answers and segments. Shared by the demo
+    tests and the serve tests."""
+    from maskport.convert.api import convert_mmengine_to_hf
+    from maskport.demo import DemoArtifacts
+
+    art = DemoArtifacts.find(Path(__file__).resolve().parents[1] / "examples" / "tiny-sa2va" / "artifacts")
+    out = tmp_path_factory.mktemp("demo") / "tiny-sa2va"
+    convert_mmengine_to_hf(art.ckpt, base=art.base, sam2=art.sam2, out=out, dtype="fp32", progress=False,
+                           sam2_normalization="exact", log=lambda *_: None)
+    return out

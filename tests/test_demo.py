@@ -41,13 +41,12 @@ def _convert(ckpt, art, out):
 
 
 @pytest.fixture(scope="module")
-def export_finetuned(art, tmp_path_factory):
+def export_finetuned(demo_export):
+    """conftest's demo_export: converted like _convert does (fp32, 'exact')."""
     from tests.golden import check_export
 
-    out = tmp_path_factory.mktemp("demo") / "tiny-sa2va"
-    _convert(art.ckpt, art, out)
-    check_export("demo/stage2", out)
-    return out
+    check_export("demo/stage2", demo_export)
+    return demo_export
 
 
 @pytest.fixture(scope="module")

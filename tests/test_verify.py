@@ -21,12 +21,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from maskport.verify import InMemoryModel, Thresholds, load_image_folder, load_jsonl, load_refcoco, verify
+from maskport import rle
 from maskport.verify.coco import (
     polygons_to_mask,
-    rle_counts_from_string,
-    rle_counts_to_string,
-    rle_decode,
-    rle_encode,
     segmentation_to_mask,
 )
 from maskport.verify.command import verify_command
@@ -404,38 +401,54 @@ def test_edit_distance_and_distribution():
     assert distribution([1.0]) == {"n": 1, "mean": 1.0, "min": 1.0, "p5": 1.0, "p50": 1.0, "p95": 1.0, "max": 1.0}
 
 
+def _column_runs(mask):
+    """Reference uncompressed COCO RLE, written here: runs down the columns, starting with background."""
+    flat = np.asarray(mask, bool).T.reshape(-1)
+    runs, cur, n = [], False, 0
+    for v in flat:
+        if v == cur:
+            n += 1
+        else:
+            runs.append(n)
+            cur, n = v, 1
+    runs.append(n)
+    return runs
+
+
 def test_coco_rle_and_polygons():
     # uncompressed RLE, column-major: a 3x2 image, counts bg 1, fg 2, bg 3 -> column 0: 0,1,1; column 1: 0,0,0
-    m = rle_decode({"size": [3, 2], "counts": [1, 2, 3]})
+    m = rle.decode({"size": [3, 2], "counts": [1, 2, 3]})
     assert m.tolist() == [[False, False], [True, False], [True, False]]
-    assert rle_encode(m) == {"size": [3, 2], "counts": [1, 2, 3]}
     # compressed: small counts are one character each (value + 48); the 4th on is a difference to i-2
-    assert rle_counts_from_string("123") == [1, 2, 3]
-    assert rle_counts_from_string("1235") == [1, 2, 3, 7]        # 2 + 5
-    assert rle_counts_from_string("12J") == [1, 2, -6]           # 'J' = 26: sign bit set -> -6
+    assert rle.encode(m) == {"size": [3, 2], "counts": "123"}
+    assert rle.decode({"size": [13, 1], "counts": "1235"}).tolist() == \
+        rle.decode({"size": [13, 1], "counts": [1, 2, 3, 7]}).tolist()   # 7 = 2 + 5
     rng = np.random.RandomState(0)
     for _ in range(20):
         mask = rng.rand(13, 17) > rng.rand()
-        rle = rle_encode(mask)
-        s = rle_counts_to_string(rle["counts"])
-        assert rle_counts_from_string(s) == rle["counts"]
-        assert np.array_equal(segmentation_to_mask({"size": [13, 17], "counts": s}, 13, 17), mask)
-    big = [5000, 70000, 3, 100000]
-    assert rle_counts_from_string(rle_counts_to_string(big)) == big
-    # polygons: an axis-aligned square covering pixels 1..3 in x and y
+        enc = rle.encode(mask)
+        assert np.array_equal(segmentation_to_mask(enc, 13, 17), mask)
+        assert np.array_equal(rle.decode({"size": [13, 17], "counts": _column_runs(mask)}), mask)
+    big = np.zeros((400, 500), bool)
+    big[100:300, 20:480] = True
+    assert np.array_equal(rle.decode(rle.encode(big)), big)
+    # polygons, rasterised as the COCO API does: pixel (x, y) covers [x, x+1) x [y, y+1), so the square with
+    # corners (1, 1) and (3, 3) covers the 2 x 2 pixels 1..2 in x and y
     sq = polygons_to_mask([[1, 1, 3, 1, 3, 3, 1, 3]], 5, 5)
-    assert sq[1:4, 1:4].all() and sq.sum() == 9
-    with pytest.raises(ValueError):
-        rle_decode({"size": [2, 2], "counts": [1, 1]})
+    assert sq[1:3, 1:3].all() and sq.sum() == 4
+    for bad in ({"size": [2, 2], "counts": [1, 1]}, {"size": [3, 2], "counts": "12"},
+                {"size": [3, 2], "counts": "1234"}, {"size": [3, 2], "counts": "1 3"}, {"size": [-1, 2], "counts": ""}):
+        with pytest.raises(ValueError):
+            rle.decode(bad)
 
 
 def _refcoco(tmp_path, refs_as="pickle"):
     (tmp_path / "images").mkdir()
     Image.fromarray(np.zeros((6, 5, 3), np.uint8)).save(tmp_path / "images" / "COCO_1.jpg")
-    rle = rle_encode(_m(["#####", "#####", ".....", ".....", ".....", "....."]))
+    enc = rle.encode(_m(["#####", "#####", ".....", ".....", ".....", "....."]))
     instances = {"images": [{"id": 1, "file_name": "COCO_1.jpg", "height": 6, "width": 5}],
                  "annotations": [{"id": 10, "image_id": 1, "segmentation": [[0, 3, 2, 3, 2, 5, 0, 5]]},
-                                 {"id": 11, "image_id": 1, "segmentation": rle}],
+                                 {"id": 11, "image_id": 1, "segmentation": enc}],
                  "categories": []}
     refs = [{"ref_id": 0, "ann_id": 10, "image_id": 1, "split": "val",
              "sentences": [{"sent": "left thing"}, {"sent": "the block "}]},
@@ -458,10 +471,11 @@ def test_refcoco_loader(tmp_path, refs_as):
     assert [s.id for s in samples] == ["0:0", "0:1", "1:0"]
     assert samples[1].prompt == "<image>Please segment the block."
     poly = samples[0].gt_mask()
-    assert poly.shape == (6, 5) and poly[3:6, 0:3].all() and poly.sum() == 9
+    # the polygon (0,3)-(2,5), rasterised as the COCO API does (pixels 0..1 in x, 3..4 in y)
+    assert poly.shape == (6, 5) and poly[3:5, 0:2].all() and poly.sum() == 4
     assert samples[2].gt_mask().sum() == 10 and samples[2].gt_mask()[:2].all()
     union = load_refcoco(refs, tmp_path / "instances.json", tmp_path / "images", split="train")
-    assert len(union) == 1 and union[0].gt_mask().sum() == 19
+    assert len(union) == 1 and union[0].gt_mask().sum() == 14
     assert len(load_refcoco(refs, tmp_path / "instances.json", tmp_path / "images", split=None, limit=2)) == 2
 
 

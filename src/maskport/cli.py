@@ -136,10 +136,12 @@ from .verify.command import verify_command  # noqa: E402  (its heavy imports hap
 
 from .quantize.command import quantize_command  # noqa: E402
 from .demo import demo_command  # noqa: E402
+from .serve.command import serve_command  # noqa: E402  (FastAPI/uvicorn/torch imported when it runs)
 
 main.add_command(verify_command, "verify")
 main.add_command(quantize_command, "quantize")
 main.add_command(demo_command, "demo")
+main.add_command(serve_command, "serve")
 
 
 if __name__ == "__main__":  # pragma: no cover
