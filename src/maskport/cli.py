@@ -102,6 +102,42 @@ def convert_mmengine_to_hf_cmd(checkpoint, family, out, dtype, max_shard_size, s
     _echo_conversion(res, dry_run)
 
 
+@convert.command("hf-to-mmengine")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), help="Output .pth file (must not exist).")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32", "bfloat16", "float16", "float32"]),
+              help="dtype of the floating tensors (default: the export's).")
+@click.option("--dry-run", is_flag=True, help="Plan and check coverage; write nothing.")
+@click.option("--overwrite", is_flag=True, help="Replace the output file if it exists (never an input).")
+@click.option("--allow-unsafe-pickle", is_flag=True,
+              help="DANGEROUS: unpickle .bin weights with full pickle (runs code from the file). Only for files you "
+                   "trust.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@_friendly
+def convert_hf_to_mmengine_cmd(folder, out, dtype, dry_run, overwrite, allow_unsafe_pickle, no_progress):
+    """Convert a maskport export FOLDER (or a released folder that a family imports, e.g. a ByteDance Sa2VA
+    release) back into the .pth a Sa2VA training run loads as pretrained_pth to continue fine-tuning.
+
+    The .pth is a plain {name: tensor} dict of the trained tensors (language model, embeddings, LM head,
+    projector, SAM2 mask decoder, text_hidden_fcs) under the module names Sa2VA has before it wraps LoRA.
+    LoRA stays merged into the weights: the new run adds fresh LoRA on top. Frozen parts (vision tower, SAM2
+    encoder) are not written: the run loads them from its base model and SAM2 checkpoint."""
+    from .convert.inverse import convert_hf_to_mmengine
+
+    res = convert_hf_to_mmengine(folder, out=out, dtype=dtype, dry_run=dry_run, overwrite=overwrite,
+                                 allow_unsafe_pickle=allow_unsafe_pickle, progress=not no_progress)
+    click.echo(f"family: {res.family}")
+    click.echo(res.summary)
+    for n in res.notes:
+        click.echo(f"note: {n}")
+    click.echo(f"{res.tensors} trained tensor(s) kept, {res.dropped} frozen tensor(s) left to the base model and "
+               "SAM2 checkpoint")
+    if dry_run:
+        click.echo("dry run: plan is complete (every export tensor accounted for); nothing written")
+    else:
+        click.echo(f"wrote {res.out}")
+
+
 def _released_command(command: str, families: list) -> click.Command:
     @click.argument("folder", type=click.Path(path_type=Path))
     @_family_options(command)
