@@ -178,13 +178,14 @@ def _inside(path: Path, folder: Path) -> bool:
 
 def convert_hf_to_mmengine(folder: str | Path, *, out: str | Path | None, dtype: str | None = None,
                            dry_run: bool = False, overwrite: bool = False, allow_unsafe_pickle: bool = False,
-                           progress: bool = True) -> BackResult:
+                           progress: bool = True, **inputs) -> BackResult:
     """A maskport export folder (or a released folder a family imports: it is converted to a native export first,
     in a temporary folder beside ``out``) -> the ``.pth`` the family's training code loads as pretrained weights.
 
     The ``.pth`` is a plain ``{name: tensor}`` dict of the trained tensors (LoRA merged into the layers' weights)
     under the names the training code has before it wraps adapters; the frozen parts are left to the run's base
-    model and SAM2 inputs. ``dtype``: of the floating tensors (default: the export's)."""
+    model and SAM2 inputs. ``dtype``: of the floating tensors (default: the export's). ``inputs``: those of the
+    released folder's import command (e.g. ``sam2_config=``), for a released folder only."""
     from ..families import detect_released_family, family_for_model_type
     from ..families._common import read_json
     from .api import DTYPES, _training_dtype
@@ -215,7 +216,11 @@ def convert_hf_to_mmengine(folder: str | Path, *, out: str | Path | None, dtype:
             raise WrongFamily(f"{src_dir}: model_type {cfg.get('model_type')!r} is neither a maskport export nor a "
                               "released folder a family imports") from None
         return _via_native(src_dir, released, out_path, dtype=dtype, dry_run=dry_run, overwrite=overwrite,
-                           allow_unsafe_pickle=allow_unsafe_pickle, progress=progress)
+                           allow_unsafe_pickle=allow_unsafe_pickle, progress=progress, **inputs)
+    given = sorted(k for k, v in inputs.items() if v is not None)
+    if given:
+        raise MissingInput(f"{', '.join('--' + k.replace('_', '-') for k in given)}: only for a released folder; "
+                           f"{src_dir} is already an export of family {fam.name}")
     layout = fam.training_layout(cfg)
     source = open_hf_folder(src_dir, name=EXPORT, allow_unsafe_pickle=allow_unsafe_pickle)
     try:
@@ -269,7 +274,7 @@ def _save(state: dict[str, torch.Tensor], out: Path, overwrite: bool) -> None:
 
 
 def _via_native(src_dir: Path, fam, out_path: Path | None, *, dtype, dry_run, overwrite, allow_unsafe_pickle,
-                progress) -> BackResult:
+                progress, **inputs) -> BackResult:
     """A released folder: import it to a native export in a hidden folder beside the output (or beside the input
     for a dry run), convert that, and remove it."""
     import os
@@ -283,7 +288,7 @@ def _via_native(src_dir: Path, fam, out_path: Path | None, *, dtype, dry_run, ov
         shutil.rmtree(tmp)
     try:
         convert_released_folder(src_dir, command=fam.spec.released_command, out=tmp, dtype=dtype,
-                                allow_unsafe_pickle=allow_unsafe_pickle, progress=progress)
+                                allow_unsafe_pickle=allow_unsafe_pickle, progress=progress, **inputs)
         res = convert_hf_to_mmengine(tmp, out=out_path, dtype=dtype, dry_run=dry_run, overwrite=overwrite,
                                      allow_unsafe_pickle=allow_unsafe_pickle, progress=progress)
     finally:
