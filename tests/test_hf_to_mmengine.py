@@ -17,7 +17,7 @@ from maskport.cli import main
 from maskport.convert import ops
 from maskport.convert.inverse import NotInvertible, TrainingLayout, convert_hf_to_mmengine, invert, inverse_op
 from maskport.convert.plan import build_plan
-from maskport.convert.rules import Apply, Concat, DropRest, LoraMerge, Rename
+from maskport.convert.rules import Apply, DropRest, LoraMerge, Rename
 from maskport.convert.sources import StateDictSource as DictSource
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -385,3 +385,70 @@ def test_released_folder_gives_the_same_pth(internvl_qwen, tmp_path):
         torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=1e-6)
     assert "released folder" in res.notes[0]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["from_release.pth"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# io/torch_zip.py: torch's format, one tensor at a time
+# ----------------------------------------------------------------------------------------------------------------
+def _specs(sd):
+    return [(k, v.dtype, tuple(v.shape)) for k, v in sd.items()]
+
+
+def test_torch_zip_reads_back_with_torch_load_and_mmap(tmp_path):
+    import struct
+    import zipfile
+
+    from maskport.io.torch_zip import save_tensors
+
+    g = torch.Generator().manual_seed(0)
+    sd = {"w": torch.randn(3, 5, generator=g).to(torch.bfloat16), "ids": torch.arange(7), "s": torch.tensor(3.5),
+          "empty": torch.zeros(0, 4), "mask": torch.rand(10, generator=g) > 0.5,
+          "h": torch.randn(2, 3, 4, generator=g).half(), "d": torch.randn(4, generator=g).double(),
+          "i8": torch.randint(-5, 5, (6,), generator=g, dtype=torch.int8)}
+    p = tmp_path / "t.pth"
+    save_tensors(p, _specs(sd), iter(sd.items()))
+    for mmap in (False, True):
+        got = torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
+        assert list(got) == list(sd) and type(got) is dict
+        for k in sd:
+            assert got[k].dtype == sd[k].dtype and torch.equal(got[k], sd[k]), k
+    raw = p.read_bytes()
+    with zipfile.ZipFile(p) as z:  # every record's data starts at a multiple of 64 bytes, as torch aligns it
+        for info in z.infolist():
+            n, e = struct.unpack("<HH", raw[info.header_offset + 26:info.header_offset + 30])
+            assert (info.header_offset + 30 + n + e) % 64 == 0, info.filename
+            assert info.compress_type == zipfile.ZIP_STORED
+        # the same records torch.save writes for the same dict
+        ref = tmp_path / "ref.pth"
+        torch.save(sd, ref)
+        with zipfile.ZipFile(ref) as zr:  # (torch names the archive folder after the file)
+            assert {i.filename.split("/", 1)[1] for i in z.infolist()} <= {i.filename.split("/", 1)[1]
+                                                                         for i in zr.infolist()}
+            assert all(z.read(f"archive/data/{i}") == zr.read(f"ref/data/{i}") for i in range(len(sd)))
+
+
+def test_torch_zip_streams_one_tensor_at_a_time_and_checks_specs(tmp_path):
+    import weakref
+
+    from maskport.io.torch_zip import save_tensors
+
+    specs = [(f"t{i}", torch.float32, (256, 256)) for i in range(6)]
+    alive: list = []
+
+    def produce():
+        for name, _, shape in specs:
+            assert all(r() is None for r in alive), "an earlier tensor is still held"
+            t = torch.full(shape, float(len(alive)))
+            alive.append(weakref.ref(t))
+            yield name, t
+            del t
+
+    save_tensors(tmp_path / "a.pth", specs, produce())
+    got = torch.load(tmp_path / "a.pth", weights_only=True)
+    assert [float(got[f"t{i}"][0, 0]) for i in range(6)] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    with pytest.raises(ValueError, match="expected t1"):
+        save_tensors(tmp_path / "b.pth", specs[:2], iter([("t0", torch.zeros(256, 256)), ("t1", torch.zeros(2))]))
+    with pytest.raises(ValueError, match="no tensor given"):
+        save_tensors(tmp_path / "c.pth", specs[:2], iter([("t0", torch.zeros(256, 256))]))
+    with pytest.raises(ValueError, match="cannot be written"):
+        save_tensors(tmp_path / "d.pth", [("x", torch.complex64, (1,))], iter([]))

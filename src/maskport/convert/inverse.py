@@ -16,8 +16,9 @@ Nothing here is written twice: the way back is the family's forward mapping tabl
   (:class:`~maskport.convert.rules.DropRest`).
 - The inverted table goes through the same planner as a conversion (every export tensor used or dropped, every
   shape computed, a tensor claimed twice is an error), then the tensors are computed one step at a time and
-  saved with ``torch.save`` as a plain ``{name: tensor}`` dict (no code, loadable with ``weights_only=True``),
-  into a temporary file beside the output that is renamed into place.
+  streamed into torch's zip format as a plain ``{name: tensor}`` dict (:mod:`maskport.io.torch_zip`: what
+  ``torch.save`` writes for it, no code, loadable with ``weights_only=True``; memory holds one step's tensors), in a
+  temporary file beside the output that is renamed into place.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import torch
 
 from ..errors import MissingInput, WrongFamily
 from . import ops
@@ -235,42 +235,47 @@ def convert_hf_to_mmengine(folder: str | Path, *, out: str | Path | None, dtype:
         if dry_run:
             return res
         assert out_path is not None
-        state = _compute(plan, source, progress)
-        _save(state, out_path, overwrite)
+        _write(plan, source, out_path, overwrite, progress)
         res.out = out_path
-        res.notes.append(f"{len(state)} tensors written in {time.time() - t0:.1f} s")
+        res.notes.append(f"{res.tensors} tensors written in {time.time() - t0:.1f} s")
         return res
     finally:
         source.close()
 
 
-def _compute(plan: Plan, source, progress: bool) -> dict[str, torch.Tensor]:
+def _tensors(plan: Plan, source, bar):
+    """Each target of the plan, computed one step at a time (only that step's tensors in memory)."""
+    for ps in plan.steps:
+        xs = [source.load(r.key) for r in ps.step.inputs]
+        outs = ps.step.compute(xs)
+        del xs
+        for t, y, info in zip(ps.step.targets, outs, ps.output_infos):
+            yield t, y.to(info.dtype)
+            if bar:
+                bar.update(info.nbytes)
+        del outs
+
+
+def _write(plan: Plan, source, out: Path, overwrite: bool, progress: bool) -> None:
+    """Stream the plan's targets into a torch-format file (``io/torch_zip.py``: the pickle from shapes first, then
+    each tensor's bytes), in a temporary file beside ``out`` renamed into place."""
+    from ..io import atomic_output_file
+    from ..io.torch_zip import save_tensors
+
+    specs = [(t, info.dtype, tuple(info.shape)) for ps in plan.steps for t, info in zip(ps.step.targets,
+                                                                                         ps.output_infos)]
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=plan.total_bytes(), unit="B", unit_scale=True, unit_divisor=1024, desc="reading tensors",
+        bar = tqdm(total=plan.total_bytes(), unit="B", unit_scale=True, unit_divisor=1024, desc="writing tensors",
                    file=sys.stderr)
-    state: dict[str, torch.Tensor] = {}
-    for ps in plan.steps:
-        xs = [source.load(r.key) for r in ps.step.inputs]
-        outs = ps.step.compute(xs)
-        for t, y, info in zip(ps.step.targets, outs, ps.output_infos):
-            # a copy of its own (never a view into the file's mapping or a sibling's storage: torch.save would
-            # write the whole storage)
-            state[t] = y.to(info.dtype).contiguous().clone()
-            if bar:
-                bar.update(info.nbytes)
-    if bar:
-        bar.close()
-    return state
-
-
-def _save(state: dict[str, torch.Tensor], out: Path, overwrite: bool) -> None:
-    from ..io import atomic_output_file
-
-    with atomic_output_file(out, overwrite=overwrite) as tmp:
-        torch.save(state, tmp)
+    try:
+        with atomic_output_file(out, overwrite=overwrite) as tmp:
+            save_tensors(tmp, specs, _tensors(plan, source, bar))
+    finally:
+        if bar:
+            bar.close()
 
 
 def _via_native(src_dir: Path, fam, out_path: Path | None, *, dtype, dry_run, overwrite, allow_unsafe_pickle,

@@ -4,6 +4,7 @@
   ``2GiB`` = 2·2³⁰ bytes, as on the Hugging Face Hub);
 - :mod:`.safetensors`: the safetensors dtype table, the header reader and the header builder;
 - :mod:`.shards`: shard file names, greedy in-order packing into shards, ``model.safetensors.index.json``;
+- :mod:`.torch_zip`: :func:`~.torch_zip.save_tensors`, torch's zip checkpoint format written one tensor at a time;
 - :mod:`.atomic`: :func:`atomic_output_dir`, a hidden temporary folder renamed into place on success, and
   :func:`atomic_output_file`, the same for one file.
 
