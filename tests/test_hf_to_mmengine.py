@@ -266,6 +266,15 @@ def test_errors_are_one_line_and_inputs_are_never_overwritten(fx, export_bf16, t
     assert_one_line_error(run(folder, "-o", tmp_path), "is a folder")
     assert_one_line_error(run(folder), "-o/--out is required")
     assert_one_line_error(run(folder, "-o", tmp_path / "a.pth", "--sam2-config", fx.sam2_pt), "only for a released")
+    import json
+    import shutil
+
+    quantized = tmp_path / "q"
+    shutil.copytree(folder, quantized)
+    cfg = json.loads((quantized / "config.json").read_text())
+    (quantized / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "gptq"}}))
+    assert_one_line_error(run(quantized, "-o", tmp_path / "a.pth"), "quantized export (gptq)")
+    shutil.rmtree(quantized)
     existing = tmp_path / "existing.pth"
     existing.write_bytes(b"keep me")
     assert_one_line_error(run(folder, "-o", existing), "already exists")

@@ -11,7 +11,7 @@ Nothing here is written twice: the way back is the family's forward mapping tabl
   targets become the inputs (matched against the export's keys by the same patterns), the checkpoint tensor it read
   becomes the output (renamed), and its op is replaced by the op's inverse (:func:`inverse_op`). A LoRA merge has
   no inverse that recovers ``A`` and ``B``; the merged weight is the layer's weight, written under the layer's
-  name (the adapters stay merged). Rules that read only other inputs (base model, SAM2) are the frozen part: the
+  name (the adapters stay merged). Rules that read only other inputs (a base model, a head checkpoint) are the frozen part: the
   training run builds it from those inputs again, so its export tensors are dropped with that reason
   (:class:`~maskport.convert.rules.DropRest`).
 - The inverted table goes through the same planner as a conversion (every export tensor used or dropped, every
@@ -183,9 +183,9 @@ def convert_hf_to_mmengine(folder: str | Path, *, out: str | Path | None, dtype:
     in a temporary folder beside ``out``) -> the ``.pth`` the family's training code loads as pretrained weights.
 
     The ``.pth`` is a plain ``{name: tensor}`` dict of the trained tensors (LoRA merged into the layers' weights)
-    under the names the training code has before it wraps adapters; the frozen parts are left to the run's base
-    model and SAM2 inputs. ``dtype``: of the floating tensors (default: the export's). ``inputs``: those of the
-    released folder's import command (e.g. ``sam2_config=``), for a released folder only."""
+    under the names the training code has before it wraps adapters; the frozen parts are left to the run's other
+    inputs. ``dtype``: of the floating tensors (default: the export's). ``inputs``: those of the released folder's
+    import command, for a released folder only."""
     from ..families import detect_released_family, family_for_model_type
     from ..families._common import read_json
     from .api import DTYPES, _training_dtype
@@ -208,6 +208,11 @@ def convert_hf_to_mmengine(folder: str | Path, *, out: str | Path | None, dtype:
         if out_path.exists() and not overwrite and not dry_run:
             raise MissingInput(f"output file {out_path} already exists; pass --overwrite to replace it")
     cfg = read_json(src_dir / "config.json")
+    if cfg.get("quantization_config"):
+        qc = cfg["quantization_config"]
+        method = qc.get("quant_method") if isinstance(qc, dict) else qc
+        raise MissingInput(f"{src_dir} is a quantized export ({method}): its weights cannot go back to training; "
+                           "convert the unquantized export it was made from")
     fam = family_for_model_type(cfg.get("model_type"))
     if fam is None:
         try:
