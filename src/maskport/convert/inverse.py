@@ -127,10 +127,9 @@ def invert(layout: TrainingLayout, export: str = EXPORT) -> list[Rule]:
         fwd = _forward_op(rule)
         inv, merged = inverse_op(fwd)
         if merged:
-            # the merged weight is the layer's weight: named after the layer's adapter (``A``) tensor
-            ins = [i for i in inputs if parse_ref(i)[0] == layout.source]
-            layer = inputs[1] if isinstance(rule, LoraMerge) or isinstance(fwd, ops.Chain) else ins[0]
-            outs = (training_key(layer, layout.renames),)
+            # the merged weight is the layer's weight, named after the layer's adapter ``A`` tensor (a LoRA merge's
+            # inputs are always base weight, ``A``, ``B``)
+            outs = (training_key(inputs[1], layout.renames),)
         else:
             if len(trained) != len(inputs):
                 raise NotInvertible(f"{rule.describe()} mixes the training checkpoint with other inputs")
@@ -285,13 +284,14 @@ def _write(plan: Plan, source, out: Path, overwrite: bool, progress: bool) -> No
 
 def _via_native(src_dir: Path, fam, out_path: Path | None, *, dtype, dry_run, overwrite, allow_unsafe_pickle,
                 progress, **inputs) -> BackResult:
-    """A released folder: import it to a native export in a hidden folder beside the output (or beside the input
-    for a dry run), convert that, and remove it."""
+    """A released folder: import it to a native export in a hidden folder beside the output (for a dry run without
+    ``-o``, in the system's temporary folder), convert that, and remove it."""
     import os
+    import tempfile
 
     from .api import convert_released_folder
 
-    where = (out_path.parent if out_path is not None else src_dir.parent)
+    where = out_path.parent if out_path is not None else Path(tempfile.gettempdir())
     where.mkdir(parents=True, exist_ok=True)
     tmp = where / f".{(out_path or src_dir).name}.maskport-native-{os.getpid()}"
     if tmp.exists():
