@@ -461,3 +461,14 @@ def test_torch_zip_streams_one_tensor_at_a_time_and_checks_specs(tmp_path):
         save_tensors(tmp_path / "c.pth", specs[:2], iter([("t0", torch.zeros(256, 256))]))
     with pytest.raises(ValueError, match="cannot be written"):
         save_tensors(tmp_path / "d.pth", [("x", torch.complex64, (1,))], iter([]))
+
+
+def test_released_folder_dry_run_writes_nothing_beside_it(internvl_qwen, tmp_path):
+    from maskport.testing.sa2va_internvl import make_released_folder
+
+    fx, _ = internvl_qwen
+    rel = make_released_folder(fx, tmp_path / "released")
+    before = sorted(p.name for p in tmp_path.iterdir()), {p.name: sha(p) for p in rel.iterdir()}
+    res = back(rel, None, dry_run=True, sam2_config=fx.sam2_pt.with_suffix(".config.json"))
+    assert res.out is None and res.tensors > 0 and res.family == "sa2va-internvl"
+    assert (sorted(p.name for p in tmp_path.iterdir()), {p.name: sha(p) for p in rel.iterdir()}) == before
