@@ -41,8 +41,23 @@ def _family_options(command: str):
     """Click options for the inputs the families declare for ``command`` (``FamilySpec.inputs``), each once."""
     from .families import command_inputs
 
+    return _input_options(command_inputs(command))
+
+
+def _released_inputs():
+    """The inputs of every released-folder import command (hf-to-mmengine imports a released folder first)."""
+    from .families import command_inputs, released_commands
+
+    seen: dict = {}
+    for command in released_commands():
+        for opt in command_inputs(command):
+            seen.setdefault(opt.name, opt)
+    return _input_options(list(seen.values()))
+
+
+def _input_options(opts):
     def decorate(fn):
-        for opt in reversed(command_inputs(command)):
+        for opt in reversed(opts):
             kw: dict = {"help": opt.help, "default": None}
             if opt.kind == "path":
                 kw["type"] = click.Path(path_type=Path)
@@ -100,6 +115,44 @@ def convert_mmengine_to_hf_cmd(checkpoint, family, out, dtype, max_shard_size, s
         click.echo(json.dumps(res.report, indent=2))
         return
     _echo_conversion(res, dry_run)
+
+
+@convert.command("hf-to-mmengine")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), help="Output .pth file (must not exist).")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32", "bfloat16", "float16", "float32"]),
+              help="dtype of the floating tensors (default: the export's).")
+@click.option("--dry-run", is_flag=True, help="Plan and check coverage; write nothing.")
+@click.option("--overwrite", is_flag=True, help="Replace the output file if it exists (never an input).")
+@click.option("--allow-unsafe-pickle", is_flag=True,
+              help="DANGEROUS: unpickle .bin weights with full pickle (runs code from the file). Only for files you "
+                   "trust.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@_released_inputs()
+@_friendly
+def convert_hf_to_mmengine_cmd(folder, out, dtype, dry_run, overwrite, allow_unsafe_pickle, no_progress, **inputs):
+    """Convert a maskport export FOLDER (or a released folder that a family imports, e.g. a ByteDance Sa2VA
+    release) back into the .pth a Sa2VA training run loads as pretrained_pth to continue fine-tuning.
+
+    The .pth is a plain {name: tensor} dict of the trained tensors (language model, embeddings, LM head,
+    projector, SAM2 mask decoder, text_hidden_fcs) under the module names Sa2VA has before it wraps LoRA.
+    LoRA stays merged into the weights: the new run adds fresh LoRA on top. Frozen parts (vision tower, SAM2
+    encoder) are not written: the run loads them from its base model and SAM2 checkpoint. The --sam2-* options
+    apply to a released folder only (as in its import command)."""
+    from .convert.inverse import convert_hf_to_mmengine
+
+    res = convert_hf_to_mmengine(folder, out=out, dtype=dtype, dry_run=dry_run, overwrite=overwrite,
+                                 allow_unsafe_pickle=allow_unsafe_pickle, progress=not no_progress, **inputs)
+    click.echo(f"family: {res.family}")
+    click.echo(res.summary)
+    for n in res.notes:
+        click.echo(f"note: {n}")
+    click.echo(f"{res.tensors} trained tensor(s) kept, {res.dropped} frozen tensor(s) left to the base model and "
+               "SAM2 checkpoint")
+    if dry_run:
+        click.echo("dry run: plan is complete (every export tensor accounted for); nothing written")
+    else:
+        click.echo(f"wrote {res.out}")
 
 
 def _released_command(command: str, families: list) -> click.Command:

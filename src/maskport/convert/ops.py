@@ -132,6 +132,28 @@ def split_wqkv_shapes(shape: tuple[int, ...], num_heads: int, num_kv_heads: int)
     return [(num_heads * d, *rest), (num_kv_heads * d, *rest), (num_kv_heads * d, *rest)]
 
 
+def concat_wqkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, num_kv_heads: int) -> torch.Tensor:
+    """The inverse of :func:`split_wqkv`: Llama's ``q``, ``k``, ``v`` -> InternLM2's fused ``wqkv`` (rows grouped per
+    key-value head: that head's ``groups`` query heads, then its key head, then its value head)."""
+    shape = concat_wqkv_shapes(tuple(q.shape), tuple(k.shape), tuple(v.shape), num_heads, num_kv_heads)
+    groups, d = num_heads // num_kv_heads, q.shape[0] // num_heads
+    rest = tuple(q.shape[1:])
+    g = torch.cat([q.reshape(num_kv_heads, groups, d, *rest), k.reshape(num_kv_heads, 1, d, *rest),
+                   v.reshape(num_kv_heads, 1, d, *rest)], dim=1)
+    return g.reshape(shape).contiguous()
+
+
+def concat_wqkv_shapes(q: tuple[int, ...], k: tuple[int, ...], v: tuple[int, ...], num_heads: int,
+                       num_kv_heads: int) -> tuple[int, ...]:
+    if num_kv_heads <= 0 or num_heads % num_kv_heads:
+        raise ValueError(f"num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}")
+    q, k, v = tuple(q), tuple(k), tuple(v)
+    if q[0] % num_heads or k != v or k[0] * num_heads != q[0] * num_kv_heads or q[1:] != k[1:]:
+        raise ValueError(f"q {q}, k {k}, v {v} are not {num_heads} query and {num_kv_heads} key-value heads of "
+                         "one head size")
+    return (q[0] + 2 * k[0], *q[1:])
+
+
 def _groups_and_head_dim(shape: tuple[int, ...], num_heads: int, num_kv_heads: int) -> tuple[int, int]:
     if num_kv_heads <= 0 or num_heads % num_kv_heads:
         raise ValueError(f"num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}")
@@ -292,6 +314,22 @@ class GroupedQkvSplit(Op):
 
     def compute(self, xs):
         return split_wqkv(xs[0], self.num_heads, self.num_kv_heads)
+
+
+class GroupedQkvConcat(Op):
+    """The inverse of :class:`GroupedQkvSplit`: q, k, v (Llama's layout) -> the fused qkv grouped per key-value
+    head (InternLM2's ``wqkv``): :func:`concat_wqkv`."""
+
+    label = "concat_wqkv"
+
+    def __init__(self, num_heads: int, num_kv_heads: int):
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+
+    def shapes(self, shapes):
+        return [concat_wqkv_shapes(*(tuple(s) for s in shapes), self.num_heads, self.num_kv_heads)]
+
+    def compute(self, xs):
+        return [concat_wqkv(xs[0], xs[1], xs[2], self.num_heads, self.num_kv_heads)]
 
 
 class Chain(Op):

@@ -22,6 +22,7 @@ Rule kinds:
   parameters, equal to the base's or SAM2's copy): dropped once its values are checked equal to that copy; a
   copy that differs stops the conversion (:class:`~maskport.errors.ValueMismatch`). Runs after ordinary rules,
   on what they left unclaimed.
+- :class:`DropRest`: every tensor of a source that no earlier rule claimed, left out with a reason.
 - :class:`CopyRest`: every tensor of a source that no earlier rule claimed, renamed by a pattern. It runs
   after all other rules, so a table reads "these tensors are special; everything else is copied".
 """
@@ -277,6 +278,14 @@ class Drop(Rule):
 
     def make_step(self, b):
         return Step(self, (), (), None, superseded=(_ref(self.source, b),), reason=self.reason)
+
+
+@dataclass(frozen=True)
+class DropRest(Drop):
+    """Every not-yet-claimed tensor of ``source`` matching it, deliberately not written (runs after other rules,
+    like :class:`CopyRest`); ``reason`` goes into the report."""
+
+    claims_rest = True
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,11 @@ class Family:
     def prepare_released(self, folder: Path, options: ConvertOptions) -> Prepared:
         raise NotImplementedError
 
+    def training_layout(self, export_config: dict):
+        """What this family's training checkpoint holds, for an export with this ``config.json``: a
+        :class:`~maskport.convert.inverse.TrainingLayout` (``maskport convert hf-to-mmengine`` inverts it)."""
+        raise MissingInput(f"family {self.name} cannot be converted back to a training checkpoint")
+
     def quant_target(self):
         """The family's :class:`~maskport.quantize.targets.QuantTarget` (imported on first use)."""
         if self.spec.quant_target is None:

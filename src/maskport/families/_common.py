@@ -104,6 +104,15 @@ def open_released_qwen_vl(src_dir: Path, allow_unsafe_pickle: bool = False):
     return base, sam2
 
 
+# peft's names of an adapted module's tensors -> the module's own names (what a training run that loads pretrained
+# weights *before* wrapping its adapters reads): modules_to_save copies and LoRA'd layers become plain modules
+PEFT_UNWRAP = ((".modules_to_save.default.", "."), (".lora_A.default.", "."), (".base_layer.", "."))
+TRAINING_PTH_FROZEN = ("not trained (frozen): the training run builds it again from its base model and SAM2 "
+                       "checkpoint")
+TRAINING_PTH_NOTE = ("LoRA is merged into the layers' weights, saved under the un-wrapped module names: load it "
+                     "as pretrained_pth (before LoRA is wrapped); continued training adds fresh LoRA on top")
+
+
 def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())

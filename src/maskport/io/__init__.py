@@ -4,7 +4,9 @@
   ``2GiB`` = 2·2³⁰ bytes, as on the Hugging Face Hub);
 - :mod:`.safetensors`: the safetensors dtype table, the header reader and the header builder;
 - :mod:`.shards`: shard file names, greedy in-order packing into shards, ``model.safetensors.index.json``;
-- :mod:`.atomic`: :func:`atomic_output_dir`, a hidden temporary folder renamed into place on success.
+- :mod:`.torch_zip`: :func:`~.torch_zip.save_tensors`, torch's zip checkpoint format written one tensor at a time;
+- :mod:`.atomic`: :func:`atomic_output_dir`, a hidden temporary folder renamed into place on success, and
+  :func:`atomic_output_file`, the same for one file.
 
 :mod:`.safetensors` imports torch; it is loaded on first use of one of its names here, so that importing
 ``maskport.io`` for a size or a folder does not.
@@ -12,7 +14,7 @@
 
 from __future__ import annotations
 
-from .atomic import atomic_output_dir, old_dir, partial_dir
+from .atomic import atomic_output_dir, atomic_output_file, old_dir, partial_dir
 from .shards import INDEX_NAME, SINGLE_NAME, index_json, pack_shards, shard_filenames, write_index
 from .sizes import MAX_SIZE, UNITS, parse_size
 
@@ -28,5 +30,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["INDEX_NAME", "MAX_SIZE", "SINGLE_NAME", "UNITS", "atomic_output_dir", "index_json", "old_dir",
+__all__ = ["INDEX_NAME", "MAX_SIZE", "SINGLE_NAME", "UNITS", "atomic_output_dir", "atomic_output_file", "index_json", "old_dir",
            "pack_shards", "parse_size", "partial_dir", "shard_filenames", "write_index", *_SAFETENSORS_NAMES]

@@ -80,4 +80,32 @@ def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
         raise
 
 
-__all__ = ["atomic_output_dir", "old_dir", "partial_dir"]
+@contextmanager
+def atomic_output_file(out: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary file path beside ``out`` (``.NAME.maskport-partial-PID``); when the block succeeds, the
+    file is renamed onto ``out`` in one step (``os.replace``), so ``out`` is whole or absent (or the old file).
+
+    ``out`` existing is refused (:class:`~maskport.errors.MissingInput`) unless ``overwrite``, on entry and at the
+    end; an existing folder at ``out`` is always refused. On any exception the temporary file is removed."""
+    out = Path(out)
+    if out.is_dir():
+        raise MissingInput(f"output {out} is a folder; give a file name (e.g. {out / 'model.pth'})")
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise MissingInput(f"output file {out} already exists; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = partial_dir(out)
+    if tmp.exists() or tmp.is_symlink():
+        _remove(tmp)
+    try:
+        yield tmp
+        if (out.exists() or out.is_symlink()) and not overwrite:
+            raise MissingInput(f"output file {out} appeared while writing; nothing was replaced "
+                               "(pass --overwrite to replace it)")
+        os.replace(tmp, out)
+    except BaseException:
+        if tmp.exists() or tmp.is_symlink():
+            _remove(tmp)
+        raise
+
+
+__all__ = ["atomic_output_dir", "atomic_output_file", "old_dir", "partial_dir"]

@@ -431,3 +431,13 @@ class Sa2VAInternVL(Family):
         return Prepared(sources={"base": base, "sam2": sam2}, rules=table, expected=expected,
                         export_config=config.to_dict(), write_files=write_files, notes=notes, settings=settings)
 
+    def training_layout(self, export_config: dict):
+        from .mapping import training_layout
+
+        text = ((export_config.get("mllm_config") or {}).get("text_config") or {})
+        llm = (export_config.get("maskport") or {}).get("llm")
+        if llm not in ("qwen2", "internlm2") or "num_attention_heads" not in text:
+            raise UnreadableFile("the export's config.json has no maskport.llm / mllm_config.text_config: not an "
+                                 f"export of family {NAME}?")
+        heads = int(text["num_attention_heads"])
+        return training_layout(llm, heads, int(text.get("num_key_value_heads") or heads))

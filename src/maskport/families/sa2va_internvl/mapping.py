@@ -162,3 +162,22 @@ def rules(layout: str, llm: str, *, base: BaseLayout, projector_trained: bool, l
         Rename(target="text_hidden_fcs.{rest}", source=fcs_source + ":text_hidden_fcs.{rest}"),  # 4. [SEG] projection
         *sam2map.sam2_rules(target_prefix="sam2.", mask_decoder_from=decoder_from),          # 5. SAM2
     ]
+
+
+def training_layout(llm: str, num_heads: int, num_kv_heads: int):
+    """What a Sa2VA-InternVL training checkpoint holds (``maskport convert hf-to-mmengine`` inverts it), under the
+    names Sa2VA's ``Sa2VAModel`` loads ``pretrained_pth`` with: InternVL's remote-code ``InternVLChatModel``
+    (the layout Sa2VA trains, whatever the export's base was) before LoRA is wrapped, so the peft prefix
+    ``mllm.model.language_model.base_model.model.`` is ``mllm.model.language_model.``. Every linear of the language
+    model is taken as LoRA-trained (merged), the projector as trained."""
+    from ...convert.inverse import TrainingLayout
+    from .._common import PEFT_UNWRAP, TRAINING_PTH_FROZEN, TRAINING_PTH_NOTE
+
+    head = "output.weight" if llm == "internlm2" else "lm_head.weight"
+    base = BaseLayout(REMOTE, "base:language_model.", "base:language_model.model.", "base:language_model." + head)
+    lora = set(internlm2_llama.LINEARS) | {internlm2_llama.QKV} if llm == "internlm2" else {"all"}
+    table = rules(REMOTE, llm, base=base, projector_trained=True, lora_modules=lora,
+                  text_cfg={"num_attention_heads": num_heads, "num_key_value_heads": num_kv_heads})
+    return TrainingLayout(rules=table, source="ckpt",
+                          renames=((PEFT.split(":", 1)[1], "mllm.model.language_model."), *PEFT_UNWRAP),
+                          frozen_reason=TRAINING_PTH_FROZEN, notes=(TRAINING_PTH_NOTE,))

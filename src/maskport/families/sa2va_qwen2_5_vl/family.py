@@ -189,6 +189,11 @@ class Sa2VAQwen25VL(Family):
                         rules=rules(base_has_lm_head=base_has_lm_head, lora_scaling=scaling), expected=expected, export_config=config.to_dict(),
                         write_files=write_files, notes=notes, settings=settings)
 
+    def training_layout(self, export_config: dict):
+        from .mapping import training_layout
+
+        return training_layout()
+
 
     # ---- released Sa2VA HF folders (ByteDance's Sa2VA Qwen releases) ----------------------------------------
     def claims_released(self, folder_config: dict) -> bool:
@@ -303,4 +308,3 @@ def _iter_raw(obj: Any, path: str = ""):
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
             yield from _iter_raw(v, f"{path}[{i}]")
-
