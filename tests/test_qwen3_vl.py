@@ -317,3 +317,31 @@ def test_a_checkpoint_without_training_config_needs_the_family_flag(fx3, export3
     res = convert_mmengine_to_hf(folder, out=tmp_path / "forced", family=NAME, **kw)
     a, b = _tensors(res.out_dir), _tensors(export3_bf16.out_dir)
     assert sorted(a) == sorted(b) and [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+def test_back_to_training_pth_gives_peft_merge_of_the_trained_model(fx3, export3_fp32, tmp_path):
+    """hf-to-mmengine on this family: export -> .pth holds every tensor the training checkpoint holds, under its
+    un-wrapped name, equal to peft's own merge of the fixture's trained model (LoRA'd linears within 1e-6, the rest
+    bit-equal), and nothing frozen."""
+    from maskport.convert.inverse import convert_hf_to_mmengine
+    from tests.test_hf_to_mmengine import _qwen_merged_reference, load, unwrapped
+
+    out = tmp_path / "sa2va_qwen3.pth"
+    res = convert_hf_to_mmengine(export3_fp32.out_dir, out=out, progress=False)
+    sd = load(out)
+    ckpt = torch.load(fx3.ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    trained = {unwrapped(k) for k in ckpt}
+    assert trained <= set(sd), sorted(trained - set(sd))[:5]
+    ref = _qwen_merged_reference(fx3)
+    assert set(sd) <= set(ref), sorted(set(sd) - set(ref))[:5]
+    lora_layers = {unwrapped(k) for k in ckpt if ".lora_A." in k}
+    assert lora_layers
+    for k, v in sd.items():
+        assert tuple(v.shape) == tuple(ref[k].shape), k
+        if k in lora_layers:
+            torch.testing.assert_close(v, ref[k].float(), rtol=0, atol=1e-6)
+        else:
+            assert torch.equal(v, ref[k].float()), k
+    assert not any(k.startswith(("mllm.model.model.visual.", "grounding_encoder.sam2_model.image_encoder."))
+                   for k in sd)
+    assert res.tensors == len(sd)

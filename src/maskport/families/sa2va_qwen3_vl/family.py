@@ -192,6 +192,11 @@ class Sa2VAQwen3VL(Family):
                         write_files=write_files, notes=notes, settings=settings)
 
 
+    def training_layout(self, export_config: dict):
+        from .mapping import training_layout
+
+        return training_layout()
+
     # ---- released Sa2VA HF folders (ByteDance's Sa2VA Qwen releases) ----------------------------------------
     def claims_released(self, folder_config: dict) -> bool:
         return released_qwen_vl_generation(folder_config) == GENERATION

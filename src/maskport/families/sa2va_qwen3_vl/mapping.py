@@ -68,3 +68,15 @@ def released_rules() -> list:
         *sam2map.sam2_rules(target_prefix="sam2."),
         CopyRest(target="mllm.{rest}", source="base:{rest}"),
     ]
+
+
+def training_layout():
+    """What a Sa2VA-Qwen3-VL training checkpoint holds (``maskport convert hf-to-mmengine`` inverts it), under the
+    names Sa2VA's model loads ``pretrained_pth`` with: before it wraps LoRA, so the peft prefix
+    ``mllm.model.base_model.model.`` is ``mllm.model.`` and adapted modules have their plain names."""
+    from ...convert.inverse import TrainingLayout
+    from .._common import PEFT_UNWRAP, TRAINING_PTH_FROZEN, TRAINING_PTH_NOTE
+
+    return TrainingLayout(rules=rules(lora_scaling=None), source="ckpt",
+                          renames=((PEFT.split(":", 1)[1], "mllm.model."), *PEFT_UNWRAP),
+                          frozen_reason=TRAINING_PTH_FROZEN, notes=(TRAINING_PTH_NOTE,))
