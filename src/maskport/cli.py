@@ -143,4 +143,6 @@ main.add_command(demo_command, "demo")
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    from .cli_errors import entry
+
+    entry()

@@ -26,12 +26,10 @@ LORA_INPUTS = (
 
 
 def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise MissingInput(f"{path} is missing") from None
-    except ValueError as exc:
-        raise UnreadableFile(f"{path}: not valid JSON ({exc})") from exc
+    """A JSON object from an input folder (bounded, duplicate keys refused; :mod:`maskport.io.jsonfile`)."""
+    from ..io.jsonfile import read_json_file
+
+    return read_json_file(path)
 
 
 def copy_export_code(out: Path, spec: FamilySpec) -> list[str]:
@@ -98,7 +96,12 @@ def lora_settings(ckpt: TrainingCheckpoint, cfg: TrainingConfig, options: Conver
     if r is not None and alpha is None:
         raise MissingInput("LoRA alpha is unknown: the checkpoint has no training config with lora_alpha; "
                            "pass --lora-alpha (Sa2VA configs use 2*r, e.g. 256 for r=128)")
-    scaling = lora_scaling(alpha, r, rslora) if r is not None else None
+    try:
+        scaling = lora_scaling(alpha, r, rslora) if r is not None else None
+    except ValueError as exc:
+        where = "--lora-alpha" if options.lora_alpha is not None else \
+            f"the training config ({cfg.found_in.get('lora', 'lora settings')})"
+        raise MissingInput(f"{where}: {exc}; pass a finite --lora-alpha") from None
     return r, alpha, rslora, scaling
 
 
