@@ -25,8 +25,10 @@ def os_error_line(exc: BaseException) -> str:
         where = f" writing {exc.filename}" if exc.filename else ""
         return (f"no space left on the device{where}; free space (or choose another -o) and rerun "
                 f"(nothing was written in place of the output)")
-    if isinstance(exc, OSError) and exc.errno == errno.EACCES:
-        return f"permission denied: {exc.filename or exc}"
+    if isinstance(exc, OSError) and exc.errno == errno.EFBIG:
+        return f"file too large for the output's file system or the process's file size limit: {exc.filename or exc}"
+    if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{exc.strerror or 'permission denied'}: {exc.filename or exc}"
     if isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG:
         return f"file name too long: {str(exc.filename or '')[:120]}..."
     return f"{type(exc).__name__}: {exc}"
@@ -44,11 +46,20 @@ def entry() -> None:
 
     code = 0
     try:
-        main(standalone_mode=True)
+        rv = main(standalone_mode=False)
+        code = rv if isinstance(rv, int) else 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
         if isinstance(exc.code, str):
             click.echo(exc.code, err=True)
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except click.ClickException as exc:  # a usage error: one line too (click's own shows usage + "Error:")
+        click.echo(f"error: {' '.join(exc.format_message().split())}", err=True)
+        code = 2
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo("error: interrupted", err=True)
+        code = 2
     finally:
         stop_background_threads()
     if code:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .. import __version__
-from ..errors import MissingInput, UnreadableFile, WrongFamily
+from ..errors import MaskportError, MissingInput, UnreadableFile, WrongFamily
 from ..families import MMENGINE_TO_HF, ConvertOptions, Family, detect_family, get_family
 from .plan import Plan, build_plan
 from .report import coverage, format_table, plan_entries
@@ -65,6 +65,13 @@ def family_options(fam: Family, command: str, inputs: dict[str, Any], allow_unsa
     return ConvertOptions(declared, inputs, allow_unsafe_pickle=allow_unsafe_pickle)
 
 
+try:  # transformers' config classes validate fields with huggingface_hub's strict dataclasses
+    from huggingface_hub.errors import StrictDataclassError as _StrictError
+except ImportError:  # pragma: no cover
+    class _StrictError(Exception):
+        pass
+
+
 @contextlib.contextmanager
 def structure_errors(family: str, inputs):
     """A backstop for a family's input checks: an input file of the wrong shape that a family's reader did not
@@ -72,12 +79,22 @@ def structure_errors(family: str, inputs):
     :class:`UnreadableFile` line naming the inputs and the failing field, instead of a traceback."""
     try:
         yield
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as exc:
+    except MaskportError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError, _StrictError) as exc:
         names = ", ".join(str(p) for p in inputs if p is not None)
         what = f"missing field {exc.args[0]!r}" if isinstance(exc, KeyError) and exc.args else \
             f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
         raise UnreadableFile(f"an input of family {family} does not have the structure it expects ({what}); "
                              f"inputs: {names}") from exc
+
+
+def _path_inputs(command: str, inputs: dict[str, Any]) -> list:
+    """The given values of the inputs the families declare as paths for ``command``."""
+    from ..families import command_inputs
+
+    paths = {o.name for o in command_inputs(command) if o.kind == "path"}
+    return [v for k, v in inputs.items() if k in paths and v is not None]
 
 
 def _training_dtype(source) -> torch.dtype:
@@ -120,6 +137,8 @@ def convert_mmengine_to_hf(
     """
     t0 = time.time()
     out_dir, shard_bytes = _check_output_options(out, dtype, max_shard_size, dry_run, overwrite)
+    if out_dir is not None and not dry_run:  # before anything is opened
+        check_output_apart(out_dir, [ckpt, *_path_inputs(MMENGINE_TO_HF, inputs)])
     if family:
         fam = get_family(family)
         family_options(fam, MMENGINE_TO_HF, inputs, allow_unsafe_pickle)  # bad inputs refused before any is opened
@@ -246,6 +265,8 @@ def convert_released_folder(
     if not src_dir.is_dir():
         raise MissingInput(f"released model folder {src_dir} does not exist (or is not a folder)")
     out_dir, shard_bytes = _check_output_options(out, dtype, max_shard_size, dry_run, overwrite)
+    if out_dir is not None and not dry_run:
+        check_output_apart(out_dir, [src_dir, *_path_inputs(command, inputs)])
     fam = detect_released_family(src_dir, read_json(src_dir / "config.json"), command)
     options = family_options(fam, command, inputs, allow_unsafe_pickle)
     with structure_errors(fam.name, [src_dir, *options.paths().values()]):

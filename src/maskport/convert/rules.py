@@ -358,4 +358,6 @@ def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
         raise ValueError(f"LoRA alpha {alpha!r} is not a number") from exc
     if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and math.isfinite(s)):
         raise ValueError(f"LoRA alpha {alpha!r} gives a non-finite scaling {s!r}")
+    if abs(s) > 3.4e38:  # the merge runs in float32
+        raise ValueError(f"LoRA alpha {alpha!r} gives a scaling {s!r}, non-finite in float32 (the merge's dtype)")
     return s

@@ -742,6 +742,10 @@ def write_shards(
                 _prefetched.step = ld
                 try:
                     outs = run_step(ps, plan)
+                except RuntimeError as exc:  # e.g. a scaling that overflows the dtype inside the merge
+                    pool.give(ld.held, ld.reserve)
+                    raise NonFiniteOutput(f"{ps.step.targets[0]}: computing it failed "
+                                          f"({' '.join(str(exc).split())[:200]}); nothing was written") from exc
                 except BaseException:
                     pool.give(ld.held, ld.reserve)
                     raise

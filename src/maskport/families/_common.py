@@ -68,14 +68,53 @@ def write_export_files(out: Path, *, spec: FamilySpec, config, tokenizer, base_d
     config.save_pretrained(out)
     written = ["config.json", *copy_export_code(out, spec)]
     tokenizer.save_pretrained(out)
-    written += tokenizer_files(out)
     for f in spec.base_files:
         if (base_dir / f).is_file():
             shutil.copy2(base_dir / f, out / f)
             written.append(f)
+    drop_foreign_auto_map(out)
+    written += tokenizer_files(out)
     write_generation_config(base_dir, out, tokenizer, template)
     written.append("generation_config.json")
     return sorted(set(written))
+
+
+def drop_foreign_auto_map(out: Path) -> list[str]:
+    """Remove from the export's ``tokenizer_config.json`` the ``auto_map`` entries that name code the export does
+    not hold (a base folder's remote tokenizer class, e.g. ``tokenization_internlm2.InternLM2Tokenizer``): with
+    them, ``AutoTokenizer.from_pretrained(export, trust_remote_code=True)`` looks for a missing module. The export
+    loads with the files it holds. Returns the entries removed."""
+    path = out / "tokenizer_config.json"
+    if not path.is_file():
+        return []
+    data = json.loads(path.read_text())
+    amap = data.get("auto_map")
+    if amap is None:
+        return []
+
+    def present(ref) -> bool:
+        if ref is None:
+            return True
+        if not isinstance(ref, str) or "." not in ref:
+            return False
+        module = ref.split("--")[-1].rsplit(".", 1)[0]  # "repo--module.Class" names another repository's code
+        return "--" not in ref and (out / f"{module}.py").is_file()
+
+    removed = []
+    if isinstance(amap, dict):
+        for key, ref in list(amap.items()):
+            refs = ref if isinstance(ref, (list, tuple)) else [ref]
+            if not all(present(r) for r in refs):
+                removed.append(key)
+                del amap[key]
+        if not amap:
+            data.pop("auto_map")
+    else:
+        data.pop("auto_map")
+        removed.append("auto_map")
+    if removed:
+        path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    return removed
 
 
 def lora_settings(ckpt: TrainingCheckpoint, cfg: TrainingConfig, options: ConvertOptions):

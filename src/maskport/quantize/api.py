@@ -72,6 +72,11 @@ def _check_export(export_dir: Path) -> tuple[dict, QuantTarget]:
     from ..io.jsonfile import read_json_file
 
     cfg = read_json_file(cfg_path, what="export config")
+    index = export_dir / "model.safetensors.index.json"
+    if index.is_file():
+        from ..io.shards import read_weight_map
+
+        read_weight_map(index)  # shard names stay inside the folder, every shard present
     if not isinstance(cfg.get("model_type"), (str, type(None))):
         raise UnreadableFile(f"{cfg_path}: field 'model_type' should be a string")
     target = target_for(cfg.get("model_type"), str(export_dir))

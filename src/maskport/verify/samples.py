@@ -54,7 +54,7 @@ def open_image(path: Path, what: str = "image"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             old = Image.MAX_IMAGE_PIXELS
-            Image.MAX_IMAGE_PIXELS = max(limit, old or 0)  # PIL's own check stays as a second line
+            Image.MAX_IMAGE_PIXELS = None  # the limit is checked below, before decoding, with our message
             try:
                 im = Image.open(path)
             finally:
