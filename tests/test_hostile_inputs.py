@@ -228,7 +228,7 @@ case("st-duplicate-tensor-names", "duplicate key")(_base_st(None, raw=st_bytes(
     b'"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}', b"\0" * 8)))
 case("st-metadata-not-strings", "__metadata__")(_base_st({"__metadata__": {"a": 1}, "w": GOOD_ENTRY}, b"\0" * 8))
 case("st-entry-extra-field", "malformed entry")(_base_st({"w": {**GOOD_ENTRY, "code": "x"}}, b"\0" * 8))
-case("st-not-json", "not valid JSON")(_base_st(None, raw=st_bytes(b"\x80\x81 not json", b"")))
+case("st-not-json", "not JSON")(_base_st(None, raw=st_bytes(b"\x80\x81 not json", b"")))
 
 
 @case("st-many-zero-size-tensors", "problem")
@@ -634,7 +634,7 @@ case("v-image-dev-zero", "regular file")(_v([{"image": "/dev/zero", "prompt": "x
 case("v-image-empty-name", "'image'")(_v([{"image": "", "prompt": "x"}]))
 case("v-image-unicode-missing", "does not exist")(_v([{"image": "изображение-🖼-" + "ж" * 50 + ".png",
                                                        "prompt": "x"}]))
-case("v-samples-garbage-text", "not valid JSON")(_v(b"\xff\xfe\xfa".decode("latin-1")))
+case("v-samples-garbage-text", "not JSON")(_v(b"\xff\xfe\xfa".decode("latin-1")))
 case("v-max-image-pixels-small", "above the limit")(
     _v([{"image": "img.png", "prompt": "<image>x"}], "--max-image-pixels", "10"))
 case("v-generation-kwargs-deep", "--generation-kwargs")(

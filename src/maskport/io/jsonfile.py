@@ -62,7 +62,7 @@ def loads_bounded(text: str | bytes, *, max_bytes: int = JSON_MAX_BYTES, max_dep
     except RecursionError:
         raise JsonError(f"nested deeper than {max_depth} levels") from None
     except (ValueError, UnicodeDecodeError) as exc:
-        raise JsonError(f"not valid JSON ({str(exc)[:200]})") from None
+        raise JsonError(f"not JSON ({str(exc)[:200]})") from None
     _depth(data, max_depth)
     return data
 

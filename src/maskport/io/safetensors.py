@@ -109,7 +109,7 @@ def _short(obj: object) -> str:
 def parse_header(header: object, file: Path, data_start: int, size: int) -> tuple[dict[str, StEntry], dict[str, str]]:
     """Check a parsed safetensors header (as the safetensors library does): entries well-formed, dtypes known,
     shapes non-negative ints, each tensor's span exactly its bytes, spans contiguous from byte 0 without overlap
-    or gap, data inside the file, metadata strings. :class:`UnreadableFile` naming the file and the tensor."""
+    or gap, covering the data exactly to the end of the file, metadata strings. :class:`UnreadableFile` naming the file and the tensor."""
 
     def bad(why: str) -> UnreadableFile:
         return UnreadableFile(f"{file}: not a readable safetensors file ({why})")
@@ -152,6 +152,9 @@ def parse_header(header: object, file: Path, data_start: int, size: int) -> tupl
             raise bad(f"tensor {name}: data_offsets [{begin}, {end}] {why} (tensor spans must be contiguous and "
                       f"must not overlap)")
         pos = end
+    if data_start + pos != size:
+        raise bad(f"{size - data_start - pos} bytes after the last tensor's data (the tensors must cover the file "
+                  f"exactly, as the safetensors library requires)")
     return entries, metadata
 
 
