@@ -204,7 +204,8 @@ def plan_and_write(prepared, *, family: str, mapping_version: str, inputs: dict,
     _check_free_space(out_dir, plan.total_bytes())
     bg = input_sha256[1] if input_sha256 is not None else None
     try:
-        with atomic_output_dir(out_dir, overwrite=True, inputs=input_paths) as tmp:  # (an existing -o was refused unless --overwrite)
+        with atomic_output_dir(out_dir, overwrite=True, inputs=input_paths,
+                               log=lambda line: print(f"note: {line}", file=sys.stderr)) as tmp:  # (an existing -o was refused unless --overwrite)
             bar = None
             if progress:
                 from tqdm.auto import tqdm
