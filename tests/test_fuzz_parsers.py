@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from maskport.errors import MaskportError  # noqa: E402
@@ -189,6 +189,7 @@ def test_pickle_loader_arbitrary_bytes(tmp_path, raw):
 
 @fuzz(250)
 @given(st.lists(st.tuples(st.integers(0, 10 ** 6), st.integers(0, 255)), min_size=1, max_size=8))
+@example(flips=[(49204, 2)])  # found by a 10x run: zipfile.is_zipfile raised BadZipFile ("span multiple disks")
 def test_pickle_loader_mutated_torch_files(tmp_path, flips):
     from maskport.convert.safe_load import safe_torch_load
 

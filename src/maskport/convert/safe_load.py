@@ -113,7 +113,7 @@ def is_zip_file(path: str | Path) -> bool:
     """Whether ``path`` is in torch's zip format (which :func:`safe_torch_load` memory-maps)."""
     try:
         return zipfile.is_zipfile(path)
-    except OSError:
+    except Exception:  # noqa: BLE001 - is_zipfile itself raises BadZipFile for some corrupt end records
         return False
 
 
