@@ -74,3 +74,18 @@ def test_killed_runs_leftovers_are_settled(tmp_path):
     assert len(done) == 3 and any("restored" in d for d in done)
     assert (out / "weights").read_text() == "the previous export"  # put back: the new one never arrived
     assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_full_disk_is_one_line_naming_the_output_and_nothing_is_left(tmp_path):
+    import errno
+
+    from maskport.cli_errors import os_error_line
+
+    out = tmp_path / "out"
+    with pytest.raises(OSError) as ei:
+        with atomic_output_dir(out) as tmp:
+            (tmp / "model.safetensors").write_bytes(b"x" * 10)
+            raise OSError(errno.ENOSPC, "No space left on device")  # what os.write raises on a full disk
+    line = os_error_line(ei.value)
+    assert "no space left" in line and str(out) in line and "\n" not in line
+    assert os.listdir(tmp_path) == []
