@@ -546,6 +546,27 @@ def _(ctx, d):
     return conv(ctx, d), {"fsize": 64 << 10}  # any file past 64 KiB fails (EFBIG), as a full disk would
 
 
+# ------------------------------------------------------------------------------------------------ convert: released
+
+
+def _released(cfg):
+    def build(ctx, d):
+        f = d / "released"
+        f.mkdir()
+        write(f / "config.json", cfg if isinstance(cfg, str) else json.dumps(cfg))
+        shutil.copy(ctx.fx.base_dir / "model.safetensors", f / "model.safetensors")
+        return ["convert", "sa2va-hf-to-native", str(f), "-o", str(d / "out"), "--no-progress"]
+    return build
+
+
+case("released-config-list", "config.json")(_released("[1]"))
+case("released-config-no-vision-config", "structure")(_released(
+    {"model_type": "sa2va_chat", "llm_config": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}}))
+case("released-config-llm-config-list", "structure")(_released({"model_type": "sa2va_chat", "llm_config": [1]}))
+case("released-folder-missing", "does not exist")(
+    lambda ctx, d: ["convert", "sa2va-hf-to-native", str(d / "nope"), "-o", str(d / "out")])
+
+
 # ------------------------------------------------------------------------------------------------ quantize
 
 
