@@ -195,4 +195,9 @@ def test_killed_run_leaves_only_a_hidden_partial_folder(fx, tmp_path):
     p.wait()
     assert not (tmp_path / "out").exists()
     leftovers = [x.name for x in tmp_path.iterdir()]
-    assert all(n.startswith(".out.maskport-partial-") for n in leftovers), leftovers
+    assert all(n.startswith(".out.maskport-partial-") or n == ".out.maskport-lock" for n in leftovers), leftovers
+    assert any(n.startswith(".out.maskport-partial-") for n in leftovers), leftovers
+    # the next run to the same -o cleans what the killed one left (its lock died with it) and succeeds
+    r = run(*convert_args(fx, tmp_path / "out"))
+    assert r.exit_code == 0, r.output
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["out"]

@@ -198,4 +198,6 @@ main.add_command(serve_command, "serve")
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    from .cli_errors import entry
+
+    entry()

@@ -52,6 +52,10 @@ class UnsupportedCheckpoint(MaskportError):
     """A checkpoint format that maskport recognises but cannot convert yet (e.g. DeepSpeed ZeRO-3)."""
 
 
+class NonFiniteOutput(MaskportError):
+    """A computed export tensor holds NaN/inf although every input it was computed from is finite."""
+
+
 class PlanError(MaskportError):
     """Several problems found while planning; the message lists them all."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -12,13 +13,13 @@ from typing import Any
 import torch
 
 from .. import __version__
-from ..errors import MissingInput, WrongFamily
+from ..errors import MaskportError, MissingInput, UnreadableFile, WrongFamily
 from ..families import MMENGINE_TO_HF, ConvertOptions, Family, detect_family, get_family
 from .plan import Plan, build_plan
 from .report import coverage, format_table, plan_entries
 from .sources import open_training_checkpoint
 from .training_config import TrainingConfig
-from ..io import atomic_output_dir, parse_size
+from ..io import atomic_output_dir, check_output_apart, parse_size
 from .writer import write_shards
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
@@ -64,6 +65,38 @@ def family_options(fam: Family, command: str, inputs: dict[str, Any], allow_unsa
     return ConvertOptions(declared, inputs, allow_unsafe_pickle=allow_unsafe_pickle)
 
 
+try:  # transformers' config classes validate fields with huggingface_hub's strict dataclasses
+    from huggingface_hub.errors import StrictDataclassError as _StrictError
+except ImportError:  # pragma: no cover
+    class _StrictError(Exception):
+        pass
+
+
+@contextlib.contextmanager
+def structure_errors(family: str, inputs):
+    """A backstop for a family's input checks: an input file of the wrong shape that a family's reader did not
+    check (a ``KeyError``/``TypeError``/... from valid JSON or pickle holding other types) becomes one
+    :class:`UnreadableFile` line naming the inputs and the failing field, instead of a traceback."""
+    try:
+        yield
+    except MaskportError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError, _StrictError) as exc:
+        names = ", ".join(str(p) for p in inputs if p is not None)
+        what = f"missing field {exc.args[0]!r}" if isinstance(exc, KeyError) and exc.args else \
+            f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+        raise UnreadableFile(f"an input of family {family} does not have the structure it expects ({what}); "
+                             f"inputs: {names}") from exc
+
+
+def _path_inputs(command: str, inputs: dict[str, Any]) -> list:
+    """The given values of the inputs the families declare as paths for ``command``."""
+    from ..families import command_inputs
+
+    paths = {o.name for o in command_inputs(command) if o.kind == "path"}
+    return [v for k, v in inputs.items() if k in paths and v is not None]
+
+
 def _training_dtype(source) -> torch.dtype:
     counts: dict[torch.dtype, int] = {}
     for k in source.keys():
@@ -104,6 +137,8 @@ def convert_mmengine_to_hf(
     """
     t0 = time.time()
     out_dir, shard_bytes = _check_output_options(out, dtype, max_shard_size, dry_run, overwrite)
+    if out_dir is not None and not dry_run:  # before anything is opened
+        check_output_apart(out_dir, [ckpt, *_path_inputs(MMENGINE_TO_HF, inputs)])
     if family:
         fam = get_family(family)
         family_options(fam, MMENGINE_TO_HF, inputs, allow_unsafe_pickle)  # bad inputs refused before any is opened
@@ -119,7 +154,8 @@ def convert_mmengine_to_hf(
         raise WrongFamily(f"{ckpt}: this checkpoint's keys do not look like family {fam.name} "
                           f"(keys like {', '.join(sorted(tc.source.keys())[:3])})")
     options = family_options(fam, MMENGINE_TO_HF, inputs, allow_unsafe_pickle)
-    prepared = fam.prepare(tc, cfg, options)
+    with structure_errors(fam.name, [ckpt, *options.paths().values()]):
+        prepared = fam.prepare(tc, cfg, options)
     out_dtype = DTYPES[dtype] if dtype else (tc.dtype_hint or _training_dtype(tc.source))
 
     inputs_report = {"checkpoint": {"path": str(ckpt), "format": tc.format},
@@ -139,6 +175,9 @@ def plan_and_write(prepared, *, family: str, mapping_version: str, inputs: dict,
     report and a model card, and rename the folder into place. ``input_sha256``: (an ``inputs`` entry, a
     background hash of that input) to record. ``checksums``: record each shard's sha256 (costs ~1 s per 1.5 GB of
     CPU)."""
+    input_paths = [v["path"] for v in inputs.values() if isinstance(v, dict) and v.get("path")]
+    if out_dir is not None and not dry_run:
+        check_output_apart(out_dir, input_paths)  # before any work; again when the output is opened
     # 3. plan and validate
     plan = build_plan(prepared.rules, prepared.sources, out_dtype=out_dtype,
                       expected=prepared.expected)
@@ -162,8 +201,11 @@ def plan_and_write(prepared, *, family: str, mapping_version: str, inputs: dict,
 
     # 4. stream into a temporary folder, then rename into place
     assert out_dir is not None
+    _check_free_space(out_dir, plan.total_bytes())
+    bg = input_sha256[1] if input_sha256 is not None else None
     try:
-        with atomic_output_dir(out_dir, overwrite=True) as tmp:  # (an existing -o was refused unless --overwrite)
+        with atomic_output_dir(out_dir, overwrite=True, inputs=input_paths,
+                               log=lambda line: print(f"note: {line}", file=sys.stderr)) as tmp:  # (an existing -o was refused unless --overwrite)
             bar = None
             if progress:
                 from tqdm.auto import tqdm
@@ -184,6 +226,10 @@ def plan_and_write(prepared, *, family: str, mapping_version: str, inputs: dict,
             report["seconds"] = round(time.time() - t0, 3)
             (tmp / "conversion_report.json").write_text(json.dumps(report, indent=2) + "\n")
             (tmp / "README.md").write_text(_model_card(report))
+    except BaseException:
+        if isinstance(bg, _Background):
+            bg.stop()
+        raise
     finally:
         for s in prepared.sources.values():
             s.close()
@@ -220,9 +266,12 @@ def convert_released_folder(
     if not src_dir.is_dir():
         raise MissingInput(f"released model folder {src_dir} does not exist (or is not a folder)")
     out_dir, shard_bytes = _check_output_options(out, dtype, max_shard_size, dry_run, overwrite)
+    if out_dir is not None and not dry_run:
+        check_output_apart(out_dir, [src_dir, *_path_inputs(command, inputs)])
     fam = detect_released_family(src_dir, read_json(src_dir / "config.json"), command)
     options = family_options(fam, command, inputs, allow_unsafe_pickle)
-    prepared = fam.prepare_released(src_dir, options)
+    with structure_errors(fam.name, [src_dir, *options.paths().values()]):
+        prepared = fam.prepare_released(src_dir, options)
     out_dtype = DTYPES[dtype] if dtype else _training_dtype(prepared.sources["base"])
     return plan_and_write(prepared, family=fam.name, mapping_version=fam.mapping_version,
                           inputs={"released_folder": {"path": str(src_dir)},
@@ -236,23 +285,49 @@ def convert_sa2va_hf_to_native(src: str | Path, **kwargs: Any) -> ConversionResu
     return convert_released_folder(src, command="sa2va-hf-to-native", **kwargs)
 
 
+def _check_free_space(out_dir: Path, needed: int) -> None:
+    """Refuse to start writing when the output's file system has less free space than the tensors need."""
+    import shutil
+
+    parent = Path(out_dir).absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    try:
+        free = shutil.disk_usage(parent).free
+    except OSError:
+        return
+    if free < needed:
+        raise MissingInput(f"not enough free space for {out_dir}: the tensors need {needed / 1e9:.2f} GB, "
+                           f"{free / 1e9:.2f} GB are free on its file system")
+
+
 class _Background:
-    """Runs ``fn`` on a daemon thread; :meth:`result` waits for it and returns (or raises) its outcome."""
+    """Runs ``fn(stop=event)`` on a daemon thread; :meth:`result` waits for it and returns (or raises) its outcome;
+    :meth:`stop` sets the event and joins the thread (registered with the CLI, so that no thread is left running
+    while the process exits)."""
 
     def __init__(self, fn):
         import threading
 
+        from ..io.exit import register_stopper
+
         self._out: Any = None
         self._exc: BaseException | None = None
+        self._stop = threading.Event()
 
         def run():
             try:
-                self._out = fn()
+                self._out = fn(stop=self._stop)
             except BaseException as exc:  # noqa: BLE001 - re-raised by result()
                 self._exc = exc
 
         self._thread = threading.Thread(target=run, name="maskport-sha256-input", daemon=True)
         self._thread.start()
+        register_stopper(self.stop)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
 
     def result(self):
         self._thread.join()

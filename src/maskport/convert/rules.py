@@ -357,5 +357,16 @@ def prefixed(prefix: str, rules: Sequence[Rule], *, source: str | None = None) -
 
 
 def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
-    """peft's LoRA scaling: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
-    return alpha / math.sqrt(r) if use_rslora else alpha / r
+    """peft's LoRA scaling: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA. ``ValueError`` for a non-finite
+    alpha or scaling, or a rank below 1 (an export full of NaN/inf weights must not be written)."""
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise ValueError(f"LoRA rank r={r!r} must be a positive integer")
+    try:
+        s = alpha / math.sqrt(r) if use_rslora else alpha / r
+    except (TypeError, OverflowError) as exc:
+        raise ValueError(f"LoRA alpha {alpha!r} is not a number") from exc
+    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and math.isfinite(s)):
+        raise ValueError(f"LoRA alpha {alpha!r} gives a non-finite scaling {s!r}")
+    if abs(s) > 3.4e38:  # the merge runs in float32
+        raise ValueError(f"LoRA alpha {alpha!r} gives a scaling {s!r}, non-finite in float32 (the merge's dtype)")
+    return s

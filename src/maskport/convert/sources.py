@@ -38,6 +38,7 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from ..errors import MissingInput, UnreadableFile, UnsupportedCheckpoint
+from ..io.shards import read_weight_map
 from ..io.safetensors import HEADER_MAX, ST_DTYPES, StEntry, TensorInfo, read_safetensors_header
 from .safe_load import is_zip_file, locate_storages, safe_torch_load
 
@@ -433,8 +434,10 @@ class RenamedSource(TensorSource):
         self.inner.close()
 
 
-def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
-    """sha256 of a file, read into one reused buffer (a fresh 16 MB ``bytes`` per read would cost page faults)."""
+def sha256_file(path: Path, chunk: int = 8 << 20, stop=None) -> str:
+    """sha256 of a file, read into one reused buffer (a fresh 16 MB ``bytes`` per read would cost page faults).
+    ``stop``: a ``threading.Event``; once set, the next chunk raises ``InterruptedError`` (a background hash is
+    stopped before the process exits)."""
     h = hashlib.sha256()
     buf = bytearray(chunk)
     view = memoryview(buf)
@@ -443,6 +446,8 @@ def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
             n = f.readinto(buf)
             if not n:
                 break
+            if stop is not None and stop.is_set():
+                raise InterruptedError(f"hashing {path} stopped")
             h.update(view[:n])
     return h.hexdigest()
 
@@ -462,12 +467,12 @@ class TrainingCheckpoint:
     files: list[Path] = field(default_factory=list)  # the files whose bytes hold the weights (for sha256)
     dtype_hint: torch.dtype | None = None  # the training dtype when the tensors are fp32 masters (ZeRO-3)
 
-    def sha256(self) -> str:
+    def sha256(self, stop=None) -> str:
         if len(self.files) == 1:
-            return sha256_file(self.files[0])
+            return sha256_file(self.files[0], stop=stop)
         h = hashlib.sha256()
         for f in self.files:
-            h.update(sha256_file(f).encode())
+            h.update(sha256_file(f, stop=stop).encode())
         return h.hexdigest()
 
     @property
@@ -611,14 +616,8 @@ def open_hf_folder(path: str | Path, *, name: str = "base", allow_unsafe_pickle:
     st_index = path / "model.safetensors.index.json"
     st_single = path / "model.safetensors"
     if st_index.is_file():
-        try:
-            wm = json.loads(st_index.read_text())["weight_map"]
-        except (ValueError, KeyError) as exc:
-            raise UnreadableFile(f"{st_index}: not a safetensors index ({exc})") from exc
+        wm = read_weight_map(st_index)
         files = {k: path / f for k, f in wm.items()}
-        for f in set(files.values()):
-            if not f.is_file():
-                raise UnreadableFile(f"{st_index} names shard {f.name}, which is missing")
         return SafetensorsSource(name, path, files, f"HF folder {path.name}")
     if st_single.is_file():
         keys = list(read_safetensors_header(st_single)[0])
@@ -626,7 +625,7 @@ def open_hf_folder(path: str | Path, *, name: str = "base", allow_unsafe_pickle:
     bin_index = path / "pytorch_model.bin.index.json"
     bins: list[Path]
     if bin_index.is_file():
-        bins = sorted({path / f for f in json.loads(bin_index.read_text())["weight_map"].values()})
+        bins = sorted({path / f for f in read_weight_map(bin_index).values()})
     elif (path / "pytorch_model.bin").is_file():
         bins = [path / "pytorch_model.bin"]
     else:

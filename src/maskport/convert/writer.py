@@ -51,7 +51,7 @@ from typing import Callable
 import torch
 
 from . import ops
-from ..errors import ShapeMismatch
+from ..errors import NonFiniteOutput, ShapeMismatch
 from .plan import Plan, PlannedStep
 from ..errors import UnreadableFile
 from ..io.safetensors import ST_DTYPE_NAMES, build_header  # noqa: F401  (ST_DTYPE_NAMES: importable from here)
@@ -599,6 +599,35 @@ def _compute_step(ld: _Loaded) -> list[torch.Tensor]:
     return [t if t.is_contiguous() else t.contiguous() for t in outs]
 
 
+_FINITE_CHUNK = 1 << 22  # elements checked at a time (bounded extra memory)
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether a tensor holds no NaN/inf (checked in chunks of :data:`_FINITE_CHUNK` elements)."""
+    if not (t.is_floating_point() or t.is_complex()):
+        return True
+    flat = t.reshape(-1)
+    for i in range(0, flat.numel(), _FINITE_CHUNK):
+        if not bool(torch.isfinite(flat[i:i + _FINITE_CHUNK]).all()):
+            return False
+    return True
+
+
+def check_finite(ps: PlannedStep, plan: Plan, outs: list[torch.Tensor]) -> None:
+    """An export never holds a NaN/inf that its inputs did not: a non-finite output whose inputs (read again from
+    their sources, only in that case) are all finite is a :class:`NonFiniteOutput` naming the tensor (a non-finite
+    LoRA scaling, or a value beyond the output dtype's range)."""
+    bad = [name for name, t in zip(ps.step.targets, outs) if not all_finite(t)]
+    if not bad:
+        return
+    inputs_finite = all(all_finite(plan.sources[r.source].load(r.key)) for r in ps.step.inputs)
+    if inputs_finite:
+        raise NonFiniteOutput(f"{bad[0]}: the export would hold NaN/inf values where every input tensor "
+                              f"({', '.join(f'{r.source}:{r.key}' for r in ps.step.inputs)}) is finite "
+                              f"(op {type(ps.step.op).__name__}, output dtype {ps.output_infos[0].dtype}: a non-finite "
+                              f"LoRA scaling, or values beyond the dtype's range); nothing was written")
+
+
 class _Aborted(Exception):
     pass
 
@@ -727,12 +756,18 @@ def write_shards(
                 _prefetched.step = ld
                 try:
                     outs = run_step(ps, plan)
+                except RuntimeError as exc:  # e.g. a scaling that overflows the dtype inside the merge
+                    pool.give(ld.held, ld.reserve)
+                    raise NonFiniteOutput(f"{ps.step.targets[0]}: computing it failed "
+                                          f"({' '.join(str(exc).split())[:200]}); nothing was written") from exc
                 except BaseException:
                     pool.give(ld.held, ld.reserve)
                     raise
                 finally:
                     _prefetched.step = None
                 nbytes = sum(i.nbytes for i in ps.output_infos)
+                if ld.kind != "passthrough":  # a byte copy holds what its input holds
+                    check_finite(ps, plan, outs)
                 if ld.kind == "passthrough":
                     src, offset, _ = _file_span(ps, plan)
 

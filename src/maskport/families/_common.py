@@ -114,12 +114,10 @@ TRAINING_PTH_NOTE = ("LoRA is merged into the layers' weights, saved under the u
 
 
 def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise MissingInput(f"{path} is missing") from None
-    except ValueError as exc:
-        raise UnreadableFile(f"{path}: not valid JSON ({exc})") from exc
+    """A JSON object from an input folder (bounded, duplicate keys refused; :mod:`maskport.io.jsonfile`)."""
+    from ..io.jsonfile import read_json_file
+
+    return read_json_file(path)
 
 
 def copy_export_code(out: Path, spec: FamilySpec) -> list[str]:
@@ -158,14 +156,53 @@ def write_export_files(out: Path, *, spec: FamilySpec, config, tokenizer, base_d
     config.save_pretrained(out)
     written = ["config.json", *copy_export_code(out, spec)]
     tokenizer.save_pretrained(out)
-    written += tokenizer_files(out)
     for f in spec.base_files:
         if (base_dir / f).is_file():
             shutil.copy2(base_dir / f, out / f)
             written.append(f)
+    drop_foreign_auto_map(out)
+    written += tokenizer_files(out)
     write_generation_config(base_dir, out, tokenizer, template)
     written.append("generation_config.json")
     return sorted(set(written))
+
+
+def drop_foreign_auto_map(out: Path) -> list[str]:
+    """Remove from the export's ``tokenizer_config.json`` the ``auto_map`` entries that name code the export does
+    not hold (a base folder's remote tokenizer class, e.g. ``tokenization_internlm2.InternLM2Tokenizer``): with
+    them, ``AutoTokenizer.from_pretrained(export, trust_remote_code=True)`` looks for a missing module. The export
+    loads with the files it holds. Returns the entries removed."""
+    path = out / "tokenizer_config.json"
+    if not path.is_file():
+        return []
+    data = json.loads(path.read_text())
+    amap = data.get("auto_map")
+    if amap is None:
+        return []
+
+    def present(ref) -> bool:
+        if ref is None:
+            return True
+        if not isinstance(ref, str) or "." not in ref:
+            return False
+        module = ref.split("--")[-1].rsplit(".", 1)[0]  # "repo--module.Class" names another repository's code
+        return "--" not in ref and (out / f"{module}.py").is_file()
+
+    removed = []
+    if isinstance(amap, dict):
+        for key, ref in list(amap.items()):
+            refs = ref if isinstance(ref, (list, tuple)) else [ref]
+            if not all(present(r) for r in refs):
+                removed.append(key)
+                del amap[key]
+        if not amap:
+            data.pop("auto_map")
+    else:
+        data.pop("auto_map")
+        removed.append("auto_map")
+    if removed:
+        path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    return removed
 
 
 def lora_settings(ckpt: TrainingCheckpoint, cfg: TrainingConfig, options: ConvertOptions):
@@ -186,7 +223,12 @@ def lora_settings(ckpt: TrainingCheckpoint, cfg: TrainingConfig, options: Conver
     if r is not None and alpha is None:
         raise MissingInput("LoRA alpha is unknown: the checkpoint has no training config with lora_alpha; "
                            "pass --lora-alpha (Sa2VA configs use 2*r, e.g. 256 for r=128)")
-    scaling = lora_scaling(alpha, r, rslora) if r is not None else None
+    try:
+        scaling = lora_scaling(alpha, r, rslora) if r is not None else None
+    except ValueError as exc:
+        where = "--lora-alpha" if options.lora_alpha is not None else \
+            f"the training config ({cfg.found_in.get('lora', 'lora settings')})"
+        raise MissingInput(f"{where}: {exc}; pass a finite --lora-alpha") from None
     return r, alpha, rslora, scaling
 
 

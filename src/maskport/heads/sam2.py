@@ -454,7 +454,7 @@ def read_sam2_config(path: Path) -> dict:
     """Meta's SAM2 model config as plain data: its hydra YAML (``sam2.1_hiera_l.yaml``, parsed with
     ``yaml.safe_load``: no tags, no objects; hydra's ``# @package`` line is a comment) or the same as JSON
     (``.json``). At most 1 MiB. Errors are one line (:class:`~maskport.errors.UnreadableFile`)."""
-    import json
+    from ..io.jsonfile import JsonError, loads_bounded
 
     path = Path(path)
     if not path.is_file():
@@ -466,9 +466,9 @@ def read_sam2_config(path: Path) -> dict:
     text = path.read_text(encoding="utf-8", errors="replace")
     if path.suffix.lower() == ".json":
         try:
-            data = json.loads(text)
-        except ValueError as exc:
-            raise UnreadableFile(f"--sam2-config {path}: not valid JSON ({exc})") from None
+            data = loads_bounded(text)
+        except JsonError as exc:
+            raise UnreadableFile(f"--sam2-config {path}: {exc}") from None
     else:
         import yaml
 

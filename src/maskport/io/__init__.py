@@ -14,7 +14,7 @@
 
 from __future__ import annotations
 
-from .atomic import atomic_output_dir, atomic_output_file, old_dir, partial_dir
+from .atomic import atomic_output_dir, atomic_output_file, check_output_apart, old_dir, partial_dir
 from .shards import INDEX_NAME, SINGLE_NAME, index_json, pack_shards, shard_filenames, write_index
 from .sizes import MAX_SIZE, UNITS, parse_size
 
@@ -30,5 +30,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["INDEX_NAME", "MAX_SIZE", "SINGLE_NAME", "UNITS", "atomic_output_dir", "atomic_output_file", "index_json", "old_dir",
+__all__ = ["INDEX_NAME", "MAX_SIZE", "SINGLE_NAME", "UNITS", "atomic_output_dir", "atomic_output_file", "check_output_apart", "index_json", "old_dir",
            "pack_shards", "parse_size", "partial_dir", "shard_filenames", "write_index", *_SAFETENSORS_NAMES]

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UnreadableFile
+from .jsonfile import JsonError, loads_bounded
 
 ST_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -35,6 +36,9 @@ refused by :func:`read_safetensors_header`)."""
 
 ST_DTYPE_NAMES: dict[torch.dtype, str] = {dt: name for name, dt in ST_DTYPES.items()}
 """torch dtype -> safetensors dtype name (the inverse of :data:`ST_DTYPES`)."""
+
+MAX_TENSORS = 1_000_000
+"""The most tensors one safetensors file may declare (the largest real checkpoints hold tens of thousands)."""
 
 HEADER_MAX = 100 << 20
 """The largest header the reader accepts (the safetensors library's own limit is 100 MB as well)."""
@@ -89,31 +93,68 @@ def read_safetensors_header(file: Path) -> tuple[dict[str, StEntry], dict[str, s
             (n,) = struct.unpack("<Q", raw)
             if n > HEADER_MAX or 8 + n > size:
                 raise bad(f"header length {n} does not fit the file size {size}")
-            header = json.loads(f.read(n))
+            header = loads_bounded(f.read(n), max_bytes=HEADER_MAX, max_depth=4)
     except OSError as exc:
         raise bad(str(exc)) from exc
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise bad(f"header is not JSON: {exc}") from exc
+    except JsonError as exc:
+        raise bad(f"header: {exc}") from None
+    return parse_header(header, file, 8 + n, size)
+
+
+def _short(obj: object) -> str:
+    r = repr(obj)
+    return r if len(r) <= 120 else r[:117] + "..."
+
+
+def parse_header(header: object, file: Path, data_start: int, size: int) -> tuple[dict[str, StEntry], dict[str, str]]:
+    """Check a parsed safetensors header (as the safetensors library does): entries well-formed, dtypes known,
+    shapes non-negative ints, each tensor's span exactly its bytes, spans contiguous from byte 0 without overlap
+    or gap, covering the data exactly to the end of the file, metadata strings. :class:`UnreadableFile` naming the file and the tensor."""
+
+    def bad(why: str) -> UnreadableFile:
+        return UnreadableFile(f"{file}: not a readable safetensors file ({why})")
+
     if not isinstance(header, dict):
         raise bad("header is not a JSON object")
-    data_start = 8 + n
+    header = dict(header)
     metadata = header.pop("__metadata__", None) or {}
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise bad(f"__metadata__ must map strings to strings, found {_short(metadata)}")
+    if len(header) > MAX_TENSORS:
+        raise bad(f"{len(header)} tensors, more than the {MAX_TENSORS} accepted")
     entries: dict[str, StEntry] = {}
+    spans: list[tuple[int, int, str]] = []
     for name, e in header.items():
-        try:
-            dt, shape, (begin, end) = e["dtype"], e["shape"], e["data_offsets"]
-        except (TypeError, KeyError, ValueError) as exc:
-            raise bad(f"tensor {name}: malformed entry {e!r}") from exc
-        if dt not in ST_DTYPES:
-            raise UnreadableFile(f"{file}: tensor {name} has unsupported dtype {dt}")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-            raise bad(f"tensor {name}: bad shape {shape!r}")
+        if not (isinstance(e, dict) and set(e) <= {"dtype", "shape", "data_offsets"}
+                and {"dtype", "shape", "data_offsets"} <= set(e)):
+            raise bad(f"tensor {name}: malformed entry {_short(e)}")
+        dt, shape, offs = e["dtype"], e["shape"], e["data_offsets"]
+        if not isinstance(dt, str) or dt not in ST_DTYPES:
+            raise UnreadableFile(f"{file}: tensor {name} has unsupported dtype {dt if isinstance(dt, str) else _short(dt)}")
+        if not (isinstance(shape, list) and len(shape) <= 32
+                and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+            raise bad(f"tensor {name}: bad shape {_short(shape)}")
+        if not (isinstance(offs, list) and len(offs) == 2
+                and all(isinstance(o, int) and not isinstance(o, bool) for o in offs)):
+            raise bad(f"tensor {name}: bad data_offsets {_short(offs)}")
+        begin, end = offs
         info = TensorInfo(tuple(shape), ST_DTYPES[dt])
-        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end) or end - begin != info.nbytes:
-            raise bad(f"tensor {name}: data_offsets {e['data_offsets']} do not hold {info.shape} {dt}")
+        if not 0 <= begin <= end or end - begin != info.nbytes:
+            raise bad(f"tensor {name}: data_offsets {offs} do not hold {info.shape} {dt}")
         if data_start + end > size:
             raise bad(f"tensor {name}: data ends at byte {data_start + end}, past the end of the file (truncated?)")
+        spans.append((begin, end, name))
         entries[name] = StEntry(file, data_start + begin, info)
+    pos = 0
+    for begin, end, name in sorted(spans):
+        if begin != pos:
+            why = "overlaps the previous tensor" if begin < pos else f"leaves a gap of {begin - pos} bytes before it"
+            raise bad(f"tensor {name}: data_offsets [{begin}, {end}] {why} (tensor spans must be contiguous and "
+                      f"must not overlap)")
+        pos = end
+    if data_start + pos != size:
+        raise bad(f"{size - data_start - pos} bytes after the last tensor's data (the tensors must cover the file "
+                  f"exactly, as the safetensors library requires)")
     return entries, metadata
 
 

@@ -70,3 +70,37 @@ def write_index(out_dir: Path, weight_map: Mapping[str, str], total_size: int) -
 
 
 __all__ = ["INDEX_NAME", "SINGLE_NAME", "index_json", "pack_shards", "shard_filenames", "write_index"]
+
+
+def read_weight_map(index: Path, *, check_files: bool = True) -> dict[str, str]:
+    """``weight_map`` of a ``*.index.json`` (safetensors or .bin) that an input folder holds, checked: a JSON object
+    (bounded, no duplicate keys) whose ``weight_map`` maps tensor names to plain file names in the same folder (no
+    ``/``, ``\\`` or ``..``: an index cannot point outside its folder), each present as a regular file when
+    ``check_files`` (a symlink leaving the folder is refused). :class:`~maskport.errors.UnreadableFile` naming the
+    index and the field."""
+    from ..errors import UnreadableFile
+    from .jsonfile import field, read_json_file
+
+    index = Path(index)
+    data = read_json_file(index, what="index")
+    wm = field(data, "weight_map", dict, str(index))
+    folder = index.parent
+    real_folder = folder.resolve()
+    seen: set[str] = set()
+    for name, file in wm.items():
+        if not isinstance(file, str):
+            raise UnreadableFile(f"{index}: weight_map[{name[:80]!r}] should be a file name, found "
+                                 f"{type(file).__name__}")
+        if file in seen:
+            continue
+        if not file or "/" in file or "\\" in file or file in (".", "..") or "\x00" in file:
+            raise UnreadableFile(f"{index}: weight_map[{name[:80]!r}] = {file[:80]!r} is not a plain file name in "
+                                 f"the index's folder")
+        if check_files:
+            p = folder / file
+            if not p.is_file():
+                raise UnreadableFile(f"{index} names shard {file}, which is missing")
+            if p.resolve().parent != real_folder:
+                raise UnreadableFile(f"{index}: shard {file} is a link to a file outside {folder}")
+        seen.add(file)
+    return dict(wm)

@@ -32,7 +32,8 @@ from typing import Any
 
 from .. import __version__
 from ..errors import MaskportError, MissingInput, UnreadableFile
-from ..io import atomic_output_dir, parse_size
+from ..io import atomic_output_dir, check_output_apart, parse_size
+from ..io.atomic import clean_stale, output_lock
 from .backend import QuantizeError, QuantSettings, check_shapes, quantize_mllm, versions
 from .calibration import build_calibration
 from .folder import (
@@ -68,12 +69,20 @@ def _check_export(export_dir: Path) -> tuple[dict, QuantTarget]:
     cfg_path = export_dir / "config.json"
     if not cfg_path.is_file():
         raise MissingInput(f"{export_dir} is not an export folder (no config.json)")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except ValueError as exc:
-        raise UnreadableFile(f"{cfg_path}: not JSON ({exc})") from exc
+    from ..io.jsonfile import read_json_file
+
+    cfg = read_json_file(cfg_path, what="export config")
+    index = export_dir / "model.safetensors.index.json"
+    if index.is_file():
+        from ..io.shards import read_weight_map
+
+        read_weight_map(index)  # shard names stay inside the folder, every shard present
+    if not isinstance(cfg.get("model_type"), (str, type(None))):
+        raise UnreadableFile(f"{cfg_path}: field 'model_type' should be a string")
     target = target_for(cfg.get("model_type"), str(export_dir))
     if cfg.get("quantization_config"):
+        if not isinstance(cfg["quantization_config"], dict):
+            raise UnreadableFile(f"{cfg_path}: field 'quantization_config' should be an object")
         raise MissingInput(f"{export_dir} is already quantized ({cfg['quantization_config'].get('quant_method')}); "
                            f"quantize the unquantized export")
     return cfg, target
@@ -134,12 +143,27 @@ def quantize_export(export_dir, out, *, method: str = "gptq", bits: int = 4, gro
         raise MissingInput("calibration samples are required: --calib samples.jsonl (image + prompt [+ answer]); "
                            "--calib-text-only calibrates without images (worse masks), only when asked for")
     samples = _load_samples(calib) if calib is not None else None
+    inputs = [export_dir, calib, verify_samples]
+    check_output_apart(out, inputs)
+    if save_mllm is not None:
+        check_output_apart(Path(save_mllm), [*inputs, out])
+        check_output_apart(out, [save_mllm])
     if out.exists():
         if not overwrite:
             raise MissingInput(f"{out} exists; pass --overwrite to replace it")
-        if out.resolve() == export_dir.resolve():
-            raise MissingInput("-o must differ from the export folder")
     out.parent.mkdir(parents=True, exist_ok=True)
+    with output_lock(out):
+        clean_stale(out)
+        return _quantize_locked(export_dir, out, target=target, settings=settings, shard_bytes=shard_bytes,
+                                samples=samples, calib=calib, calib_samples=calib_samples, max_seq_len=max_seq_len,
+                                calib_text_only=calib_text_only, save_mllm=save_mllm,
+                                verify_samples=verify_samples, verify_options=verify_options,
+                                overwrite=overwrite, log=log, t_start=t_start, inputs=inputs)
+
+
+def _quantize_locked(export_dir, out, *, target, settings, shard_bytes, samples, calib, calib_samples, max_seq_len,
+                     calib_text_only, save_mllm, verify_samples, verify_options, overwrite, log, t_start, inputs):
+    import torch
 
     from ..verify import samples as _samples_mod  # noqa: F401  (fail early if verify's loader is unavailable)
     from .backend import import_gptqmodel, resolve_kernel
@@ -180,7 +204,7 @@ def quantize_export(export_dir, out, *, method: str = "gptq", bits: int = 4, gro
         shutil.rmtree(stage, ignore_errors=True)
 
         # 3. write the composite folder (hidden beside -o, renamed into place at the end) ----------------------
-        with atomic_output_dir(out, overwrite=overwrite) as partial:
+        with atomic_output_dir(out, overwrite=overwrite, inputs=inputs) as partial:
             entries, qmods = plan_tensors(export_dir, qdir)
             shards = write_tensors(entries, partial, shard_bytes)
             qc = composite_quantization_config(qdir, settings.method, target)

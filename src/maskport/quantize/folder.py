@@ -42,7 +42,9 @@ def _weight_map(folder: Path) -> dict[str, str]:
     """tensor name -> shard file name."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        return dict(json.loads(index.read_text())["weight_map"])
+        from ..io.shards import read_weight_map
+
+        return read_weight_map(index)
     single = folder / "model.safetensors"
     if not single.is_file():
         raise QuantizeError(f"{folder} has no model.safetensors(.index.json)")
@@ -255,7 +257,9 @@ def copy_side_files(src_dir: Path, out_dir: Path, skip: Iterable[str] = ()) -> l
 
 
 def write_config(src_dir: Path, out_dir: Path, quantization_config: dict[str, Any], provenance: dict[str, Any]) -> dict:
-    cfg = json.loads((src_dir / "config.json").read_text())
+    from ..io.jsonfile import read_json_file
+
+    cfg = read_json_file(src_dir / "config.json", what="export config")
     cfg["quantization_config"] = quantization_config
     mp = dict(cfg.get("maskport") or {})
     mp["quantization"] = provenance

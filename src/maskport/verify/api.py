@@ -193,15 +193,15 @@ def verify(ref, cand, samples, *, report_dir: str | Path | None = None, threshol
 def _check_samples(samples: list[Sample]) -> None:
     """Every image opens and every GT mask has its image's size (file headers only): bad data fails before any
     model runs."""
-    from PIL import Image
+    from .samples import open_image
 
     for s in samples:
         try:
-            with Image.open(s.image_path) as im:
+            with open_image(s.image_path, f"sample {s.id}: image") as im:
                 w, h = im.size
             gt_hw = None
             if s.gt_mask_path is not None:
-                with Image.open(s.gt_mask_path) as g:
+                with open_image(s.gt_mask_path, f"sample {s.id}: gt_mask") as g:
                     gt_hw = (g.size[1], g.size[0])
             elif s.gt_segmentations is not None:
                 gt_hw = tuple(s.gt_size)

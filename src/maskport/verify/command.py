@@ -15,6 +15,7 @@ import click
 
 from ..cli_errors import one_line_errors
 from ..errors import MissingInput
+from ..io.jsonfile import loads_bounded
 from .compare import Thresholds
 
 
@@ -101,23 +102,32 @@ def _print_result(res, report_dir) -> None:
 @click.option("--generation-kwargs", "generation_kwargs_json", metavar="JSON",
               help='Advanced: JSON passed to generate for both models, e.g. \'{"sequence_bias": {"[SEG]": 30.0}}\' '
                    "(token strings as keys of sequence_bias).")
+@click.option("--max-image-pixels", type=click.IntRange(min=1),
+              help="Largest image (width x height) decoded; larger ones are refused before decoding "
+                   "[default: 40000000].")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @_one_line_errors
 def verify_command(ref, cand, samples, prompt, refcoco_refs, instances, image_root, split, prompt_template, limit,
                    report_dir, min_dice, max_giou_drop, max_text_mismatch, device, dtype, num_processes,
                    batch_size, max_new_tokens, mask_threshold, time_budget, no_probabilities, overlays, overlay_sample,
-                   generation_kwargs_json, no_progress):
+                   generation_kwargs_json, max_image_pixels, no_progress):
     """Run REF and CAND (export folders) on the same samples and compare their masks and answers.
 
     Exit code 0: pass; 1: drift beyond the thresholds (listed); 2: could not run.
     """
+    from ..io import check_output_apart
     from .api import verify
     from .samples import load_refcoco
+
+    if max_image_pixels is not None:
+        os.environ["MASKPORT_MAX_IMAGE_PIXELS"] = str(max_image_pixels)  # worker processes inherit it
+    if report_dir is not None:
+        check_output_apart(report_dir, [ref, cand, samples, refcoco_refs, instances, image_root])
 
     generation_kwargs = None
     if generation_kwargs_json:
         try:
-            generation_kwargs = json.loads(generation_kwargs_json)
+            generation_kwargs = loads_bounded(generation_kwargs_json, max_bytes=1 << 20, max_depth=16)
         except ValueError as exc:
             raise MissingInput(f"--generation-kwargs is not JSON: {exc}") from exc
         if not isinstance(generation_kwargs, dict):

@@ -12,7 +12,7 @@ segmentations; one sample per referring sentence). ``load_samples`` picks one of
 
 from __future__ import annotations
 
-import json
+import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +21,68 @@ from typing import Any
 import numpy as np
 
 from ..errors import MissingInput, UnreadableFile
+from ..io.jsonfile import JsonError, loads_bounded, read_json_file
+
+
+DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+"""The largest image (width x height) decoded by default: 40 megapixels (e.g. 7700 x 5200); ``--max-image-pixels``
+(or the ``MASKPORT_MAX_IMAGE_PIXELS`` environment variable, which the option sets for worker processes too) raises
+it. The size is read from the file's header and checked before any pixel is decoded: a small compressed file
+cannot expand into gigabytes."""
+
+SAMPLES_MAX_BYTES = 256 << 20
+"""The largest JSONL sample file / COCO instances file read."""
+
+
+def max_image_pixels() -> int:
+    v = os.environ.get("MASKPORT_MAX_IMAGE_PIXELS")
+    try:
+        return int(v) if v else DEFAULT_MAX_IMAGE_PIXELS
+    except ValueError:
+        return DEFAULT_MAX_IMAGE_PIXELS
+
+
+def open_image(path: Path, what: str = "image"):
+    """``PIL.Image.open`` of an input image with its size checked against :func:`max_image_pixels` before anything
+    is decoded; :class:`UnreadableFile` naming the file for an unreadable or too large image."""
+    import warnings
+
+    from PIL import Image
+
+    limit = max_image_pixels()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            old = Image.MAX_IMAGE_PIXELS
+            Image.MAX_IMAGE_PIXELS = None  # the limit is checked below, before decoding, with our message
+            try:
+                im = Image.open(path)
+            finally:
+                Image.MAX_IMAGE_PIXELS = old
+    except Image.DecompressionBombError as exc:
+        raise UnreadableFile(f"{what} {path}: {exc}; pass --max-image-pixels to raise the limit "
+                             f"({limit} pixels)") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise UnreadableFile(f"{what} {path}: not a readable image ({exc})") from None
+    w, h = im.size
+    if w * h > limit:
+        im.close()
+        raise UnreadableFile(f"{what} {path} is {w} x {h} = {w * h} pixels, above the limit of {limit}; pass "
+                             f"--max-image-pixels to raise it")
+    return im
+
+
+def _decode(path: Path, mode: str, what: str):
+    im = open_image(path, what)
+    try:
+        with im:
+            return im.convert(mode)
+    except MemoryError:
+        w, h = im.size
+        raise UnreadableFile(f"{what} {path}: cannot be decoded (out of memory for {w} x {h} pixels; lower "
+                             f"--max-image-pixels)") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise UnreadableFile(f"{what} {path}: cannot be decoded ({exc})") from None
 
 
 @dataclass
@@ -39,10 +101,7 @@ class Sample:
         return self.gt_mask_path is not None or self.gt_segmentations is not None
 
     def image(self):
-        from PIL import Image
-
-        with Image.open(self.image_path) as im:
-            return im.convert("RGB")
+        return _decode(self.image_path, "RGB", f"sample {self.id}: image")
 
     def gt_mask(self) -> np.ndarray | None:
         if self.gt_segmentations is not None:
@@ -55,10 +114,7 @@ class Sample:
             return out
         if self.gt_mask_path is None:
             return None
-        from PIL import Image
-
-        with Image.open(self.gt_mask_path) as im:
-            return np.asarray(im.convert("L")) > 0
+        return np.asarray(_decode(self.gt_mask_path, "L", f"sample {self.id}: gt_mask")) > 0
 
 
 def load_jsonl(path: str | Path) -> list[Sample]:
@@ -67,21 +123,37 @@ def load_jsonl(path: str | Path) -> list[Sample]:
         raise MissingInput(f"sample file {path} does not exist")
     root = path.parent
     out: list[Sample] = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    size = path.stat().st_size
+    if size > SAMPLES_MAX_BYTES:
+        raise UnreadableFile(f"sample file {path}: {size} bytes, more than the {SAMPLES_MAX_BYTES} accepted")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UnreadableFile(f"sample file {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
-        except ValueError as exc:
-            raise UnreadableFile(f"{path}:{n}: not JSON ({exc})") from exc
+            rec = loads_bounded(line, max_depth=8)
+        except JsonError as exc:
+            raise UnreadableFile(f"{path}:{n}: {exc}") from None
         if not isinstance(rec, dict) or "image" not in rec or "prompt" not in rec:
             raise UnreadableFile(f"{path}:{n}: each line needs 'image' and 'prompt'")
+        for key, types in (("image", (str,)), ("prompt", (str,)), ("gt_mask", (str, type(None))),
+                           ("answer", (str, type(None))), ("id", (str, int, type(None)))):
+            if key in rec and (not isinstance(rec[key], types) or isinstance(rec[key], bool)):
+                raise UnreadableFile(f"{path}:{n}: field {key!r} should be "
+                                     f"{' or '.join('null' if t is type(None) else t.__name__ for t in types)}, "
+                                     f"found {type(rec[key]).__name__}")
+        for key in ("image", "gt_mask"):
+            if isinstance(rec.get(key), str) and (not rec[key] or "\x00" in rec[key]):
+                raise UnreadableFile(f"{path}:{n}: field {key!r} is not a file name")
         img = root / rec["image"]
         if not img.is_file():
-            raise MissingInput(f"{path}:{n}: image {img} does not exist")
+            raise MissingInput(f"{path}:{n}: image {img} does not exist (or is not a regular file)")
         gt = root / rec["gt_mask"] if rec.get("gt_mask") else None
         if gt is not None and not gt.is_file():
-            raise MissingInput(f"{path}:{n}: gt_mask {gt} does not exist")
+            raise MissingInput(f"{path}:{n}: gt_mask {gt} does not exist (or is not a regular file)")
         out.append(Sample(str(rec.get("id", n)), img, rec["prompt"], gt, rec.get("answer")))
     if not out:
         raise UnreadableFile(f"{path}: no samples")
@@ -116,12 +188,14 @@ class _NoGlobalsUnpickler(pickle.Unpickler):
 def _read_refs(path: Path) -> list[dict]:
     try:
         if path.suffix.lower() == ".json":
-            refs = json.loads(path.read_text())
+            refs = read_json_file(path, expect=None, what="refs file", max_bytes=SAMPLES_MAX_BYTES)
         else:
             with path.open("rb") as f:
                 refs = _NoGlobalsUnpickler(f, encoding="latin1").load()
-    except (OSError, ValueError, pickle.UnpicklingError, EOFError) as exc:
-        raise UnreadableFile(f"refs file {path}: {exc}") from exc
+    except (OSError, ValueError, pickle.UnpicklingError, EOFError, IndexError, TypeError, KeyError,
+            AttributeError, RecursionError, MemoryError, UnicodeDecodeError) as exc:
+        raise UnreadableFile(f"refs file {path}: not a plain-data refs pickle ({type(exc).__name__}: "
+                             f"{' '.join(str(exc).split())[:200]})") from None
     if isinstance(refs, dict) and "refs" in refs:
         refs = refs["refs"]
     if not isinstance(refs, list) or not all(isinstance(r, dict) for r in refs):
@@ -153,10 +227,15 @@ def load_refcoco(refs: str | Path, instances: str | Path, image_root: str | Path
         raise MissingInput("the RefCOCO prompt template must contain {sentence}")
     ref_list = _read_refs(refs)
     try:
-        inst = json.loads(instances.read_text())
+        inst = read_json_file(instances, what="instances file", max_bytes=SAMPLES_MAX_BYTES)
         images = {int(im["id"]): im for im in inst["images"]}
         anns = {int(a["id"]): a for a in inst["annotations"]}
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        for im in images.values():
+            if not (isinstance(im.get("file_name"), str) and isinstance(im.get("height"), int)
+                    and isinstance(im.get("width"), int) and 0 < im["height"] * im["width"] <= max_image_pixels()):
+                raise ValueError(f"image {im.get('id')}: file_name/height/width missing, of the wrong type or "
+                                 f"beyond the pixel limit")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError) as exc:
         raise UnreadableFile(f"instances file {instances}: expected COCO json with images and annotations "
                              f"({type(exc).__name__}: {exc})") from exc
     out: list[Sample] = []

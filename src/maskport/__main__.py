@@ -1,0 +1,5 @@
+"""``python -m maskport``."""
+
+from .cli_errors import entry
+
+entry()
