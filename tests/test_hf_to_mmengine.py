@@ -259,8 +259,8 @@ def test_errors_are_one_line_and_inputs_are_never_overwritten(fx, export_bf16, t
     folder = export_bf16.out_dir
     before = {p.name: sha(p) for p in folder.iterdir() if p.is_file()}
     run = lambda *a: CliRunner().invoke(main, ["convert", "hf-to-mmengine", *map(str, a), "--no-progress"])  # noqa: E731
-    assert_one_line_error(run(folder, "-o", folder / "model.safetensors", "--overwrite"), "inside the input folder")
-    assert_one_line_error(run(folder, "-o", folder / "new.pth"), "inside the input folder")
+    assert_one_line_error(run(folder, "-o", folder / "model.safetensors", "--overwrite"), "is inside the input")
+    assert_one_line_error(run(folder, "-o", folder / "new.pth"), "is inside the input")
     assert_one_line_error(run(tmp_path / "nope", "-o", tmp_path / "a.pth"), "does not exist")
     assert_one_line_error(run(fx.base_dir, "-o", tmp_path / "a.pth"), "neither a maskport export")
     assert_one_line_error(run(folder, "-o", tmp_path), "is a folder")

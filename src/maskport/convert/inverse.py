@@ -170,11 +170,6 @@ class BackResult:
     notes: list[str] = field(default_factory=list)
 
 
-def _inside(path: Path, folder: Path) -> bool:
-    p, f = path.resolve(), folder.resolve()
-    return p == f or f in p.parents
-
-
 def convert_hf_to_mmengine(folder: str | Path, *, out: str | Path | None, dtype: str | None = None,
                            dry_run: bool = False, overwrite: bool = False, allow_unsafe_pickle: bool = False,
                            progress: bool = True, **inputs) -> BackResult:
@@ -200,8 +195,9 @@ def convert_hf_to_mmengine(folder: str | Path, *, out: str | Path | None, dtype:
     if dtype is not None and dtype not in DTYPES:
         raise MissingInput(f"--dtype {dtype!r} is not one of {', '.join(sorted(DTYPES))}")
     if out_path is not None:
-        if _inside(out_path, src_dir):
-            raise MissingInput(f"output {out_path} is inside the input folder {src_dir}; write it elsewhere")
+        from ..io import check_output_apart
+
+        check_output_apart(out_path, [src_dir, *(v for v in inputs.values() if isinstance(v, (str, Path)))])
         if out_path.is_dir():
             raise MissingInput(f"output {out_path} is a folder; give a file name (e.g. {out_path / 'model.pth'})")
         if out_path.exists() and not overwrite and not dry_run:

@@ -175,7 +175,9 @@ def drop_foreign_auto_map(out: Path) -> list[str]:
     path = out / "tokenizer_config.json"
     if not path.is_file():
         return []
-    data = json.loads(path.read_text())
+    from ..io.jsonfile import read_json_file
+
+    data = read_json_file(path, what="the export's tokenizer config")
     amap = data.get("auto_map")
     if amap is None:
         return []

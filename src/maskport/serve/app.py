@@ -13,7 +13,6 @@ import base64
 import binascii
 import hmac
 import io
-import json
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -26,6 +25,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from ..io.jsonfile import loads_bounded
 from .engine import Batcher, ClientGone, Job, QueueFull, Replica, RequestTimeout
 from .page import PAGE
 
@@ -159,7 +159,7 @@ async def parse_segment_request(request: Request, limits: Limits) -> dict[str, A
     image_bytes: bytes | None = None
     if ctype == "application/json":
         try:
-            fields = json.loads(body)
+            fields = loads_bounded(body)
         except (ValueError, UnicodeDecodeError) as exc:
             raise ApiError(400, f"body: not valid JSON ({_one_line(exc)})") from None
         if not isinstance(fields, dict):

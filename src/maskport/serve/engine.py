@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +24,8 @@ from typing import Any, Callable
 import numpy as np
 
 from .. import rle
+from ..errors import MaskportError
+from ..io.jsonfile import read_json_file
 
 
 class QueueFull(Exception):
@@ -141,9 +142,8 @@ def model_info(export_dir: str | Path, replicas: list[Replica]) -> dict[str, Any
 
     def read(name):
         try:
-            data = json.loads((export_dir / name).read_text())
-            return data if isinstance(data, dict) else {}
-        except (OSError, ValueError):
+            return read_json_file(export_dir / name)
+        except MaskportError:
             return {}
 
     cfg, report, qreport = read("config.json"), read("conversion_report.json"), read("quantization_report.json")
