@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 from maskport.convert import ops, safe_load, sources, writer
 from maskport.convert.plan import build_plan
 from maskport.convert.rules import CopyRest, LoraMerge, Rename
-from maskport.convert.sources import (SafetensorsSource, TorchFileSource, open_hf_folder, open_sam2_checkpoint,
+from maskport.heads.sam2 import open_sam2_checkpoint
+from maskport.convert.sources import (SafetensorsSource, TorchFileSource, open_hf_folder,
                                       open_training_checkpoint, read_safetensors_header)
 from maskport.errors import UnreadableFile
 

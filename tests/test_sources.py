@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from maskport.convert.safe_load import safe_torch_load
-from maskport.convert.sources import open_hf_folder, open_sam2_checkpoint, open_training_checkpoint
+from maskport.convert.sources import open_hf_folder, open_training_checkpoint
+from maskport.heads.sam2 import open_sam2_checkpoint
 from maskport.errors import MissingInput, UnreadableFile, UnsafeCheckpoint, UnsupportedCheckpoint
 
 

@@ -19,7 +19,8 @@ Readers:
   or a folder of ``pytorch_model*.bin`` / ``model*.safetensors`` shards with their index);
 - :func:`open_hf_folder`: a HuggingFace model folder (sharded or single safetensors; ``.bin`` with
   ``weights_only``);
-- :func:`open_sam2_checkpoint`: Meta's SAM2 ``.pt`` (``{'model': state_dict}``) or a safetensors file.
+- :func:`open_state_dict_file`: one checkpoint file (a state dict, plain or under ``'model'``, or safetensors),
+  e.g. Meta's SAM/SAM2 releases (the heads name them).
 """
 
 from __future__ import annotations
@@ -644,24 +645,27 @@ def open_hf_folder(path: str | Path, *, name: str = "base", allow_unsafe_pickle:
                            mapped=all(is_zip_file(b) for b in bins))
 
 
-def open_sam2_checkpoint(path: str | Path, *, allow_unsafe_pickle: bool = False) -> TensorSource:
-    """Open Meta's SAM2 checkpoint (``{'model': {...}}`` as in ``sam2_hiera_large.pt``) or a safetensors file."""
+def open_state_dict_file(path: str | Path, *, name: str, label: str, example: str = "",
+                         allow_unsafe_pickle: bool = False) -> TensorSource:
+    """One checkpoint file as a source named ``name``: a safetensors file, or a torch file holding a state dict of
+    tensors, plain or under ``'model'`` (how Meta's SAM/SAM2 releases are saved), unpickled with the safe loader.
+    ``label`` names the file in messages (e.g. "SAM2 checkpoint"), ``example`` a file name a user would have.
+    Tensor data is read on demand."""
     path = Path(path)
     if not path.exists():
-        raise MissingInput(f"SAM2 checkpoint {path} does not exist")
+        raise MissingInput(f"{label} {path} does not exist")
     if path.is_dir():
-        raise UnreadableFile(f"{path}: a folder; expected Meta's SAM2 checkpoint file (e.g. sam2_hiera_large.pt)")
+        raise UnreadableFile(f"{path}: a folder; expected a {label} file" + (f" (e.g. {example})" if example else ""))
+    short = label.split()[0]
     if path.suffix == ".safetensors":
         keys = list(read_safetensors_header(path)[0])
-        return SafetensorsSource("sam2", path, {k: path for k in keys}, f"SAM2 {path.name}")
+        return SafetensorsSource(name, path, {k: path for k in keys}, f"{short} {path.name}")
     obj = safe_torch_load(path, allow_unsafe_pickle=allow_unsafe_pickle)
-    if isinstance(obj, dict) and isinstance(obj.get("model"), Mapping):
-        sd = obj["model"]
-    elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        sd = obj
-    else:
-        raise UnreadableFile(f"{path}: not a SAM2 checkpoint (expected a dict with a 'model' state dict)")
-    return TorchFileSource.from_file("sam2", path, path, sd, f"SAM2 {path.name}")
+    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
+        obj = obj["model"]
+    if not (isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values())):
+        raise UnreadableFile(f"{path}: not a {label} (expected a state dict of tensors, or one under 'model')")
+    return TorchFileSource.from_file(name, path, path, obj, f"{short} {path.name}")
 
 
 def iter_keys_matching(source: TensorSource, prefixes: Iterable[str]) -> list[str]:

@@ -452,26 +452,10 @@ def open_sam_checkpoint(path: str | Path, *, name: str = "sam", allow_unsafe_pic
     """Meta's SAM checkpoint as a source: a ``.pth`` holding a plain state dict (as released) or a
     ``{'model': state_dict}`` dict, read with the engine's safe loader (no arbitrary pickles), or a safetensors
     file. Tensor data is read on demand."""
-    import torch
+    from ..convert.sources import open_state_dict_file
 
-    from ..convert.safe_load import safe_torch_load
-    from ..convert.sources import SafetensorsSource, TorchFileSource
-    from ..io.safetensors import read_safetensors_header
-
-    path = Path(path)
-    if not path.exists():
-        raise MissingInput(f"SAM checkpoint {path} does not exist")
-    if path.is_dir():
-        raise UnreadableFile(f"{path}: a folder; expected Meta's SAM checkpoint file (e.g. sam_vit_h_4b8939.pth)")
-    if path.suffix == ".safetensors":
-        keys = list(read_safetensors_header(path)[0])
-        return SafetensorsSource(name, path, {k: path for k in keys}, f"SAM {path.name}")
-    obj = safe_torch_load(path, allow_unsafe_pickle=allow_unsafe_pickle)
-    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
-        obj = obj["model"]
-    if not (isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values())):
-        raise UnreadableFile(f"{path}: not a SAM checkpoint (expected a state dict of tensors, or one under 'model')")
-    return TorchFileSource.from_file(name, path, path, obj, f"SAM {path.name}")
+    return open_state_dict_file(path, name=name, label="SAM checkpoint", example="sam_vit_h_4b8939.pth",
+                                allow_unsafe_pickle=allow_unsafe_pickle)
 
 
 def open_sam(options, notes: list[str]):

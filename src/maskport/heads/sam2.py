@@ -710,13 +710,20 @@ def sam2_normalization(mode: str) -> dict[str, list[float]]:
     return {"sam2_pixel_mean": rounded(_IMAGENET_MEAN), "sam2_pixel_std": rounded(_IMAGENET_STD)}
 
 
+def open_sam2_checkpoint(path: str | Path, *, allow_unsafe_pickle: bool = False):
+    """Meta's SAM2 checkpoint (``{'model': {...}}`` as in ``sam2_hiera_large.pt``) or a safetensors file, as a
+    source named ``sam2``."""
+    from ..convert.sources import open_state_dict_file
+
+    return open_state_dict_file(path, name="sam2", label="SAM2 checkpoint", example="sam2_hiera_large.pt",
+                                allow_unsafe_pickle=allow_unsafe_pickle)
+
+
 def open_sam2(options, notes: list[str]):
     """Meta's SAM2 checkpoint (``--sam2``) as a source, its preset name and transformers' ``Sam2Config``; the
     architecture comes from ``--sam2-config``, a ``.config.json`` beside the checkpoint, or the tensor shapes."""
     if options.sam2 is None:
         raise MissingInput("--sam2 is required: Meta's SAM2 checkpoint the run started from (e.g. sam2_hiera_large.pt)")
-    from ..convert.sources import open_sam2_checkpoint
-
     sam2 = open_sam2_checkpoint(options.sam2, allow_unsafe_pickle=options.allow_unsafe_pickle)
     sam2_cfg_path = options.sam2_config
     if sam2_cfg_path is None:
