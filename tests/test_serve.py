@@ -313,3 +313,15 @@ def test_cli_serve(demo_export, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "maskport.cli", "serve", str(tmp_path)], env=env,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_loading_a_replica_leaves_autograd_as_it_was(demo_export):
+    """Prediction runs under inference_mode; loading a replica must not switch autograd off for the whole process
+    (it did: a later training step in the same process failed with 'does not require grad')."""
+    import torch
+
+    from maskport.serve.engine import Replica
+
+    assert torch.is_grad_enabled()
+    Replica.load(demo_export)
+    assert torch.is_grad_enabled()

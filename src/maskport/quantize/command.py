@@ -50,16 +50,24 @@ def _mb(n: int) -> str:
 @click.option("--verify-device", default="auto", show_default=True)
 @click.option("--verify-max-new-tokens", type=int, help="verify: generation length (default: the export's).")
 @click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
+@click.option("--trust-export-code", is_flag=True,
+              help="Load the folder even if its Python files are not the export code this maskport writes (they run on load).")
 @_one_line_errors
 def quantize_command(export_dir, out, method, bits, group_size, desc_act, sym, damp, awq_format, calib,
                      calib_samples, max_seq_len, calib_text_only, device, offload_to_disk, max_shard_size, kernel,
-                     save_mllm, verify_samples, min_dice, max_giou_drop, verify_device, verify_max_new_tokens, overwrite):
+                     save_mllm, verify_samples, min_dice, max_giou_drop, verify_device, verify_max_new_tokens, overwrite,
+                     trust_export_code):
     """Quantize the language model of a maskport EXPORT_DIR to 4/8-bit GPTQ or AWQ (needs maskport[quant]).
 
     Only the decoder linears are quantized; the vision tower, lm_head, SAM2 and text_hidden_fcs keep their dtype.
     The output loads with AutoModel.from_pretrained(out, trust_remote_code=True) and has the same predict_forward.
     """
     from .api import quantize_export, verify_report_dir
+
+    if not trust_export_code and (Path(export_dir) / "config.json").is_file():
+        from ..families.export_code import check_export_code
+
+        check_export_code(export_dir)
 
     verify_options = {"device": verify_device}
     if min_dice is not None:

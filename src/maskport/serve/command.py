@@ -51,9 +51,12 @@ def load_replicas(export_dir, device: str = "auto"):
               help="max_new_tokens when a request does not say.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
+@click.option("--trust-export-code", is_flag=True,
+              help="Load the folder even if its Python files are not the export code this maskport writes (they run on load).")
 @one_line_errors
 def serve_command(export_dir, host, port, api_key, device, max_batch, max_wait_ms, max_queue, timeout_s,
-                  max_body_mb, max_pixels, max_prompt_chars, max_new_tokens, default_new_tokens, log_level):
+                  max_body_mb, max_pixels, max_prompt_chars, max_new_tokens, default_new_tokens, log_level,
+                  trust_export_code):
     """Serve EXPORT_DIR over HTTP: POST /v1/segment, GET /v1/model, GET /healthz and a web page at /."""
     try:
         import uvicorn
@@ -64,6 +67,10 @@ def serve_command(export_dir, host, port, api_key, device, max_batch, max_wait_m
         raise MissingInput(f"maskport serve needs its extra: pip install 'maskport[serve]' ({exc})") from None
     if not os.path.isfile(os.path.join(export_dir, "config.json")):
         raise MissingInput(f"{export_dir} is not an export folder (no config.json)")
+    if not trust_export_code:
+        from ..families.export_code import check_export_code
+
+        check_export_code(export_dir)
     if default_new_tokens > max_new_tokens:
         raise click.BadParameter("--default-new-tokens is above --max-new-tokens")
     if api_key is not None and not api_key.strip():

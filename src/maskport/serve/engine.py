@@ -90,7 +90,6 @@ class Replica:
 
     @classmethod
     def load(cls, export_dir: str | Path, device: str = "cpu") -> "Replica":
-        import torch
         from transformers import AutoModel, AutoTokenizer
 
         kw: dict[str, Any] = {"trust_remote_code": True}
@@ -98,7 +97,6 @@ class Replica:
             kw["device_map"] = {"": device}
         model = AutoModel.from_pretrained(str(export_dir), **kw).eval()
         tokenizer = AutoTokenizer.from_pretrained(str(export_dir), trust_remote_code=True)
-        torch.set_grad_enabled(False)
         return cls(model, tokenizer, device)
 
     def dtype(self) -> str:

@@ -105,12 +105,14 @@ def _print_result(res, report_dir) -> None:
 @click.option("--max-image-pixels", type=click.IntRange(min=1),
               help="Largest image (width x height) decoded; larger ones are refused before decoding "
                    "[default: 40000000].")
+@click.option("--trust-export-code", is_flag=True,
+              help="Load the folder even if its Python files are not the export code this maskport writes (they run on load).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @_one_line_errors
 def verify_command(ref, cand, samples, prompt, refcoco_refs, instances, image_root, split, prompt_template, limit,
                    report_dir, min_dice, max_giou_drop, max_text_mismatch, device, dtype, num_processes,
                    batch_size, max_new_tokens, mask_threshold, time_budget, no_probabilities, overlays, overlay_sample,
-                   generation_kwargs_json, max_image_pixels, no_progress):
+                   generation_kwargs_json, max_image_pixels, trust_export_code, no_progress):
     """Run REF and CAND (export folders) on the same samples and compare their masks and answers.
 
     Exit code 0: pass; 1: drift beyond the thresholds (listed); 2: could not run.
@@ -123,6 +125,12 @@ def verify_command(ref, cand, samples, prompt, refcoco_refs, instances, image_ro
         os.environ["MASKPORT_MAX_IMAGE_PIXELS"] = str(max_image_pixels)  # worker processes inherit it
     if report_dir is not None:
         check_output_apart(report_dir, [ref, cand, samples, refcoco_refs, instances, image_root])
+    if not trust_export_code:
+        from ..families.export_code import check_export_code
+
+        for role, folder in (("REF", ref), ("CAND", cand)):
+            if (Path(folder) / "config.json").is_file():
+                check_export_code(folder, role)
 
     generation_kwargs = None
     if generation_kwargs_json:
