@@ -278,12 +278,12 @@ def test_released_folder_imports_to_the_checkpoint_conversions_tensors(fx, expor
     tensor bit for bit the conversion of the training checkpoint (float32)."""
     from safetensors.torch import load_file
 
-    from maskport.convert.api import convert_sa2va_hf_to_native
+    from maskport.convert.api import convert_released_folder
     from maskport.errors import WrongFamily
     from maskport.testing.sa2va_qwen2_5_vl import make_released_folder
 
     src = make_released_folder(fx, tmp_path / "released")
-    res = convert_sa2va_hf_to_native(src, out=tmp_path / "native", dtype="fp32", progress=False, log=lambda *a: None,
+    res = convert_released_folder(command="sa2va-hf-to-native", src=src, out=tmp_path / "native", dtype="fp32", progress=False, log=lambda *a: None,
                                      sam2_config=fx.sam2_pt.with_suffix(".config.json"))  # tiny SAM2: no preset
     assert res.family == "sa2va-qwen2_5-vl"
     assert res.report["coverage"]["unaccounted"] == []
@@ -303,13 +303,13 @@ def test_released_folder_imports_to_the_checkpoint_conversions_tensors(fx, expor
             k = k.replace("model.language_model.", "model.", 1).replace("model.visual.", "visual.", 1)
             legacy[k] = v
     src = make_released_folder(fx, tmp_path / "released-legacy", mllm_state=legacy)
-    res = convert_sa2va_hf_to_native(src, out=tmp_path / "native-legacy", dtype="fp32", progress=False,
+    res = convert_released_folder(command="sa2va-hf-to-native", src=src, out=tmp_path / "native-legacy", dtype="fp32", progress=False,
                                      log=lambda *a: None, sam2_config=fx.sam2_pt.with_suffix(".config.json"))
     c = load_file(str(res.out_dir / "model.safetensors"))
     assert sorted(c) == sorted(b) and [k for k in c if not torch.equal(c[k], b[k])] == []
     # a plain Qwen2.5-VL base folder is not a release
     with pytest.raises(WrongFamily, match="no family imports a released folder"):
-        convert_sa2va_hf_to_native(fx.base_dir, out=tmp_path / "o", progress=False)
+        convert_released_folder(command="sa2va-hf-to-native", src=fx.base_dir, out=tmp_path / "o", progress=False)
 
 
 def test_golden_mapping_tsv(fx):

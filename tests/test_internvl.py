@@ -276,14 +276,14 @@ def test_released_folder_imports_to_the_same_export(request, tmp_path, which):
     the same logits as the references, and the same tensors as the conversion of the training checkpoint."""
     from safetensors import safe_open
 
-    from maskport.convert.api import convert_sa2va_hf_to_native
+    from maskport.convert.api import convert_released_folder
     from maskport.testing.sa2va_internvl import make_released_folder
 
     fx = request.getfixturevalue("qwen_fx" if which == "qwen2" else "lm2_fx")
     from_ckpt = request.getfixturevalue("qwen_export" if which == "qwen2" else "lm2_export")
     src = make_released_folder(fx, tmp_path / "released")
     assert any("g_weight" in k for k in safe_open(str(src / "model.safetensors"), "pt").keys())
-    res = convert_sa2va_hf_to_native(src, out=tmp_path / "native", progress=False, log=lambda *a: None,
+    res = convert_released_folder(command="sa2va-hf-to-native", src=src, out=tmp_path / "native", progress=False, log=lambda *a: None,
                                      sam2_config=fx.sam2_pt.with_suffix(".config.json"))  # tiny: no preset
     assert res.family == "sa2va-internvl"
     check_export(f"sa2va-internvl/released-{which}", res.out_dir)
@@ -299,11 +299,11 @@ def test_released_folder_imports_to_the_same_export(request, tmp_path, which):
 
 
 def test_released_import_refuses_a_plain_internvl_base(qwen_fx, tmp_path):
-    from maskport.convert.api import convert_sa2va_hf_to_native
+    from maskport.convert.api import convert_released_folder
     from maskport.errors import WrongFamily
 
     with pytest.raises(WrongFamily, match="no family imports a released folder"):
-        convert_sa2va_hf_to_native(qwen_fx.base_dir, out=tmp_path / "o", progress=False)
+        convert_released_folder(command="sa2va-hf-to-native", src=qwen_fx.base_dir, out=tmp_path / "o", progress=False)
 
 
 def test_native_hf_base_layout(tmp_path):

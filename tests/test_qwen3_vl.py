@@ -278,11 +278,11 @@ def test_released_folder_imports_to_the_checkpoint_conversions_tensors(fx3, expo
     from click.testing import CliRunner
 
     from maskport.cli import main
-    from maskport.convert.api import convert_sa2va_hf_to_native
+    from maskport.convert.api import convert_released_folder
     from maskport.testing.sa2va_qwen2_5_vl import make_released_folder
 
     src = make_released_folder(fx3, tmp_path / "released")
-    res = convert_sa2va_hf_to_native(src, out=tmp_path / "native", dtype="fp32", progress=False, log=lambda *a: None,
+    res = convert_released_folder(command="sa2va-hf-to-native", src=src, out=tmp_path / "native", dtype="fp32", progress=False, log=lambda *a: None,
                                      sam2_config=fx3.sam2_pt.with_suffix(".config.json"))  # tiny SAM2: no preset
     assert res.family == NAME
     cov = res.report["coverage"]

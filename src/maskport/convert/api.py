@@ -124,7 +124,7 @@ def convert_mmengine_to_hf(
     """Convert a training checkpoint (mmengine ``.pth``, DeepSpeed ZeRO-1/2/3 folder, or zero_to_fp32's output) into
     an HF folder.
 
-    ``inputs``: the family's declared inputs (``FamilySpec.inputs``), e.g. ``base=``, ``sam2=``, ``lora_alpha=``;
+    ``inputs``: the family's declared inputs (``FamilySpec.inputs``), e.g. ``base=``, ``lora_alpha=``;
     ``None`` = not given. Steps:
     1. open the checkpoint (``weights_only`` with the allowlist; memory-mapped) and read its training config
        as data;
@@ -279,10 +279,6 @@ def convert_released_folder(
                           training_config_found={}, out_dir=out_dir, out_dtype=out_dtype, shard_bytes=shard_bytes,
                           dry_run=dry_run, progress=progress, t0=t0, checksums=sha256)
 
-
-def convert_sa2va_hf_to_native(src: str | Path, **kwargs: Any) -> ConversionResult:
-    """``maskport convert sa2va-hf-to-native``: :func:`convert_released_folder` for the released Sa2VA folders."""
-    return convert_released_folder(src, command="sa2va-hf-to-native", **kwargs)
 
 
 def _check_free_space(out_dir: Path, needed: int) -> None:

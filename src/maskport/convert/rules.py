@@ -19,7 +19,7 @@ Rule kinds:
 - :class:`Apply`: any typed op of :mod:`maskport.convert.ops` (e.g. a LoRA merge chained with a grouped qkv split).
 - :class:`Drop`: a source tensor deliberately not exported, with the reason.
 - :class:`DropIfEqual`: a source tensor that duplicates another (a buffer DeepSpeed saved beside the trained
-  parameters, equal to the base's or SAM2's copy): dropped once its values are checked equal to that copy; a
+  parameters, equal to the copy another input holds): dropped once its values are checked equal to that copy; a
   copy that differs stops the conversion (:class:`~maskport.errors.ValueMismatch`). Runs after ordinary rules,
   on what they left unclaimed.
 - :class:`DropRest`: every tensor of a source that no earlier rule claimed, left out with a reason.
@@ -292,7 +292,7 @@ class DropRest(Drop):
 class DropIfEqual(Rule):
     """Every not-yet-claimed tensor of ``source`` matching it is a copy of ``equals`` (filled from the same
     placeholders), e.g. a persistent buffer that DeepSpeed's module state keeps beside the trained parameters
-    (``ckpt:grounding_encoder.sam2_model.{rest}`` = ``sam2:{rest}``). Planning reads both and checks them equal
+    (``ckpt:head.{rest}`` = ``head_ckpt:{rest}``). Planning reads both and checks them equal
     (the checkpoint's copy may be the other rounded to the training dtype: bfloat16 or float16); then the
     copy is dropped with ``reason`` and the export takes ``equals``' own tensor through its rule. A copy that
     differs (or whose shape differs) stops the conversion, naming it. ``equals`` is only read, not claimed."""
@@ -333,7 +333,7 @@ class CopyRest(Rule):
 def prefixed(prefix: str, rules: Sequence[Rule], *, source: str | None = None) -> list[Rule]:
     """The same rules with ``prefix`` put before every target (and optionally another source name).
 
-    Used to embed a shared sub-table (e.g. SAM2's Meta -> HF table) under a model's submodule name.
+    Used to embed a shared sub-table (e.g. a shared mask head's table) under a model's submodule name.
     """
     import dataclasses
 

@@ -20,7 +20,7 @@ Readers:
 - :func:`open_hf_folder`: a HuggingFace model folder (sharded or single safetensors; ``.bin`` with
   ``weights_only``);
 - :func:`open_state_dict_file`: one checkpoint file (a state dict, plain or under ``'model'``, or safetensors),
-  e.g. Meta's SAM/SAM2 releases (the heads name them).
+  the mask heads open their checkpoints with it and name them.
 """
 
 from __future__ import annotations
@@ -648,8 +648,8 @@ def open_hf_folder(path: str | Path, *, name: str = "base", allow_unsafe_pickle:
 def open_state_dict_file(path: str | Path, *, name: str, label: str, example: str = "",
                          allow_unsafe_pickle: bool = False) -> TensorSource:
     """One checkpoint file as a source named ``name``: a safetensors file, or a torch file holding a state dict of
-    tensors, plain or under ``'model'`` (how Meta's SAM/SAM2 releases are saved), unpickled with the safe loader.
-    ``label`` names the file in messages (e.g. "SAM2 checkpoint"), ``example`` a file name a user would have.
+    tensors, plain or under ``'model'``, unpickled with the safe loader.
+    ``label`` names the file in messages (the caller's words), ``example`` a file name a user would have.
     Tensor data is read on demand."""
     path = Path(path)
     if not path.exists():

@@ -41,6 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..convert.safe_load import safe_torch_load
 from .common import SPECIAL_TOKENS, perturb_, round_bf16_
 from .sam2 import build_meta_sam2, make_meta_sam2, tiny_meta_sam2_config
 from .tokenizers import QWEN_CHAT_TEMPLATE, QWEN_SPECIAL_TOKENS, make_tiny_tokenizer, qwen_special_ids
@@ -674,7 +675,7 @@ def make_sa2va_qwen_fixture(
     # ---- oracle objects: exactly the values on disk --------------------------------------------
     module.eval()
     round_bf16_(module, only_trainable=True)
-    sd = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    sd = safe_torch_load(ckpt, mmap=False)["state_dict"]  # the converter's own allowlist reads mmengine files
     live = module.state_dict()
     assert list(sd) == list(live), "checkpoint keys differ from the module's state_dict"
     for k in sd:
@@ -756,7 +757,11 @@ def _ds_build(args: dict):
     sam2.load_state_dict(torch.load(args["sam2_pt"], map_location="cpu", weights_only=True)["model"])
     Sa2VA = _build_sa2va_module_class()
     module = Sa2VA(peft_model, sam2, tokenizer.convert_tokens_to_ids("[SEG]"))
+    # the file this fixture's own mmengine run just wrote; a full unpickle on purpose: its client state (mmengine's
+    # message hub, schedulers) goes into the DeepSpeed checkpoint as the real objects, as a real run's does
     ck = torch.load(args["ckpt"], map_location="cpu", weights_only=False)
+    # a training checkpoint holds the trainable tensors only: the frozen ones are "missing" by design; nothing may be
+    # unexpected, and the checkpoint must hold exactly the trainable parameters (both asserted below)
     missing, unexpected = module.load_state_dict({k: v.float() for k, v in ck["state_dict"].items()}, strict=False)
     assert not unexpected, unexpected
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
