@@ -762,6 +762,46 @@ def _(ctx, d):
                  {"images": [{"id": 1, "file_name": "img.png", "height": 4, "width": 4}], "annotations": []})
 
 
+# ------------------------------------------------------------------------------------------- hf-to-mmengine, serve
+
+
+def _back(ctx, d, export, out=None) -> list:
+    return ["convert", "hf-to-mmengine", str(export), "-o", str(out or d / "out"), "--no-progress"]
+
+
+def _back_cfg(content):
+    def build(ctx, d):
+        e = _export_copy(ctx, d)
+        write(e / "config.json", content if isinstance(content, (bytes, str)) else json.dumps(content))
+        return _back(ctx, d, e)
+    return build
+
+
+case("back-config-list", "config.json", "JSON array")(_back_cfg([1]))
+case("back-config-duplicate-keys", "duplicate key")(_back_cfg('{"model_type": "a", "model_type": "b"}'))
+case("back-config-deep", "nested deeper")(_back_cfg("{\"a\": " + "[" * 10000 + "]" * 10000 + "}"))
+case("back-out-inside-export", "is inside the input")(
+    lambda ctx, d: _back(ctx, d, ctx.export, out=ctx.export / "model.safetensors") + ["--overwrite"])
+
+
+def _serve_cfg(content):
+    def build(ctx, d):
+        e = _export_copy(ctx, d)
+        write(e / "config.json", content if isinstance(content, (bytes, str)) else json.dumps(content))
+        return ["serve", str(e), "--port", "0"]
+    return build
+
+
+case("serve-config-list", "config.json", "JSON array")(_serve_cfg([1]))
+case("serve-config-duplicate-keys", "duplicate key")(_serve_cfg('{"model_type": "a", "model_type": "b"}'))
+
+
+@case("serve-export-code-added", "--trust-export-code")
+def _(ctx, d):
+    e = _export_copy(ctx, d)
+    write(e / "extra.py", "raise SystemExit('ran')\n")
+    return ["serve", str(e), "--port", "0"]
+
 # ------------------------------------------------------------------------------------------------ running
 
 
@@ -873,3 +913,4 @@ def test_hostile_input(hcase, hostile):
     assert _snapshot([d]) == r["before"], "an input of the case changed"
     assert hostile["shared_after"] == hostile["shared_before"], "the shared fixture changed"
     assert r["maxrss_kib"] < hostile["runner_rss_kib"] + RSS_MARGIN_KIB, (r["maxrss_kib"], hostile["runner_rss_kib"])
+
