@@ -243,6 +243,17 @@ def test_concurrent_requests_equal_sequential_ones(url, replica, info):
     assert sum(len(r["masks"]) for r in results) >= 6
 
 
+def test_a_lone_client_does_not_wait_for_a_batch(replica, info):
+    # max-wait applies under concurrent traffic only: one client's sequential requests are not held for it
+    app = create_app([replica], info, limits=LIMITS, max_batch=8, max_wait_s=3.0)
+    with running(app) as base:
+        for _ in range(3):
+            r = httpx.post(base + "/v1/segment", files={"image": GOOD_PNG}, data={"prompt": S0["prompt"]},
+                           timeout=60).json()
+            assert r["timings"]["batch_size"] == 1
+            assert r["timings"]["queue_ms"] < 1500, r["timings"]  # 3000 if it had waited for companions
+
+
 def test_timeouts_and_disconnects_free_their_slots(replica, info):
     # a server whose requests time out long before the model answers: every slot must come back
     slow = Limits(**{**LIMITS.__dict__, "timeout_s": 0.05})

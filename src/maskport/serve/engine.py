@@ -2,7 +2,9 @@
 
 A :class:`Replica` is one loaded export (``AutoModel.from_pretrained(..., trust_remote_code=True)``) on one device,
 with one thread that runs it. The :class:`Batcher` keeps one queue; each replica's worker takes the first waiting
-request, waits up to ``max_wait_s`` for more (up to ``max_batch``), groups them by the settings a batch shares
+request and whatever else is queued already; under concurrent traffic (more than one request in this round or in
+the worker's last batch) it also waits up to ``max_wait_s`` for more (up to ``max_batch``), while a lone client's
+request runs at once. It groups them by the settings a batch shares
 (threshold, max_new_tokens, return_probabilities) and runs each group through the export's batched
 ``predict_batch`` (a group of one through ``predict_forward``). Masks are encoded to COCO RLE in the worker thread.
 
@@ -233,10 +235,18 @@ class Batcher:
 
     async def _worker(self, replica: Replica) -> None:
         loop = asyncio.get_running_loop()
+        last_size = 1
         while True:
             first = await self._next_live(None)
             batch = [first]
-            until = loop.time() + self.max_wait_s
+            while len(batch) < self.max_batch and not self._queue.empty():  # what is queued already, no wait
+                job = self._queue.get_nowait()
+                if not job.future.done():
+                    batch.append(job)
+            # wait for more only under concurrent traffic (several requests this round, or in the last batch): a
+            # lone client's request runs at once instead of paying max_wait on every call
+            concurrent = len(batch) > 1 or last_size > 1
+            until = loop.time() + (self.max_wait_s if concurrent else 0.0)
             while len(batch) < self.max_batch:
                 left = until - loop.time()
                 if left <= 0:
@@ -245,6 +255,7 @@ class Batcher:
                 if job is None:
                     break
                 batch.append(job)
+            last_size = len(batch)
             groups: dict[tuple, list[Job]] = {}
             for j in batch:
                 groups.setdefault(j.key, []).append(j)
