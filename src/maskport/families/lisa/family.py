@@ -139,10 +139,13 @@ def _clip_vision_config(clip_dir: Path | None, source: TensorSource | None, pref
     fc1 = source.info(prefix + "encoder.layers.0.mlp.fc1.weight").shape
     hidden, p = patch[0], patch[2]
     side = int(round((pos[0] - 1) ** 0.5))
-    notes.append(f"CLIP configuration inferred from the checkpoint's shapes (hidden {hidden}, {layers} layers, "
-                 f"{side * p} px, patch {p}; OpenAI CLIP's heads of 64, quick_gelu): pass --clip to read it instead")
+    if (hidden, layers, fc1[0], p) != (1024, 24, 4096, 14) or side * p not in (224, 336):
+        raise MissingInput("--clip is required: the checkpoint holds CLIP's weights but not its configuration, and "
+                           f"they are not OpenAI's CLIP ViT-L/14 (hidden {hidden}, {layers} layers, patch {p})")
+    notes.append(f"CLIP configuration: OpenAI's CLIP ViT-L/14 at {side * p} px, recognised from the checkpoint's "
+                 "shapes (16 heads, quick_gelu, eps 1e-5); pass --clip to read it from the CLIP folder instead")
     return CLIPVisionConfig(hidden_size=hidden, intermediate_size=fc1[0], num_hidden_layers=layers,
-                            num_attention_heads=hidden // 64, image_size=side * p, patch_size=p,
+                            num_attention_heads=16, image_size=side * p, patch_size=p, projection_dim=768,
                             hidden_act="quick_gelu", layer_norm_eps=1e-5)
 
 
