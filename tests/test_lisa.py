@@ -351,3 +351,58 @@ def test_export_predicts_in_a_process_without_maskport(lisa_export, tmp_path):
     assert got["missing"] == [] and got["unexpected"] == [] and got["mismatched"] == []
     assert got["prediction"].count("[SEG]") == len(got["masks"]) >= 1
     assert all(m == ["bool", [1, 150, 200]] for m in got["masks"]) and got["text_only_masks"] == 0
+
+
+# ------------------------------------------------------------------------------------------------ verify, quantize
+
+FORCE_SEG = {"sequence_bias": {"[SEG]": 100.0}}  # the fixture model is untrained: make it say [SEG]
+
+
+@pytest.fixture(scope="module")
+def lisa_samples(tmp_path_factory):
+    from tests.test_quantize import _make_samples
+
+    return _make_samples(tmp_path_factory.mktemp("lisa_samples"), n=3)
+
+
+def test_verify_passes_on_the_same_export(lisa_export, lisa_samples, tmp_path):
+    from click.testing import CliRunner
+
+    from maskport.verify.command import verify_command
+
+    d = lisa_export.out_dir
+    r = CliRunner().invoke(verify_command, [str(d), str(d), "--samples", str(lisa_samples), "--report",
+                                            str(tmp_path / "rep"), "--device", "cpu", "--max-new-tokens", "2",
+                                            "--generation-kwargs", json.dumps(FORCE_SEG), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert rep["verdict"] == "pass" and rep["summary"]["dice"]["min"] == 1.0
+    assert all(rec["ref"]["n_masks"] == 2 for rec in rep["samples"])
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_quantize_keeps_all_but_the_decoder_linears(lisa_export, lisa_samples, tmp_path, method):
+    """GPTQ / AWQ 4-bit of the Llama decoder (GPTQModel, CPU): exactly its 14 linears are packed; CLIP, the projector,
+    lm_head, SAM and text_hidden_fcs are byte-identical; the result loads and segments."""
+    pytest.importorskip("gptqmodel", reason="maskport[quant] (gptqmodel) is not installed")
+    from transformers import AutoModel, AutoTokenizer
+
+    from maskport.quantize.api import quantize_export
+
+    out = tmp_path / f"lisa-{method}"
+    res = quantize_export(lisa_export.out_dir, out, method=method, bits=4, group_size=32, calib=lisa_samples,
+                          device="cpu", log=lambda m: None)
+    rep = res.report
+    assert rep["family"] == "lisa" and rep["quantized_modules_count"] == 14
+    assert all(m.startswith("mllm.model.language_model.layers.") for m in rep["quantized_modules"])
+    assert rep["calibration"]["seg_token_in_every_batch"] and rep["calibration"]["image_tokens"] == 3 * 16
+    before, after = _tensors(lisa_export.out_dir), _tensors(out)
+    kept = [k for k in before if not k.startswith("mllm.model.language_model.layers.")]
+    assert kept and all(torch.equal(before[k], after[k]) for k in kept)
+    assert any(k.endswith(".qweight") for k in after)
+    model, info = AutoModel.from_pretrained(out, trust_remote_code=True, output_loading_info=True)
+    assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    tok = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
+    pred = model.eval().predict_forward(image=_image(60, 80, 2), text="Please segment the red box.", tokenizer=tok,
+                                        max_new_tokens=2, generation_kwargs={"sequence_bias": {(400,): 100.0}})
+    assert pred["prediction"] == "[SEG][SEG]" and len(pred["prediction_masks"]) == 2

@@ -43,6 +43,25 @@ def _batch(ids: list[int]) -> dict[str, torch.Tensor]:
     return {"input_ids": t, "attention_mask": torch.ones_like(t)}
 
 
+def register_gptqmodel_llava() -> None:
+    """GPTQModel has no definition for transformers' native ``llava``; its module tree is the one of its native
+    ``internvl`` definition (``model.language_model.layers`` of Llama-style blocks, ``model.vision_tower``,
+    ``model.multi_modal_projector``, ``lm_head``): register that definition under ``llava`` for this process (without
+    a processor: maskport hands GPTQModel ready batches)."""
+    from gptqmodel.models import auto
+    from gptqmodel.models.definitions.internvl import InternVLQModel
+
+    if "llava" in auto.MODEL_MAP:
+        return
+
+    class LlavaQModel(InternVLQModel):
+        require_load_processor = False
+
+    auto.MODEL_MAP["llava"] = LlavaQModel
+    if "llava" not in auto.SUPPORTED_MODELS:
+        auto.SUPPORTED_MODELS.append("llava")
+
+
 class LisaTarget(QuantTarget):
     spec = SPEC
     excluded_prefixes = ("mllm.model.vision_tower", "mllm.model.multi_modal_projector", "mllm.lm_head", "sam",
@@ -52,6 +71,7 @@ class LisaTarget(QuantTarget):
 
     def stage(self, model, tokenizer, folder: Path) -> None:
         """A plain LLaVA folder: ``LlavaForConditionalGeneration`` + tokenizer (GPTQModel's ``llava`` definition)."""
+        register_gptqmodel_llava()
         model.mllm.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
 
