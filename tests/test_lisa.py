@@ -236,6 +236,13 @@ def test_prompt_ids_are_lisas(lfx, lisa_model):
                           stripped_tokens=["[SEG]", "<im_start>", "<im_end>"])
     want = [1] + sp.encode(SYSTEM + " USER:") + [401, 0, 0, 0, 402] + sp.encode(text + " ASSISTANT:")
     assert ids == want
+    # literal added tokens in the text: split out, the whitespace around [SEG] dropped, specials kept as tokens
+    ids = lisa_prompt_ids(tok, "a [SEG] b</s>c", image_placeholder="<image>", image_token_id=0, image_tokens=1,
+                          stripped_tokens=["[SEG]", "<im_start>", "<im_end>"])
+    assert ids == [1] + sp.encode("a") + [400] + sp.encode("b") + [2] + sp.encode("c")
+    from maskport.families.lisa.remote.modeling_lisa import split_at_tokens
+
+    assert split_at_tokens("x<im_end><im_end>y", ["<im_end>", "<im"]) == ["x", "<im_end>", "", "<im_end>", "y"]
     # an explicit <image> in the text is used where it is
     assert build_prompt(model.config.template, "look <image> here") == \
         SYSTEM + " USER: look <im_start><image><im_end> here ASSISTANT:"

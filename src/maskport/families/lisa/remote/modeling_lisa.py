@@ -19,7 +19,6 @@ Inference follows LISA's ``chat.py`` + ``LISAForCausalLM.evaluate``; ``predict_f
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import numpy as np
@@ -72,6 +71,21 @@ def sentencepiece_ids(tokenizer, text: str) -> list[int]:
     return [t.id for t in backend.model.tokenize(SPIECE_UNDERLINE + text.replace(" ", SPIECE_UNDERLINE))]
 
 
+def split_at_tokens(text: str, words: list[str]) -> list[str]:
+    """``[text, token, text, token, ..., text]``: ``text`` cut at each occurrence of one of ``words``, scanning left
+    to right and taking the longest word that starts at a position (``words`` sorted longest first)."""
+    parts, start, i = [], 0, 0
+    while i < len(text):
+        hit = next((w for w in words if w and text.startswith(w, i)), None)
+        if hit is None:
+            i += 1
+            continue
+        parts += [text[start:i], hit]
+        i += len(hit)
+        start = i
+    return parts + [text[start:]]
+
+
 def lisa_prompt_ids(tokenizer, prompt: str, *, image_placeholder: str, image_token_id: int, image_tokens: int,
                     stripped_tokens: list[str]) -> list[int]:
     """Token ids of a LISA prompt, as LISA's ``tokenizer_image_token`` with its slow tokenizer computes them:
@@ -87,14 +101,13 @@ def lisa_prompt_ids(tokenizer, prompt: str, *, image_placeholder: str, image_tok
     stripped = [t for t in stripped_tokens if t]
     words = sorted(set(stripped) | specials | set(getattr(tokenizer, "added_tokens_encoder", {}) or {}),
                    key=lambda w: (-len(w), w))
-    splitter = re.compile("(" + "|".join(re.escape(w) for w in words) + ")") if words else None
     ids: list[int] = []
     if tokenizer.bos_token_id is not None:
         ids.append(int(tokenizer.bos_token_id))
     for n, chunk in enumerate(prompt.split(image_placeholder)):
         if n:
             ids.extend([int(image_token_id)] * int(image_tokens))
-        parts = [p for p in splitter.split(chunk)] if splitter else [chunk]
+        parts = split_at_tokens(chunk, words)
         # parts alternate text, token, text, ...: strip the text around each stripped token
         for i in range(1, len(parts), 2):
             if parts[i] in stripped:
@@ -334,4 +347,4 @@ class LisaModel(SegTokenMixin, SamImageHeadMixin, PreTrainedModel):
 
 
 __all__ = ["LisaModel", "build_prompt", "clip_preprocess", "clip_shortest_edge_size", "lisa_prompt_ids",
-           "lisa_seg_positions", "sentencepiece_ids"]
+           "lisa_seg_positions", "sentencepiece_ids", "split_at_tokens"]
