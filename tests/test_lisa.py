@@ -82,7 +82,12 @@ def _image(h: int, w: int, seed: int) -> Image.Image:
 def test_every_tensor_accounted_for(lisa_export):
     cov = lisa_export.report["coverage"]
     assert all(c["unaccounted"] == 0 for c in cov["sources"].values()), cov
-    assert cov["sources"]["ckpt"]["dropped"] == 0 and cov["sources"]["base"]["used"] == 0
+    assert cov["sources"]["base"]["used"] == 0
+    # the checkpoint's only drops: the persistent buffers transformers 4.31 saved (RoPE inv_freq, CLIP position_ids)
+    ckpt_drops = sorted(d["source"] for d in lisa_export.report["dropped"] if d["source"].startswith("ckpt:"))
+    assert ckpt_drops == ["ckpt:model.layers.0.self_attn.rotary_emb.inv_freq",
+                          "ckpt:model.layers.1.self_attn.rotary_emb.inv_freq",
+                          "ckpt:model.vision_tower.vision_tower.vision_model.embeddings.position_ids"]
     ops = cov["ops"]
     assert "lora_merge" in json.dumps(ops)
     cfg = json.loads((lisa_export.out_dir / "config.json").read_text())

@@ -57,13 +57,22 @@ def make_sentencepiece(root: Path) -> bytes:
     return buf.getvalue()
 
 
+def _added_token(content: str, typed: bool) -> dict:
+    tok = {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+    return {"__type": "AddedToken", **tok} if typed else tok
+
+
 def _tokenizer_files(root: Path, added: dict[str, int] | None) -> None:
+    """The files transformers 4.31's slow LlamaTokenizer.save_pretrained writes (special tokens as AddedToken
+    dicts, no pad token in the config, LISA's pad = unk in the map)."""
     (root / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-        "add_bos_token": True, "add_eos_token": False, "model_max_length": 2048, "padding_side": "right",
-        "clean_up_tokenization_spaces": False}))
+        "tokenizer_class": "LlamaTokenizer", "bos_token": _added_token("<s>", True),
+        "eos_token": _added_token("</s>", True), "unk_token": _added_token("<unk>", True), "pad_token": None,
+        "add_bos_token": True, "add_eos_token": False, "model_max_length": 512, "padding_side": "right",
+        "clean_up_tokenization_spaces": False, "sp_model_kwargs": {}}))
     (root / "special_tokens_map.json").write_text(json.dumps(
-        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>"}))
+        {"bos_token": _added_token("<s>", False), "eos_token": _added_token("</s>", False),
+         "unk_token": _added_token("<unk>", False), "pad_token": "<unk>"}))
     if added:
         (root / "added_tokens.json").write_text(json.dumps(added))
 
@@ -248,6 +257,12 @@ def make_lisa_fixture(root: Path, seed: int = 0) -> LisaFixture:
     (ds_dir / "global_step10").mkdir(parents=True)
     (ds_dir / "latest").write_text("global_step10")
     module = {k.replace(".base_layer.", "."): v for k, v in state.items()}
+    # persistent buffers transformers 4.31 kept in the state dict: RoPE inverse frequencies, CLIP's position ids
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, HIDDEN // HEADS, 2).float() / (HIDDEN // HEADS)))
+    for i in range(LAYERS):
+        module[f"{PEFT}model.layers.{i}.self_attn.rotary_emb.inv_freq"] = inv_freq.clone()
+    n_pos = (CLIP_IMAGE // CLIP_PATCH) ** 2 + 1
+    module[PEFT + "model.vision_tower.vision_tower.vision_model.embeddings.position_ids"] = torch.arange(n_pos)[None]
     torch.save({"module": module, "ds_config": {"zero_optimization": {"stage": 2}, "bf16": {"enabled": False}},
                 "ds_version": "0.9.5", "global_steps": 10},
                ds_dir / "global_step10" / "mp_rank_00_model_states.pt")
@@ -272,6 +287,8 @@ def make_lisa_fixture(root: Path, seed: int = 0) -> LisaFixture:
         name = k[len(PEFT):]
         if name.startswith(("model.mm_projector.", "model.visual_model.", "model.text_hidden_fcs.")):
             released[name] = v
+    for i in range(LAYERS):
+        released[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = inv_freq.clone()
     released_dir = root / "LISA-tiny-v1"
     released_dir.mkdir()
     _save_bin_shards(released, released_dir, 2)
