@@ -418,3 +418,23 @@ def test_quantize_keeps_all_but_the_decoder_linears(lisa_export, lisa_samples, t
     pred = model.eval().predict_forward(image=_image(60, 80, 2), text="Please segment the red box.", tokenizer=tok,
                                         max_new_tokens=2, generation_kwargs={"sequence_bias": {(400,): 100.0}})
     assert pred["prediction"] == "[SEG][SEG]" and len(pred["prediction_masks"]) == 2
+
+
+def test_released_folder_without_im_start_end(lfx, tmp_path):
+    """A LISA trained with --use_mm_start_end False says so in its config.json: no <im_start>/<im_end> around the
+    image in the prompt."""
+    import shutil
+
+    from maskport.convert.api import convert_released_folder
+    from maskport.families.lisa.remote.modeling_lisa import build_prompt
+
+    src = tmp_path / "LISA-no-im"
+    shutil.copytree(lfx.released_dir, src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["mm_use_im_start_end"] = False
+    (src / "config.json").write_text(json.dumps(cfg))
+    res = convert_released_folder(src, command="lisa-hf-to-native", out=tmp_path / "out", clip=lfx.clip_dir,
+                                  progress=False)
+    tpl = json.loads((res.out_dir / "config.json").read_text())["template"]
+    assert build_prompt(tpl, "hi") == SYSTEM + " USER: <image>\nhi ASSISTANT:"
+    assert any("mm_use_im_start_end is false" in n for n in res.notes)

@@ -326,7 +326,8 @@ class Lisa(Family):
             sources["clip"] = clip_src
         config, expected, vocab = self._export_config(
             src_cfg, src_dir, view, tokenizer, vision, hf_sam_config(spec), preset, notes, projector_source=view,
-            extra={"released_folder": src_dir.name})
+            extra={"released_folder": src_dir.name},
+            im_start_end=src_cfg.get("mm_use_im_start_end", True) is not False)  # LISA's own config.json
         sources["identity"] = IdentitySource(config.mllm_config.text_config.hidden_size)
         table = rules(lora_scaling=None, llm_from="base", projector_from="base", clip_from=clip_from or "base",
                       sam_from="base_sam", inputs=tuple(sources), src="base", src_sam="base_sam")
@@ -366,7 +367,8 @@ class Lisa(Family):
         return tok
 
     def _export_config(self, flat_cfg: dict, where: Path, view: TensorSource, tokenizer, vision, sam_config,
-                       preset: str, notes: list[str], *, projector_source: TensorSource, extra: dict):
+                       preset: str, notes: list[str], *, projector_source: TensorSource, extra: dict,
+                       im_start_end: bool = True):
         from transformers import LlavaConfig
 
         from ... import __version__
@@ -405,9 +407,14 @@ class Lisa(Family):
                            image_seq_length=grid, multimodal_projector_bias=True, tie_word_embeddings=False)
         mllm_dict = mllm.to_dict()
         mllm_dict["text_config"]["tie_word_embeddings"] = False
+        template = {}
+        if not im_start_end:  # LISA's --use_mm_start_end False: no <im_start>/<im_end> around the image
+            template = {"im_start": "", "im_end": ""}
+            notes.append(f"{where.name}/config.json: mm_use_im_start_end is false: the image is not wrapped in "
+                         "<im_start>/<im_end>")
         config = LisaConfig(
             mllm_config=mllm_dict, sam_config=sam_config.to_dict(), seg_token=SEG, seg_token_id=int(seg_id),
-            added_tokens=[SEG, IM_START, IM_END], image_processor={"crop_size": vision.image_size,
+            added_tokens=[SEG, IM_START, IM_END], template=template, image_processor={"crop_size": vision.image_size,
                                                                   "shortest_edge": vision.image_size},
             text_hidden_fcs_out_dim=out_dim,
             maskport={"version": __version__, "family": NAME, "mapping_version": SPEC.mapping_version,
