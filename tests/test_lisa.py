@@ -438,3 +438,19 @@ def test_released_folder_without_im_start_end(lfx, tmp_path):
     tpl = json.loads((res.out_dir / "config.json").read_text())["template"]
     assert build_prompt(tpl, "hi") == SYSTEM + " USER: <image>\nhi ASSISTANT:"
     assert any("mm_use_im_start_end is false" in n for n in res.notes)
+
+
+def test_run_without_lora_single_file(lfx, lisa_export, tmp_path):
+    """A run trained without LoRA (LISA's --lora_r 0: no peft wrapper, keys model.* / lm_head.weight) as one
+    zero_to_fp32 pytorch_model.bin (here: the released folder's merged tensors, read with the safe loader): detected,
+    and the same export (within the LoRA merge's float32 rounding)."""
+    from maskport.convert.sources import open_hf_folder
+
+    src = open_hf_folder(lfx.released_dir)
+    (tmp_path / "z").mkdir()
+    torch.save({k: src.load(k).clone() for k in src.keys()}, tmp_path / "z" / "pytorch_model.bin")
+    res = _convert(lfx, tmp_path / "z" / "pytorch_model.bin", tmp_path / "out", base=lfx.base_dir, clip=lfx.clip_dir)
+    assert res.family == "lisa" and res.report["settings"]["lora"]["r"] is None
+    want, got = _tensors(lisa_export.out_dir), _tensors(res.out_dir)
+    assert sorted(got) == sorted(want)
+    assert all(torch.allclose(got[k], want[k], atol=1e-6, rtol=0) for k in want)

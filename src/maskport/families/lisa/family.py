@@ -237,10 +237,19 @@ class Lisa(Family):
     spec = SPEC
 
     # ---- training runs -----------------------------------------------------------------------------------------
-    def claims(self, ckpt: TrainingCheckpoint) -> bool:
+    @staticmethod
+    def _prefix(ckpt: TrainingCheckpoint) -> str | None:
+        """``base_model.model.`` for a peft-wrapped run (LoRA), ``""`` for one trained without LoRA (LISA's
+        ``--lora_r 0``: no peft wrapper), ``None`` when the keys are not LISA's."""
         keys = ckpt.source.keys()
-        return any(k.startswith(PEFT + SAM_PREFIX) for k in keys) and any(
-            k.startswith(PEFT + "model.text_hidden_fcs.") for k in keys)
+        for prefix in (PEFT, ""):
+            if any(k.startswith(prefix + SAM_PREFIX) for k in keys) and any(
+                    k.startswith(prefix + "model.text_hidden_fcs.") for k in keys):
+                return prefix
+        return None
+
+    def claims(self, ckpt: TrainingCheckpoint) -> bool:
+        return self._prefix(ckpt) is not None
 
     def prepare(self, ckpt: TrainingCheckpoint, cfg: TrainingConfig, options: ConvertOptions) -> Prepared:
         notes: list[str] = []
@@ -252,7 +261,11 @@ class Lisa(Family):
             raise MissingInput(f"base model folder {base_dir} does not exist")
         base_cfg = _read_json(base_dir / "config.json")
         base = open_hf_folder(base_dir, allow_unsafe_pickle=options.allow_unsafe_pickle)
-        view, sam_view = split_views(ckpt.source, PEFT, "ckpt", "ckpt_sam")
+        prefix = self._prefix(ckpt)
+        if prefix is None:
+            raise WrongFamily(f"{ckpt.source.path}: no model.visual_model.* / model.text_hidden_fcs.* tensors (under "
+                              f"{PEFT!r} or unprefixed): not a LISA training checkpoint")
+        view, sam_view = split_views(ckpt.source, prefix, "ckpt", "ckpt_sam")
         keys = set(view.keys())
         llm_in_ckpt = "model.layers.0.mlp.down_proj.weight" in keys
         projector_in_ckpt = "model.mm_projector.weight" in keys

@@ -31,7 +31,7 @@ LLM = "mllm.model.language_model."
 CLIP_TARGET = "mllm.model.vision_tower."  # transformers 5: CLIPVisionModel has no vision_model level
 PROJECTOR = "mllm.model.multi_modal_projector."
 CKPT_CLIP = "model.vision_tower.vision_tower.vision_model."  # LLaVA's CLIPVisionTower(CLIPVisionModel)
-LORA = "model.layers.{i}.self_attn.{proj}"                   # LISA's LoRA targets: q_proj, v_proj
+LORA = "model.layers.{i}.{block}.{proj}"  # LISA's LoRA targets: self_attn.q_proj / v_proj (any decoder linear read)
 
 SUPERSEDED_BY_CKPT = ("the training checkpoint holds its own copy of this part (DeepSpeed saved the frozen weights "
                       "too); the export takes the checkpoint's")
@@ -54,9 +54,10 @@ def rules(*, lora_scaling: float | None, llm_from: str, projector_from: str, cli
     trained model's views (``ckpt`` / ``ckpt_sam`` for a training run; ``base`` / ``base_sam`` for a released
     folder, which is the whole model)."""
     out: list = []
-    # 1. LoRA on q_proj / v_proj: base weight + (alpha / r) * B @ A, in float32
+    # 1. LoRA (LISA: q_proj / v_proj; --lora_target_modules may name other decoder linears): base weight +
+    #    (alpha / r) * B @ A, in float32
     if lora_scaling is not None:
-        out.append(LoraMerge(target=LLM + "layers.{i}.self_attn.{proj}.weight",
+        out.append(LoraMerge(target=LLM + "layers.{i}.{block}.{proj}.weight",
                              base=f"{llm_from}:{LORA}.weight", a=f"{src}:{LORA}.lora_A.default.weight",
                              b=f"{src}:{LORA}.lora_B.default.weight", scaling=lora_scaling))
     # 2. trained in full: embeddings (vocabulary + [SEG], <im_start>, <im_end>) and lm_head
