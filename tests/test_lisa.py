@@ -454,3 +454,19 @@ def test_run_without_lora_single_file(lfx, lisa_export, tmp_path):
     want, got = _tensors(lisa_export.out_dir), _tensors(res.out_dir)
     assert sorted(got) == sorted(want)
     assert all(torch.allclose(got[k], want[k], atol=1e-6, rtol=0) for k in want)
+
+
+def test_half_precision_postprocess_is_lisas(lfx, lisa_model):
+    """With SAM in bf16 (LISA's default precision) the logits are interpolated in bf16, as LISA's
+    ``postprocess_masks`` does them (Meta's function on the bf16 logits is the reference), not in float32."""
+    import copy
+
+    model, _ = lisa_model
+    m16 = copy.deepcopy(model)
+    m16.sam.to(torch.bfloat16)
+    sam = copy.deepcopy(lfx.meta_sam)
+    low = torch.randn(2, 1, 32, 32).to(torch.bfloat16)
+    got = m16.sam_postprocess(low.float()[:, 0], (96, 77), (181, 145))
+    want = sam.postprocess_masks(low, (96, 77), (181, 145))[:, 0]
+    assert got.dtype == torch.float32 and torch.equal(got, want.float())
+    assert not torch.equal(got, model.sam_postprocess(low.float()[:, 0], (96, 77), (181, 145)))

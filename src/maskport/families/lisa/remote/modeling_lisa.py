@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from transformers import LlavaForConditionalGeneration, PreTrainedModel, SamModel
@@ -245,6 +246,22 @@ class LisaModel(SegTokenMixin, SamImageHeadMixin, PreTrainedModel):
         hidden = out.last_hidden_state[0, positions.to(out.last_hidden_state.device)]
         fcs_device, fcs_dtype = module_device_dtype(self.text_hidden_fcs)
         return self.text_hidden_fcs(hidden.to(device=fcs_device, dtype=fcs_dtype))
+
+    def sam_postprocess(self, logits: torch.Tensor, input_size: tuple[int, int],
+                        original_size: tuple[int, int]) -> torch.Tensor:
+        """LISA's ``Sam.postprocess_masks`` in SAM's own dtype: LISA runs SAM in bf16/fp16 and interpolates those
+        logits without casting (bilinear to the SAM size, crop, bilinear to H x W); float32 result. For a float32
+        SAM this is the head's float32 post-processing."""
+        _, dtype = module_device_dtype(self.sam)
+        if dtype == torch.float32:
+            return super().sam_postprocess(logits, input_size, original_size)
+        size = int(self.config.sam_image_size)
+        lead = logits.shape[:-2]
+        x = logits.reshape(-1, 1, *logits.shape[-2:]).to(dtype)
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        x = x[..., : input_size[0], : input_size[1]]
+        x = F.interpolate(x, size=tuple(original_size), mode="bilinear", align_corners=False)
+        return x.float().reshape(*lead, *x.shape[-2:])
 
     # ---- inference -----------------------------------------------------------------------------------------------
     @torch.inference_mode()
