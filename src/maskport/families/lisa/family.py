@@ -153,6 +153,10 @@ def _check_sentencepiece(tokenizer, folder: Path, notes: list[str]) -> None:
     """When ``sentencepiece`` is installed and the folder has ``tokenizer.model``: check that the exported code's
     encoding of text pieces (``modeling_lisa.sentencepiece_ids``) equals SentencePiece's own, as LISA's slow
     tokenizer computes it, on probe strings; a difference is an error (the export would feed other ids)."""
+    tc = folder / "tokenizer_config.json"
+    if tc.is_file() and _read_json(tc).get("legacy") is False:
+        notes.append(f"{folder.name}/tokenizer_config.json sets legacy=false; the export encodes prompts as the "
+                     "legacy slow Llama tokenizer does (transformers 4.31's default, LISA's released folders)")
     model = folder / "tokenizer.model"
     if not model.is_file():
         notes.append(f"{folder.name} has no tokenizer.model: the prompt encoding was not checked against "
