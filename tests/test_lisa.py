@@ -470,3 +470,39 @@ def test_half_precision_postprocess_is_lisas(lfx, lisa_model):
     want = sam.postprocess_masks(low, (96, 77), (181, 145))[:, 0]
     assert got.dtype == torch.float32 and torch.equal(got, want.float())
     assert not torch.equal(got, model.sam_postprocess(low.float()[:, 0], (96, 77), (181, 145)))
+
+
+def test_wrong_inputs_are_one_line_errors(lfx, tmp_path):
+    """A folder that says LISA but lacks its tensors, a base of another size, a SAM of the wrong layout: exit code 2
+    and one 'error:' line each, nothing written."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from maskport.cli import main
+
+    def run(*args):
+        r = CliRunner().invoke(main, ["convert", *map(str, args), "--no-progress"])
+        lines = [ln for ln in r.output.splitlines() if ln.startswith("error:")]
+        return r.exit_code, lines
+
+    fake = tmp_path / "fake-lisa"
+    fake.mkdir()
+    shutil.copy2(lfx.released_dir / "config.json", fake / "config.json")
+    torch.save({"model.embed_tokens.weight": torch.zeros(403, 64)}, fake / "pytorch_model.bin")
+    code, lines = run("lisa-hf-to-native", fake, "--clip", lfx.clip_dir, "-o", tmp_path / "o1")
+    assert code == 2 and len(lines) == 1 and "not a released LISA folder" in lines[0]
+
+    other = tmp_path / "other-base"
+    shutil.copytree(lfx.base_dir, other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["hidden_size"] = 128
+    (other / "config.json").write_text(json.dumps(cfg))
+    code, lines = run("mmengine-to-hf", lfx.zero_dir, "--base", other, "--clip", lfx.clip_dir, "--sam", lfx.sam_pth,
+                      "-o", tmp_path / "o2")
+    assert code == 2 and len(lines) == 1 and "hidden size" in lines[0]
+
+    code, lines = run("mmengine-to-hf", lfx.zero_dir, "--base", lfx.base_dir, "--clip", lfx.clip_dir,
+                      "--sam", lfx.base_dir / "pytorch_model.bin", "-o", tmp_path / "o3")
+    assert code == 2 and len(lines) == 1 and "not Meta's SAM checkpoint layout" in lines[0]
+    assert not any((tmp_path / n).exists() for n in ("o1", "o2", "o3"))
