@@ -193,6 +193,7 @@ def test_released_folder_import_equals_the_training_conversion(lfx, lisa_export,
                                   "-o", str(out), "--no-progress"])
     assert r.exit_code == 0, r.output
     assert "family: lisa" in r.output
+    assert "prompt encoding checked against SentencePiece" in r.output
     want, got = _tensors(lisa_export.out_dir), _tensors(out)
     assert sorted(got) == sorted(want)
     for k in want:

@@ -173,12 +173,16 @@ def _check_sentencepiece(tokenizer, folder: Path, notes: list[str]) -> None:
     probes = ["A chat between a curious human and an artificial intelligence assistant. USER:",
               "Can you segment the dog in this image? ASSISTANT:", "Sure, it is [SEG] .", " leading space",
               "two  spaces and\nnew line", "Ünïcödé 中文 🙂 123", "  ", "x"]
-    for text in probes:
-        if sentencepiece_ids(tokenizer, text) != list(sp.encode(text)):
-            raise UnreadableFile(f"{folder}: the tokenizer transformers builds from tokenizer.model encodes {text!r} "
-                                 "differently from SentencePiece (LISA's slow tokenizer); the export would not feed "
-                                 "LISA's ids")
-    notes.append("prompt encoding checked against SentencePiece (LISA's slow tokenizer) on probe strings")
+    differ = [text for text in probes if sentencepiece_ids(tokenizer, text) != list(sp.encode(text))]
+    if len(differ) == len(probes):
+        raise UnreadableFile(f"{folder}: the tokenizer transformers builds from tokenizer.model encodes no probe text "
+                             "as SentencePiece (LISA's slow tokenizer) does; the export would not feed LISA's ids")
+    if differ:
+        notes.append(f"WARNING: the export's prompt encoding differs from SentencePiece (LISA's slow tokenizer) on "
+                     f"{len(differ)} of {len(probes)} probe texts ({', '.join(repr(t) for t in differ)}): prompts "
+                     "with such text get other ids than in LISA")
+    else:
+        notes.append("prompt encoding checked against SentencePiece (LISA's slow tokenizer) on probe strings")
 
 
 def _lora(ckpt_view: TensorSource, cfg: TrainingConfig, options: ConvertOptions, notes: list[str]):
