@@ -8,6 +8,7 @@ Needs ``maskport`` importable (installed, or ``PYTHONPATH=src``); run from the r
     # real shapes, random weights, on a GPU
     python benchmarks/quantize_bench.py shaped --size 3b --like exports/demo -o /tmp/sa2va-3b
     python benchmarks/quantize_bench.py shaped-internvl --size sa2va-8b --like exports/tiny-internlm2 -o /tmp/ivl8b
+    python benchmarks/quantize_bench.py shaped-lisa --size lisa-13b --like exports/tiny-lisa -o /tmp/lisa13b
     python benchmarks/quantize_bench.py gpu --export /tmp/sa2va-3b --methods gptq,awq --bits 4
 
 ``shaped`` writes an export folder of Sa2VA-Qwen2.5-VL-3B/7B *shapes* (Qwen2.5-VL-3B/7B-Instruct text and
@@ -155,6 +156,47 @@ def shaped_internvl(size, like, out, device, layers):
                                 image_processor=image_processor, maskport={
                                     "family": "sa2va-internvl", "benchmark": f"random weights, {size} shapes"}, **kw)
     _write_shaped(M.Sa2VAInternVLModel, cfg, out, like, device, "sa2va-internvl")
+
+
+# LISA shapes: LISA-7B-v1 (LLaVA-Lightning-7B: Llama-7B) and LISA-13B-llama2-v1 (Llama-2-13B), vocabulary 32000 +
+# [SEG], <im_start>, <im_end>; CLIP ViT-L/14 at 224 px (256 image tokens); SAM ViT-H
+LISA = {
+    "lisa-7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+                "num_key_value_heads": 32, "vocab_size": 32003, "max_position_embeddings": 2048},
+    "lisa-13b": {"hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40, "num_attention_heads": 40,
+                 "num_key_value_heads": 40, "vocab_size": 32003, "max_position_embeddings": 4096},
+}
+CLIP_L14_224 = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+                "image_size": 224, "patch_size": 14, "projection_dim": 768, "hidden_act": "quick_gelu",
+                "layer_norm_eps": 1e-5}
+
+
+@main.command("shaped-lisa")
+@click.option("--size", type=click.Choice(sorted(LISA)), required=True)
+@click.option("--like", type=click.Path(path_type=Path), required=True, help="A maskport lisa export to borrow from.")
+@click.option("-o", "--out", type=click.Path(path_type=Path), required=True)
+@click.option("--device", default="auto")
+@click.option("--layers", type=int, default=None, help="Fewer decoder layers (real widths, less memory and time).")
+def shaped_lisa(size, like, out, device, layers):
+    """Write a random-weight export with real LISA shapes (Llama 7B/13B, CLIP ViT-L/14 224 px, SAM ViT-H)."""
+    from maskport.families.lisa.remote import configuration_lisa as C
+    from maskport.families.lisa.remote import modeling_lisa as M
+    from maskport.heads.sam import hf_sam_config
+
+    like_cfg = json.loads((Path(like) / "config.json").read_text())
+    mllm = copy.deepcopy(like_cfg["mllm_config"])
+    mllm["text_config"].update(LISA[size])
+    if layers:
+        mllm["text_config"]["num_hidden_layers"] = int(layers)
+    mllm["text_config"].pop("layer_types", None)
+    mllm["vision_config"].update(CLIP_L14_224)
+    mllm.update(image_seq_length=256, tie_word_embeddings=False)
+    image_processor = dict(like_cfg["image_processor"], shortest_edge=224, crop_size=224)
+    kw = {k: like_cfg[k] for k in ("seg_token", "seg_token_id", "added_tokens", "template", "mask_threshold",
+                                   "max_new_tokens") if k in like_cfg}
+    cfg = C.LisaConfig(mllm_config=mllm, sam_config=hf_sam_config("vit_h").to_dict(), image_processor=image_processor,
+                       maskport={"family": "lisa", "benchmark": f"random weights, {size} shapes"}, **kw)
+    _write_shaped(M.LisaModel, cfg, out, like, device, "lisa")
 
 
 def _kernel_override(method: str, bits: int, kernel: str):

@@ -66,6 +66,7 @@ __all__ = [
     "MetaSamSpec",
     "SAM_PRESETS",
     "detect_sam_preset",
+    "sam_spec_of",
     "hf_sam_config",
     "sam_inputs",
     "open_sam_checkpoint",
@@ -356,6 +357,37 @@ def detect_sam_preset(source) -> tuple[str, MetaSamSpec]:
     described = ", ".join(f"{k}={v}" for k, v in sig.items())
     raise WrongFamily(f"{where}: a SAM checkpoint that matches none of the official presets "
                       f"({', '.join(SAM_PRESETS)}); found {described}")
+
+
+def sam_spec_of(source) -> tuple[str, MetaSamSpec]:
+    """The architecture of a SAM in Meta's layout: an official preset (:func:`detect_sam_preset`), or else the
+    :class:`MetaSamSpec` its tensor shapes describe, named ``"custom"`` (e.g. a small SAM built for tests or
+    distilled). The shapes fix everything but the mask decoder's number of heads, which Meta's builder fixes at 8
+    for every model (``_build_sam``): a custom SAM is taken to have that too.
+
+    Raises :class:`~maskport.errors.WrongFamily` when the source is not Meta's SAM layout at all."""
+    try:
+        return detect_sam_preset(source)
+    except WrongFamily as exc:
+        shapes = _shapes_of(source)
+        if not shapes or any(k not in shapes for k in _CORE) or "matches none of the official presets" not in str(exc):
+            raise
+    sig = _signature(shapes)
+    if not sig["use_rel_pos"] or sig["image_size"] is None or isinstance(sig.get("window_size"), tuple):
+        raise WrongFamily(f"{getattr(source, 'path', None) or 'the SAM checkpoint'}: a SAM without absolute and "
+                          "relative position tables, or with several window sizes: not Meta's ImageEncoderViT")
+    mlp = shapes.get("mask_decoder.transformer.layers.0.mlp.lin1.weight")
+    iou = shapes.get("mask_decoder.iou_prediction_head.layers.0.weight")
+    depth = len({k.split(".")[3] for k in shapes if k.startswith("mask_decoder.transformer.layers.")})
+    spec = MetaSamSpec(embed_dim=sig["embed_dim"], depth=sig["depth"], num_heads=sig["num_heads"],
+                       global_attn_indexes=tuple(sig["global_attn_indexes"]), image_size=sig["image_size"],
+                       patch_size=sig["patch_size"], window_size=sig["window_size"], mlp_ratio=sig["mlp_ratio"],
+                       prompt_embed_dim=sig["prompt_embed_dim"],
+                       decoder_depth=depth or MetaSamSpec.decoder_depth,
+                       decoder_mlp_dim=mlp[0] if mlp else MetaSamSpec.decoder_mlp_dim,
+                       iou_head_hidden_dim=iou[0] if iou else MetaSamSpec.iou_head_hidden_dim,
+                       num_multimask_outputs=sig["num_multimask_outputs"] or MetaSamSpec.num_multimask_outputs)
+    return "custom", spec
 
 
 # --------------------------------------------------------------------------------------------------

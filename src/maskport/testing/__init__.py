@@ -8,7 +8,8 @@ and sentencepiece are imported inside the functions that need them (install ``ma
 * :mod:`.sam2` -- a tiny Meta SAM2 (hydra config, builder)
 * :mod:`.samples` -- synthetic image + prompt sample sets (``samples.jsonl``)
 * one module per model family, each building a genuine tiny training run of it:
-  :mod:`.sa2va_qwen2_5_vl` (mmengine + DeepSpeed run), :mod:`.sa2va_internvl` (+ the released-format folder)
+  :mod:`.sa2va_qwen2_5_vl` (mmengine + DeepSpeed run), :mod:`.sa2va_internvl` (+ the released-format folder),
+  :mod:`.lisa` (LLaVA v1 base, CLIP, Meta SAM, peft run as DeepSpeed / zero_to_fp32 / released folders)
 * :mod:`.references` -- independent reference forwards, the oracles of the tests:
   :mod:`.references.internvl` (InternViT, InternLM2, InternVL-chat), :mod:`.references.sam2` (Sa2VA's
   language-prompted SAM2 mask head, Meta's and transformers' paths)
