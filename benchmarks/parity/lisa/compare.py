@@ -48,6 +48,8 @@ def main():
     ap.add_argument("--no-convert", action="store_true")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--generation-kwargs", default="{}", help="JSON, passed to predict_forward")
+    ap.add_argument("--wait", action="store_true", help="predict first, then wait for LISA_OUT/lisa.npz")
+    ap.add_argument("--cases", default="", help="comma-separated case numbers (default: all)")
     args = ap.parse_args()
     t0 = time.time()
     convert = None
@@ -60,13 +62,11 @@ def main():
             raise SystemExit(f"convert failed ({p.returncode})")
         convert = {"seconds": round(time.time() - t0, 1), "command": "maskport convert lisa-hf-to-native RELEASED "
                    "--clip CLIP -o EXPORT"}
-    theirs = np.load(args.lisa_out / "lisa.npz")
-    lisa_meta = json.loads(str(theirs["meta"]))
     m = AutoModel.from_pretrained(args.export, trust_remote_code=True, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(args.export)
-    seg_id = m.seg_token_id(tok)
     image_token_id = m.config.mllm_config.image_token_id
     gen_kwargs = json.loads(args.generation_kwargs)
+    cases = [int(c) for c in args.cases.split(",")] if args.cases else list(range(len(CASES)))
 
     rec = {}
     orig_generate = m.mllm.generate
@@ -81,59 +81,82 @@ def main():
     m.sam.mask_decoder.register_forward_hook(lambda mod, a, o: rec.__setitem__("low_res", o[0].detach().clone()))
     m.text_hidden_fcs.register_forward_hook(lambda mod, a, o: rec.__setitem__("seg_embeds", o.detach().clone()))
 
-    rows = []
-    for i, (w, h, question) in enumerate(CASES):
+    # ---- maskport's side (the same images as LISA's: inputs.py; checked against LISA's PNGs below)
+    ours = {}
+    for i in cases:
+        w, h, question = CASES[i]
         rec.clear()
-        img = Image.open(args.lisa_out / f"image{i}.png").convert("RGB")
-        assert np.array_equal(np.asarray(img), image_array(i))
+        img = Image.fromarray(image_array(i))
         t1 = time.time()
         r = m.predict_forward(image=img, text=question, tokenizer=tok, max_new_tokens=MAX_NEW_TOKENS,
                               generation_kwargs=gen_kwargs or None)
         secs = time.time() - t1
         ids, mm = m.prompt_inputs(img, question, "", tok)
-        lisa_in = theirs[f"input_ids{i}"].tolist()
-        lisa_in_expanded = []
-        for t in lisa_in:
-            lisa_in_expanded.extend([image_token_id] * m.image_seq_length if t == -200 else [t])
         seq = rec["sequence"]
-        gen = seq[len(ids):].tolist()
-        lisa_gen = theirs[f"gen_ids{i}"].tolist()
-        lisa_masks = theirs[f"masks{i}"]
-        ours_masks = [np.asarray(x)[0] for x in r["prediction_masks"]]
-        differing = [int((a != b).sum()) for a, b in zip(ours_masks, lisa_masks)]
         sam_px, input_size = m.sam_preprocess(img)
         with torch.no_grad():
             llm_logits = m.mllm(input_ids=seq[None], pixel_values=mm["pixel_values"],
                                 attention_mask=torch.ones_like(seq[None])).logits[0].float()
-        start = len(ids) - 1
-        llm_logits = llm_logits[start: start + len(gen)].numpy()
-        low_res = rec.get("low_res")
+        gen = seq[len(ids):].tolist()
+        o = {"ids": ids, "gen": gen, "answer": r["prediction"],
+             "masks": [np.asarray(x)[0] for x in r["prediction_masks"]],
+             "clip_pixels": mm["pixel_values"][0].numpy(), "sam_pixels": sam_px[0].numpy(),
+             "llm_logits": llm_logits[len(ids) - 1: len(ids) - 1 + len(gen)].numpy(), "seconds": round(secs, 1)}
+        if "image_emb" in rec:
+            o["image_emb"] = rec["image_emb"][0].numpy()
+        if "seg_embeds" in rec:
+            o["seg_embeds"] = rec["seg_embeds"].numpy()
+        if rec.get("low_res") is not None:
+            lr = rec["low_res"][0, :, 0].float()  # [N, 256, 256]
+            o["low_res"] = lr.numpy()
+            o["mask_logits"] = m.sam_postprocess(lr, input_size, (h, w)).numpy()
+        ours[i] = o
+        print(json.dumps({"case": i, "answer": o["answer"], "gen": gen, "masks": len(o["masks"]),
+                          "seconds": o["seconds"]}), flush=True)
+
+    # ---- LISA's side
+    npz = args.lisa_out / "lisa.npz"
+    while args.wait and not npz.exists():
+        time.sleep(20)
+    theirs = np.load(npz)
+    lisa_meta = json.loads(str(theirs["meta"]))
+    rows = []
+    for i in cases:
+        w, h, question = CASES[i]
+        o = ours[i]
+        assert np.array_equal(np.asarray(Image.open(args.lisa_out / f"image{i}.png").convert("RGB")), image_array(i))
+        lisa_in_expanded = []
+        for t in theirs[f"input_ids{i}"].tolist():
+            lisa_in_expanded.extend([image_token_id] * m.image_seq_length if t == -200 else [t])
+        lisa_gen = theirs[f"gen_ids{i}"].tolist()
+        lisa_masks = theirs[f"masks{i}"]
+        differing = [int((a != b).sum()) for a, b in zip(o["masks"], lisa_masks)]
+        d = {"clip_pixels": maxdiff(o["clip_pixels"], theirs[f"clip_pixels{i}"]),
+             "sam_pixels": maxdiff(o["sam_pixels"], theirs[f"sam_pixels{i}"]),
+             "llm_logits_answer": maxdiff(o["llm_logits"], theirs[f"llm_logits{i}"]) if o["gen"] == lisa_gen else None}
+        if "image_emb" in o:
+            d["sam_image_embeddings"] = maxdiff(o["image_emb"], theirs[f"image_emb{i}"][0])
+        if "seg_embeds" in o:
+            d["seg_embeddings"] = maxdiff(o["seg_embeds"], theirs[f"seg_embeds{i}"])
+        if "low_res" in o:
+            d["sam_low_res_logits"] = maxdiff(o["low_res"], theirs[f"low_res{i}"][:, 0])
+            d["mask_logits"] = maxdiff(o["mask_logits"], theirs[f"mask_logits{i}"])
         row = {
             "image": [w, h], "question": question,
-            "prompt_ids_equal": ids == lisa_in_expanded,
-            "generated_ids_equal": gen == lisa_gen, "generated_tokens": len(gen),
-            "answer": r["prediction"], "lisa_answer": lisa_meta["cases"][i]["answer"],
-            "answer_equal": r["prediction"] == lisa_meta["cases"][i]["answer"].strip(),
-            "masks": [len(ours_masks), int(lisa_masks.shape[0])],
+            "prompt_ids_equal": o["ids"] == lisa_in_expanded,
+            "generated_ids_equal": o["gen"] == lisa_gen, "generated_tokens": len(o["gen"]),
+            "answer": o["answer"], "lisa_answer": lisa_meta["cases"][i]["answer"],
+            "answer_equal": o["answer"] == lisa_meta["cases"][i]["answer"].strip(),
+            # LISA's slow tokenizer decodes a piece after an added token with its dummy-prefix space ("[SEG]  .")
+            "answer_equal_without_spaces": o["answer"].replace(" ", "") == lisa_meta["cases"][i]["answer"].replace(
+                " ", ""),
+            "masks": [len(o["masks"]), int(lisa_masks.shape[0])],
             "pixels_differing": differing, "pixels": w * h,
-            "mask_fraction_positive": [round(float(x.mean()), 4) for x in ours_masks],
-            "max_abs_diff": {
-                "clip_pixels": maxdiff(mm["pixel_values"][0].numpy(), theirs[f"clip_pixels{i}"]),
-                "sam_pixels": maxdiff(sam_px[0].numpy(), theirs[f"sam_pixels{i}"]),
-                "llm_logits_answer": maxdiff(llm_logits, theirs[f"llm_logits{i}"]) if gen == lisa_gen else None,
-            },
-            "seconds": round(secs, 1),
+            "mask_fraction_positive": [round(float(x.mean()), 4) for x in lisa_masks],
+            "max_abs_diff": d,
+            "seconds": {"maskport": o["seconds"], "lisa": lisa_meta["cases"][i]["seconds"]},
         }
-        if "image_emb" in rec:
-            row["max_abs_diff"]["sam_image_embeddings"] = maxdiff(rec["image_emb"][0].numpy(),
-                                                                  theirs[f"image_emb{i}"][0])
-        if "seg_embeds" in rec:
-            row["max_abs_diff"]["seg_embeddings"] = maxdiff(rec["seg_embeds"].numpy(), theirs[f"seg_embeds{i}"])
-        if low_res is not None:
-            lr = low_res[0, :, 0].float()  # [N, 256, 256]
-            row["max_abs_diff"]["sam_low_res_logits"] = maxdiff(lr.numpy(), theirs[f"low_res{i}"][:, 0])
-            full = m.sam_postprocess(lr, input_size, (h, w)).numpy()
-            row["max_abs_diff"]["mask_logits"] = maxdiff(full, theirs[f"mask_logits{i}"])
+        if lisa_masks.shape[0]:
             row["min_abs_mask_logit_lisa"] = float(np.abs(theirs[f"mask_logits{i}"]).min())
         rows.append(row)
         print(json.dumps(row), flush=True)

@@ -19,8 +19,9 @@ The model is built as LISA's train_ds.py builds it (tokens [SEG], <im_start>, <i
 base folder; vision modules; SAM ViT-H at real size (seeded random init, no SAM checkpoint); LoRA r=8/alpha=16 on
 q_proj/v_proj by peft; lm_head, embed_tokens, mask_decoder, text_hidden_fcs trainable), then trained on CPU with LISA's
 own forward and losses: first the LLM path alone (LISA's LlavaLlamaForCausalLM forward and its cross-entropy, cheap),
-so that greedy decoding answers with [SEG]; then a few steps of LISA's full model_forward (cross-entropy + mask BCE +
-dice; one SAM ViT-H image encoding per step) so that the mask decoder and text_hidden_fcs move from their init.
+so that greedy decoding answers with [SEG]; then steps of LISA's full model_forward (cross-entropy + mask BCE + dice)
+on a few images, so that the mask decoder and text_hidden_fcs learn the boxes (LISA's get_visual_embs, a frozen
+encoder under no_grad, is computed once per training image and reused: same values, minutes saved per step).
 The peft model's full state dict is written like zero_to_fp32's output and handed to LISA's merge script.
 """
 
@@ -97,7 +98,8 @@ def main():
     ap.add_argument("--lisa-repo", type=Path, required=True, help="a checkout of dvlab-research/LISA")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lm-steps", type=int, default=300, help="steps of the LLM path (LISA's LLaVA forward + CE)")
-    ap.add_argument("--full-steps", type=int, default=4, help="steps of LISA's full model_forward (CE + BCE + dice)")
+    ap.add_argument("--full-steps", type=int, default=60, help="steps of LISA's full model_forward (CE + BCE + dice)")
+    ap.add_argument("--full-images", type=int, default=3, help="training images of those steps (one SAM encoding each)")
     ap.add_argument("--shard-size", default="1GB", help="re-save the merged folder in shards of this size ('' = keep)")
     args = ap.parse_args()
 
@@ -224,7 +226,20 @@ def main():
         log["lm_loss"].append(round(float(outp.loss), 5))
         if step % 50 == 0:
             print(f"lm step {step} ce {float(outp.loss):.4f} ({time.time() - t0:.0f}s)", flush=True)
-    seg_samples = [s for s in samples if s["has_seg"]]
+    seg_samples = [s for s in samples if s["has_seg"]][: args.full_images]
+    # LISA's get_visual_embs runs the frozen SAM image encoder under no_grad: its output for a given image never
+    # changes during training, so it is computed once per image (by LISA's own method) and reused, which makes
+    # many steps of the full forward affordable on a CPU (one ViT-H encoding is minutes on 2 shared cores)
+    lisa = model.get_base_model()
+    encode, cache = lisa.get_visual_embs, {}
+
+    def get_visual_embs(pixel_values):
+        key = (pixel_values.data_ptr(), tuple(pixel_values.shape))
+        if key not in cache:
+            cache[key] = encode(pixel_values)
+        return cache[key]
+
+    lisa.get_visual_embs = get_visual_embs
     for step in range(args.full_steps):  # LISA's full model_forward: CE + mask BCE + dice
         s = seg_samples[step % len(seg_samples)]
         d = model(images=s["images"], images_clip=s["images_clip"], input_ids=s["input_ids"], labels=s["labels"],
@@ -235,7 +250,9 @@ def main():
         opt.step()
         row = {k: round(float(v), 5) for k, v in d.items()}
         log["full"].append(row)
-        print(f"full step {step} {row} ({time.time() - t0:.0f}s)", flush=True)
+        if step % 10 == 0 or step == args.full_steps - 1:
+            print(f"full step {step} {row} ({time.time() - t0:.0f}s)", flush=True)
+    del lisa.get_visual_embs, cache
 
     # ---- the peft model's state dict, as zero_to_fp32 writes it; then LISA's merge script
     weight = out / "trained_peft_state_dict.bin"
@@ -259,8 +276,8 @@ def main():
         if "pytorch_model.bin" not in shards:
             (released / "pytorch_model.bin").unlink()
         log["shards"] = sorted(shards)
-    log.update(seed=args.seed, lm_steps=args.lm_steps, full_steps=args.full_steps, seg_token_idx=seg_token_idx,
-               vocab=len(tokenizer), seconds=round(time.time() - t0, 1),
+    log.update(seed=args.seed, lm_steps=args.lm_steps, full_steps=args.full_steps, full_images=args.full_images,
+               seg_token_idx=seg_token_idx, vocab=len(tokenizer), seconds=round(time.time() - t0, 1),
                versions={"torch": torch.__version__, "transformers": transformers.__version__,
                          "peft": __import__("peft").__version__, "numpy": np.__version__})
     (out / "train_log.json").write_text(json.dumps(log, indent=1) + "\n")
