@@ -63,7 +63,7 @@ def main():
         convert = {"seconds": round(time.time() - t0, 1), "command": "maskport convert lisa-hf-to-native RELEASED "
                    "--clip CLIP -o EXPORT"}
     m = AutoModel.from_pretrained(args.export, trust_remote_code=True, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(args.export)
+    tok = AutoTokenizer.from_pretrained(args.export, trust_remote_code=True)  # no prompt; its tokenizer has no code
     image_token_id = m.config.mllm_config.image_token_id
     gen_kwargs = json.loads(args.generation_kwargs)
     cases = [int(c) for c in args.cases.split(",")] if args.cases else list(range(len(CASES)))
