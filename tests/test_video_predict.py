@@ -7,7 +7,7 @@ Qwen2.5-VL export model of ``test_export_modeling`` (random weights; the answer 
 - key frames: each frame's mask equals the image head's mask for that frame with the same ``[SEG]`` embedding (a
   key frame is an initial conditioning frame: no memory, the image path's prompt);
 - the propagation itself is checked against Meta's video predictor in ``tests/test_sam2_video.py``;
-- a list of frames, an array, a frame folder (and a video file when PyAV is installed) give the same masks;
+- a list of frames, an array, a frame folder give the same masks; a video file the masks of its decoded frames;
 - the export predicts a video in a process where maskport cannot be imported;
 - streaming: the peak memory of a 64-frame video exceeds that of a 16-frame one by no more than the answer's own
   masks (a run that holds the decoded frames is shown to exceed the bound).
@@ -153,16 +153,38 @@ def test_video_sources_agree(model, tok, tmp_path):
             assert np.array_equal(x, y)
 
 
-def test_video_file_needs_pyav_or_reads_it(model, tok, tmp_path, monkeypatch):
+def _write_video(path, frames):
+    av = pytest.importorskip("av")
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = frames[0].width, frames[0].height, "yuv420p"
+        for f in frames:
+            for packet in stream.encode(av.VideoFrame.from_image(f)):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def test_video_file_is_read_with_pyav(model, tok, tmp_path):
+    """A video file gives the masks of the frames PyAV decodes from it (lossy codec: compared with the decoded
+    frames, not the originals)."""
+    av = pytest.importorskip("av")
+    path = tmp_path / "clip.mp4"
+    _write_video(path, _frames(7, 64, 48))
+    with av.open(str(path)) as c:
+        decoded = [f.to_image().convert("RGB") for f in c.decode(c.streams.video[0])]
+    assert len(decoded) == 7
+    a, _ = _run(model, tok, str(path))
+    b, _ = _run(model, tok, decoded)
+    assert a["prediction"] == b["prediction"]
+    for x, y in zip(a["prediction_masks"], b["prediction_masks"]):
+        assert x.shape == (7, 48, 64) and np.array_equal(x, y)
+
+
+def test_video_file_without_pyav_is_a_clear_error(model, tok, tmp_path, monkeypatch):
     path = tmp_path / "clip.mp4"
     path.write_bytes(b"\x00" * 64)
-    try:
-        import av  # noqa: F401
-    except ImportError:
-        with pytest.raises(ImportError, match="PyAV"):
-            model.predict_forward(video=str(path), text=TEXT, tokenizer=tok)
-        return
-    monkeypatch.setitem(sys.modules, "av", None)
+    monkeypatch.setitem(sys.modules, "av", None)  # as if PyAV were not installed
     with pytest.raises(ImportError, match="PyAV"):
         model.predict_forward(video=str(path), text=TEXT, tokenizer=tok)
 
