@@ -77,8 +77,8 @@ class SegTokenMixin:
                 raise ValueError("pass either image= or video=, not both")
             if not (hasattr(self, "video_prompt_inputs") and hasattr(self, "video_masks_from_prompts")):
                 raise NotImplementedError(VIDEO_UNSUPPORTED)
-        if mask_prompts is not None:
-            raise NotImplementedError(MASK_PROMPTS_UNSUPPORTED)
+        if mask_prompts is not None:  # a family may explain why (``mask_prompts_unsupported``)
+            raise NotImplementedError(getattr(self, "mask_prompts_unsupported", MASK_PROMPTS_UNSUPPORTED))
         if text is None:
             raise ValueError("text is required")
         if tokenizer is None and processor is not None:

@@ -94,6 +94,11 @@ class Sa2VAQwenModel(SegTokenMixin, Sam2ImageHeadMixin, Sam2VideoHeadMixin, PreT
     _supports_flash_attn = True
     _supports_attention_backend = True
     supports_gradient_checkpointing = False
+    # Sa2VA's released Qwen-VL code takes ``mask_prompts`` and silently ignores them (its Qwen models have no
+    # visual-prompt path): refuse them instead of answering as if there were none
+    mask_prompts_unsupported = ("mask_prompts (visual prompts, <vp>) are not supported by Sa2VA's Qwen-VL models: "
+                                "Sa2VA's own code accepts and silently ignores them; describe the region in text "
+                                "instead")
     # Older transformers versions read this class attribute for key renaming; ours are already final.
     _checkpoint_conversion_mapping: dict = {}
 
