@@ -251,7 +251,7 @@ def test_batched_prediction_equals_one_by_one(art, export_finetuned):
     assert all(len(o["prediction_masks"]) == 1 for o in out[:4]) and out[4]["prediction_masks"] == []
 
 
-@pytest.mark.parametrize("cpu_budget", ["1MB", "7MB"])
+@pytest.mark.parametrize("cpu_budget", ["1MB", "9MB"])
 def test_offloaded_export_predicts_the_same(art, export_finetuned, tmp_path, cpu_budget):
     """``device_map="auto"`` with a memory limit that offloads the export to disk (all of it, or part of it with
     the rest on the CPU): ``predict_forward`` works and gives the same answer and masks as the model in memory

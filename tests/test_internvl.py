@@ -104,6 +104,48 @@ def test_qwen2_predict_forward_segments_every_seg(qwen_fx, qwen_export):
     assert text_only["prediction_masks"] == []
 
 
+def test_qwen2_predict_forward_on_a_video(qwen_fx, qwen_export):
+    """Sa2VA's InternVL video input: the first 5 frames, each one 448-px-style tile (square bicubic resize, no
+    thumbnail), ``<image>`` -> one ``<img>...</img>`` block per frame joined by newlines; the key frames' masks are
+    the image head's masks for the same [SEG] embedding; masks are (T, H, W). Propagation itself:
+    tests/test_sam2_video.py (against Meta's video predictor)."""
+    model, tok = _load(qwen_export.out_dir)
+    rng = np.random.RandomState(1)
+    frames = [Image.fromarray((rng.rand(40, 64, 3) * 255).astype(np.uint8)) for _ in range(7)]
+    seen = {}
+    real_generate, real_fcs = model.mllm.generate, model.text_hidden_fcs.forward
+
+    def spy_generate(**kw):
+        seen["kw"] = kw
+        return real_generate(**kw)
+
+    def spy_fcs(x):
+        seen["emb"] = real_fcs(x)
+        return seen["emb"]
+
+    model.mllm.generate, model.text_hidden_fcs.forward = spy_generate, spy_fcs
+    text = "<image>Please segment the red thing."
+    seg = tok.convert_tokens_to_ids("[SEG]")
+    out = model.predict_forward(video=frames, text=text, tokenizer=tok, max_new_tokens=3,
+                                generation_kwargs={"sequence_bias": {(seg,): 30.0}})
+    s = model.config.image_processor
+    per_tile = int(model.config.mllm_config.image_seq_length)
+    block = s["img_start_token"] + s["img_context_token"] * per_tile + s["img_end_token"]
+    want = model.config.template["user"].replace("{input}", text.replace("<image>", "\n".join([block] * 5)))
+    assert seen["kw"]["input_ids"][0].tolist() == tok(want, add_special_tokens=False)["input_ids"]
+    mean = torch.tensor(s["image_mean"])[:, None, None]
+    std = torch.tensor(s["image_std"])[:, None, None]
+    tiles = [(torch.from_numpy(np.asarray(f.resize((TILE, TILE), Image.BICUBIC))).permute(2, 0, 1).float() / 255
+              - mean) / std for f in frames[:5]]
+    assert torch.allclose(seen["kw"]["pixel_values"], torch.stack(tiles), atol=1e-6)
+    assert len(out["prediction_masks"]) >= 1
+    for i, m in enumerate(out["prediction_masks"]):
+        assert m.shape == (7, 40, 64) and m.dtype == np.bool_
+        for k in range(5):
+            image_mask, _ = model.masks_from_prompts(frames[k], seen["emb"][i:i + 1], 0.5, False)
+            assert np.array_equal(m[k], image_mask[0][0]), k
+
+
 def test_tiling_matches_internvl_rules():
     from maskport.families.sa2va_internvl.remote.modeling_sa2va_internvl import choose_grid, dynamic_tiles, tile_grids
 

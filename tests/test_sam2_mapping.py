@@ -1,8 +1,10 @@
-"""Oracle tests of the Meta SAM2 -> transformers Sam2Model table.
+"""Oracle tests of the Meta SAM2 -> transformers Sam2VideoModel table (image parts named as in ``Sam2Model``).
 
 Meta's ``sam2`` package is the independent implementation: a tiny randomised ``SAM2Base`` is converted with the
-rules, loaded strictly into ``transformers.Sam2Model`` and both run Sa2VA's language-prompted mask path
-(``maskport.testing.references.sam2``). Full-size official configs are checked shape-only on the ``meta`` device.
+rules, loaded strictly into ``transformers.Sam2VideoModel`` (as the exports build it) and both run Sa2VA's
+language-prompted mask path (``maskport.testing.references.sam2``); the video parts are checked against Meta's
+video predictor in ``tests/test_sam2_video.py``. Full-size official configs are checked shape-only on the ``meta``
+device.
 
 The tiny model uses ``image_size=256`` (Meta's and transformers' code both take any multiple of 16 whose
 stride-4 map the first window divides; 1024 is only the official value): feature maps 64/32/16, SAM head on 16x16.
@@ -34,9 +36,11 @@ from maskport.heads.sam2 import (  # noqa: E402
     MetaSam2Spec,
     detect_sam2_preset,
     hf_sam2_config,
+    hf_sam2_video_config,
     sam2_rules,
     spec_from_meta_config,
 )
+from maskport.heads.remote.sam2_video import build_sam2_video  # noqa: E402
 from maskport.testing.references.sam2 import (  # noqa: E402
     hf_language_mask_logits,
     hf_language_outputs,
@@ -172,7 +176,7 @@ def _materialise(plan) -> dict[str, torch.Tensor]:
 
 def _expected(config, *, prefix: str = "") -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
-        model = Sam2Model(config)
+        model = build_sam2_video(config) if config.model_type == "sam2_video" else Sam2Model(config)
     return {prefix + k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
@@ -187,12 +191,12 @@ def tiny():
     meta = _instantiate(TINY_MODEL_CFG).eval()
     _randomise(meta, seed=1)
     spec = spec_from_meta_config({"model": TINY_MODEL_CFG})
-    config = hf_sam2_config(spec)
+    config = hf_sam2_video_config(spec)
     src = StateDictSource("sam2", "tiny.pt", meta.state_dict(), "tiny randomised SAM2")
     plan = build_plan(sam2_rules(target_prefix=""), {"sam2": src}, out_dtype=torch.float32,
                       expected=_expected(config))
     converted = _materialise(plan)
-    hf = Sam2Model(config).eval()
+    hf = build_sam2_video(config).eval()
     result = hf.load_state_dict(converted, strict=True)
     assert not result.missing_keys and not result.unexpected_keys
     g = torch.Generator().manual_seed(2)
@@ -233,17 +237,21 @@ def test_tiny_spec_and_config(tiny):
 def test_every_meta_tensor_accounted_for(tiny):
     plan, src = tiny["plan"], tiny["src"]
     used = {r.key for ps in plan.steps for r in ps.step.inputs}
-    dropped = {r.key: why for r, why in plan.drops}
-    assert used.isdisjoint(dropped)
-    assert used | set(dropped) == set(src.keys())
-    assert all(why and len(why) > 40 for why in dropped.values())
-    groups = {k.split(".")[0] for k in dropped}
-    assert groups == {"memory_attention", "memory_encoder", "maskmem_tpos_enc", "no_mem_pos_enc", "no_obj_ptr",
-                      "obj_ptr_proj", "obj_ptr_tpos_proj", "mask_downsample", "no_obj_embed_spatial"}
-    assert "layer-scale" in dropped["memory_encoder.fuser.layers.0.gamma"]
-    # nothing of the image path is dropped
-    assert not any(k.startswith(("image_encoder.", "sam_prompt_encoder.", "sam_mask_decoder.", "no_mem_embed"))
-                   for k in dropped)
+    assert not plan.drops  # the video parts are kept too
+    assert used == set(src.keys())
+    # the video parts land on transformers' Sam2VideoModel names, the layer-scale gamma on 'scale'
+    meta = tiny["meta"].state_dict()
+    conv = tiny["converted"]
+    for ours, theirs in (("memory_encoder.memory_fuser.layers.1.scale", "memory_encoder.fuser.layers.1.gamma"),
+                         ("memory_temporal_positional_encoding", "maskmem_tpos_enc"),
+                         ("memory_encoder.mask_downsampler.final_conv.weight",
+                          "memory_encoder.mask_downsampler.encoder.12.weight"),
+                         ("memory_encoder.mask_downsampler.layers.3.layer_norm.bias",
+                          "memory_encoder.mask_downsampler.encoder.10.bias"),
+                         ("temporal_positional_encoding_projection_layer.weight", "obj_ptr_tpos_proj.weight"),
+                         ("occlusion_spatial_embedding_parameter", "no_obj_embed_spatial"),
+                         ("object_pointer_proj.proj_out.bias", "obj_ptr_proj.layers.2.bias")):
+        assert torch.equal(conv[ours], meta[theirs]), ours
 
 
 def test_non_rename_transforms(tiny):
@@ -286,7 +294,7 @@ def test_language_mask_logits_match(outputs, multimask):
 
 def test_dynamic_multimask_setting_carries_over(tiny, outputs):
     spec = dataclasses.replace(tiny["spec"], dynamic_multimask_via_stability=True)
-    hf = Sam2Model(hf_sam2_config(spec)).eval()
+    hf = build_sam2_video(hf_sam2_video_config(spec)).eval()
     hf.load_state_dict(tiny["converted"], strict=True)
     meta = tiny["meta"]
     meta.sam_mask_decoder.dynamic_multimask_via_stability = True
@@ -305,7 +313,7 @@ def test_strict_load_and_plan_catch_gaps(tiny):
     partial = dict(tiny["converted"])
     partial.pop("prompt_encoder.point_embed.weight")
     with pytest.raises(RuntimeError, match="Missing key"):
-        Sam2Model(tiny["config"]).load_state_dict(partial, strict=True)
+        build_sam2_video(tiny["config"]).load_state_dict(partial, strict=True)
     # ... and the plan already refuses a table that does not produce it
     rules = [r for r in sam2_rules(target_prefix="") if "point_embeddings" not in getattr(r, "sources", ("",))[0]]
     with pytest.raises(PlanError, match="point_embed.weight .* is missing"):
@@ -318,7 +326,7 @@ def test_strict_load_and_plan_catch_gaps(tiny):
 
 
 def test_target_prefix(tiny):
-    rules = sam2_rules()  # default: under "sam2." as in a model with self.sam2 = Sam2Model(...)
+    rules = sam2_rules()  # default: under "sam2." as in a model with self.sam2 = Sam2VideoModel(...)
     plan = build_plan(rules, {"sam2": tiny["src"]}, out_dtype=torch.bfloat16,
                       expected=_expected(tiny["config"], prefix="sam2."))
     assert all(t.startswith("sam2.") for t in plan.targets)
@@ -345,7 +353,7 @@ def test_mask_decoder_from_training_checkpoint(tiny, outputs):
     converted = _materialise(plan)
     assert torch.equal(converted["mask_decoder.iou_token.weight"],
                        decoder[CKPT_PREFIX + "sam_mask_decoder.iou_token.weight"])
-    hf = Sam2Model(tiny["config"]).eval()
+    hf = build_sam2_video(tiny["config"]).eval()
     hf.load_state_dict(converted, strict=True)
     with torch.no_grad():
         a = meta_language_mask_logits(tuned, tiny["pixels"], tiny["language"])
@@ -404,14 +412,18 @@ def test_full_size_detection_and_plan(name):
     found, spec = detect_sam2_preset(src)
     assert found == name and spec == SAM2_PRESETS[name]
     plan = build_plan(sam2_rules(target_prefix=""), {"sam2": src}, out_dtype=torch.bfloat16,
-                      expected=_expected(hf_sam2_config(spec)))
+                      expected=_expected(hf_sam2_video_config(spec)))
     used = {r.key for ps in plan.steps for r in ps.step.inputs}
     assert used | {r.key for r, _ in plan.drops} == set(src.keys())
     n_ops = {}
     for ps in plan.steps:
         n_ops[ps.step.op_name] = n_ops.get(ps.step.op_name, 0) + len(ps.step.inputs)
     assert n_ops["concat(dim=0)"] == 4 and n_ops["duplicate(x2)"] == 1
-    assert len(plan.drops) == (160 if name.startswith("sam2.1") else 157)
+    assert not plan.drops  # 160 video tensors (157 in SAM2 v1) kept since the video head
+    video = hf_sam2_video_config(spec)
+    v1 = not name.startswith("sam2.1")
+    assert video.enable_temporal_pos_encoding_for_object_pointers is not v1
+    assert video.enable_occlusion_spatial_embedding is not v1
 
 
 def test_rules_table_is_only_sam2_sourced():

@@ -3,10 +3,11 @@
 - ``remote/``: export code, copied verbatim into the exports of the families that list it in ``FamilySpec.heads``
   (each imports only torch, transformers, numpy, PIL and its ``remote/`` siblings):
   ``image_utils`` (images in, device/dtype), ``seg_token`` (``[SEG]`` generation and selection, shared by the
-  ``[SEG]``-token families), ``sam2_image`` (SAM2 prompted by language embeddings, image path), ``sam_image``
+  ``[SEG]``-token families), ``sam2_image`` (SAM2 prompted by language embeddings, image path), ``sam2_video`` (the export's
+  ``Sam2VideoModel``, language prompts on key frames and streamed propagation through a video), ``sam_image``
   (SAM v1 prompted by language embeddings, LISA's image path: resize longest side, pad, ``postprocess_masks``).
 - converter side, one module per head: :mod:`maskport.heads.sam2` (Meta's SAM2 ``.pt`` -> transformers'
-  ``Sam2Model`` mapping table, presets, the ``--sam2*`` inputs); :mod:`maskport.heads.sam` (Meta's SAM v1
+  ``Sam2VideoModel`` mapping table (image parts named as in ``Sam2Model``), presets, the ``--sam2*`` inputs); :mod:`maskport.heads.sam` (Meta's SAM v1
   ``sam_vit_{b,l,h}_*.pth`` -> transformers' ``SamModel`` table, presets from shapes, the ``--sam`` input; for
   LISA and F-LMM).
 """

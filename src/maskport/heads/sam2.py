@@ -17,14 +17,23 @@ Layout differences (everything else is a plain rename):
   (``output_upscaling.{0,1,3}``, ``mask_downscaling.{0,1,3,4,6}``) become named modules.
 - Positional encodings (``pos_embed``, ``pos_embed_window``) and ``no_mem_embed`` have identical layouts.
 
-Layer-scale: Hiera has no layer-scale; the only layer-scale parameters are the ConvNeXt blocks of the video
-memory encoder (``memory_encoder.fuser.layers.{i}.gamma``). ``Sam2Model`` has no memory encoder, so they are
-dropped with the rest of it (transformers' video model names them ``memory_fuser.layers.{i}.scale``, same
-``(C,)`` layout, should a video export ever be wanted).
+Video parts (SAM2's memory, kept so that exports can propagate masks through videos) map to transformers'
+``Sam2VideoModel``, whose image parts carry the same names as ``Sam2Model``'s:
 
-Dropped (video-only) tensors, each with its reason: ``memory_attention.*``, ``memory_encoder.*``,
-``maskmem_tpos_enc``, ``no_mem_pos_enc``, ``no_obj_ptr``, ``obj_ptr_proj.*``, ``obj_ptr_tpos_proj.*`` (2.1),
-``mask_downsample.*``, ``no_obj_embed_spatial`` (2.1).
+- ``memory_attention.layers.{i}``: ``out_proj`` -> ``o_proj``, ``norm{n}`` -> ``layer_norm{n}``; ``norm`` ->
+  ``layer_norm``.
+- ``memory_encoder``: the mask downsampler's ``Sequential`` (conv, LayerNorm2d, GELU per stride-2 step, a 1x1 conv
+  last) -> ``layers.{i}.conv`` / ``layers.{i}.layer_norm`` / ``final_conv``; ``pix_feat_proj`` ->
+  ``feature_projection``; ``fuser.layers.{i}.{dwconv,norm,pwconv1,pwconv2}`` ->
+  ``memory_fuser.layers.{i}.{depthwise_conv,layer_norm,pointwise_conv1,pointwise_conv2}``; the ConvNeXt layer-scale
+  ``gamma`` (the only layer-scale of SAM2; Sa2VA's released folders call it ``g_weight``) -> ``scale``;
+  ``out_proj`` -> ``projection``.
+- ``maskmem_tpos_enc`` -> ``memory_temporal_positional_encoding`` (same index order: entry ``k - 1`` for a memory
+  ``k`` frames back, the last for conditioning frames), ``no_mem_pos_enc`` -> ``no_memory_positional_encoding``,
+  ``no_obj_ptr`` -> ``no_object_pointer``, ``obj_ptr_proj`` (3-layer MLP) -> ``object_pointer_proj``,
+  ``mask_downsample`` unchanged; SAM2.1's ``obj_ptr_tpos_proj`` -> ``temporal_positional_encoding_projection_layer``
+  and ``no_obj_embed_spatial`` -> ``occlusion_spatial_embedding_parameter`` (absent from SAM2 v1 checkpoints, whose
+  config then turns both features off: :func:`hf_sam2_video_config`).
 
 The module also describes Meta's model hyper-parameters (:class:`MetaSam2Spec`), the official presets
 (:data:`SAM2_PRESETS`), recognises a checkpoint's preset from tensor shapes (:func:`detect_sam2_preset`), reads a
@@ -41,7 +50,7 @@ from typing import Any, Mapping
 
 from pathlib import Path
 
-from ..convert.rules import Concat, Drop, DropIfEqual, Duplicate, Rename, Rule, Take, parse_ref, prefixed
+from ..convert.rules import Concat, DropIfEqual, Duplicate, Rename, Rule, Take, parse_ref, prefixed
 from ..errors import MissingInput, UnreadableFile, UnsupportedCheckpoint, WrongFamily
 from ..convert.options import MMENGINE_TO_HF, InputOption
 
@@ -58,6 +67,7 @@ __all__ = [
     "spec_from_meta_config",
     "read_sam2_config",
     "hf_sam2_config",
+    "hf_sam2_video_config",
 ]
 
 
@@ -87,8 +97,6 @@ def _attention(meta: str, hf: str) -> list[Rule]:
         Rename(f"{hf}.o_proj.{{p}}", f"{S}{meta}.out_proj.{{p}}"),
     ]
 
-
-_VIDEO = "transformers' Sam2Model is the image model (one frame, no memory bank)"
 
 SAM2_RULES: list[Rule] = [
     # ---- image encoder: Hiera trunk ------------------------------------------------------------------
@@ -142,28 +150,38 @@ SAM2_RULES: list[Rule] = [
     *_mlp("sam_mask_decoder.output_hypernetworks_mlps.{k}", "mask_decoder.output_hypernetworks_mlps.{k}", 3),
     *_mlp("sam_mask_decoder.iou_prediction_head", "mask_decoder.iou_prediction_head", 3),
     *_mlp("sam_mask_decoder.pred_obj_score_head", "mask_decoder.pred_obj_score_head", 3),
-    # ---- video-only modules: not part of Sam2Model ---------------------------------------------------
-    Drop(S + "memory_attention.{rest}",
-         "video memory attention: conditions a frame on the memory bank of earlier frames; used only for video "
-         "propagation; " + _VIDEO),
-    Drop(S + "memory_encoder.{rest}",
-         "video memory encoder (mask downsampler, pixel projection, ConvNeXt fuser incl. its layer-scale 'gamma', "
-         "output projection): encodes predicted masks into the memory bank for later frames; " + _VIDEO),
-    Drop(S + "maskmem_tpos_enc",
-         "temporal positional encoding of memory-bank frames; used only for video propagation; " + _VIDEO),
-    Drop(S + "no_mem_pos_enc",
-         "positional encoding of the 'no memory' token inside memory attention; with directly_add_no_mem_embed "
-         "(all official configs) the first/only frame adds no_mem_embed alone, so the image path never reads it"),
-    Drop(S + "no_obj_ptr", "object-pointer placeholder for frames where the object is absent; the object pointer "
-         "feeds only the memory attention of later frames; " + _VIDEO, optional=True),
-    Drop(S + "obj_ptr_proj.{rest}", "projection of the SAM output token into an object pointer for the memory "
-         "bank; used only for video propagation; " + _VIDEO, optional=True),
-    Drop(S + "obj_ptr_tpos_proj.{rest}", "SAM2.1 projection of the object pointers' temporal positional encoding; "
-         "used only for video propagation; " + _VIDEO, optional=True),
-    Drop(S + "mask_downsample.{rest}", "conv that turns an input mask into a decoder prompt to produce an object "
-         "pointer on mask-conditioned video frames; " + _VIDEO, optional=True),
-    Drop(S + "no_obj_embed_spatial", "SAM2.1 embedding added to spatial memories of frames without the object; "
-         "used only for video propagation; " + _VIDEO, optional=True),
+    # ---- video: memory attention (RoPE self- and cross-attention layers over the memory bank) ---------------
+    *_attention("memory_attention.layers.{i}.self_attn", "memory_attention.layers.{i}.self_attn"),
+    *_attention("memory_attention.layers.{i}.cross_attn_image", "memory_attention.layers.{i}.cross_attn_image"),
+    Rename("memory_attention.layers.{i}.linear1.{p}", S + "memory_attention.layers.{i}.linear1.{p}"),
+    Rename("memory_attention.layers.{i}.linear2.{p}", S + "memory_attention.layers.{i}.linear2.{p}"),
+    Rename("memory_attention.layers.{i}.layer_norm{n}.{p}", S + "memory_attention.layers.{i}.norm{n}.{p}"),
+    Rename("memory_attention.layer_norm.{p}", S + "memory_attention.norm.{p}"),
+    # ---- video: memory encoder. Meta's mask downsampler is one Sequential of (conv, LayerNorm2d, GELU) x 4
+    # (total stride 16 at stride 2, checked by hf_sam2_video_config) then a 1x1 conv at index 12 ------------------
+    *[r for i in range(4) for r in (
+        Rename(f"memory_encoder.mask_downsampler.layers.{i}.conv.{{p}}",
+               S + f"memory_encoder.mask_downsampler.encoder.{3 * i}.{{p}}"),
+        Rename(f"memory_encoder.mask_downsampler.layers.{i}.layer_norm.{{p}}",
+               S + f"memory_encoder.mask_downsampler.encoder.{3 * i + 1}.{{p}}"))],
+    Rename("memory_encoder.mask_downsampler.final_conv.{p}", S + "memory_encoder.mask_downsampler.encoder.12.{p}"),
+    Rename("memory_encoder.feature_projection.{p}", S + "memory_encoder.pix_feat_proj.{p}"),
+    # ConvNeXt fuser blocks; the layer-scale 'gamma' is transformers' 'scale' (same (C,) layout)
+    Rename("memory_encoder.memory_fuser.layers.{i}.scale", S + "memory_encoder.fuser.layers.{i}.gamma"),
+    Rename("memory_encoder.memory_fuser.layers.{i}.depthwise_conv.{p}", S + "memory_encoder.fuser.layers.{i}.dwconv.{p}"),
+    Rename("memory_encoder.memory_fuser.layers.{i}.layer_norm.{p}", S + "memory_encoder.fuser.layers.{i}.norm.{p}"),
+    Rename("memory_encoder.memory_fuser.layers.{i}.pointwise_conv1.{p}", S + "memory_encoder.fuser.layers.{i}.pwconv1.{p}"),
+    Rename("memory_encoder.memory_fuser.layers.{i}.pointwise_conv2.{p}", S + "memory_encoder.fuser.layers.{i}.pwconv2.{p}"),
+    Rename("memory_encoder.projection.{p}", S + "memory_encoder.out_proj.{p}"),
+    # ---- video: memory-bank encodings, object pointers ---------------------------------------------------
+    Rename("memory_temporal_positional_encoding", S + "maskmem_tpos_enc"),                         # (7,1,1,mem)
+    Rename("no_memory_positional_encoding", S + "no_mem_pos_enc"),                                  # (1,1,C)
+    Rename("no_object_pointer", S + "no_obj_ptr"),                                                  # (1,C)
+    *_mlp("obj_ptr_proj", "object_pointer_proj", 3),
+    Rename("mask_downsample.{p}", S + "mask_downsample.{p}"),
+    # SAM2.1 only: the object pointers' temporal encoding projection and the "object absent" spatial memory
+    Rename("temporal_positional_encoding_projection_layer.{p}", S + "obj_ptr_tpos_proj.{p}", optional=True),
+    Rename("occlusion_spatial_embedding_parameter", S + "no_obj_embed_spatial", optional=True),
 ]
 
 
@@ -263,13 +281,47 @@ class MetaSam2Spec:
     dynamic_multimask_stability_delta: float = 0.05
     dynamic_multimask_stability_thresh: float = 0.98
     directly_add_no_mem_embed: bool = True
-    # video memory (dropped from Sam2Model; kept to describe the checkpoint)
+    # video memory (Sam2VideoModel)
     num_maskmem: int = 7
     mem_dim: int = 64
     use_obj_ptrs_in_encoder: bool = True
     use_mlp_for_obj_ptr_proj: bool = True
+    add_tpos_enc_to_obj_ptrs: bool = False
     proj_tpos_enc_in_obj_ptrs: bool = False
     no_obj_embed_spatial: bool = False
+    max_obj_ptrs_in_encoder: int = 16
+    max_cond_frames_in_attn: int = -1
+    memory_temporal_stride_for_eval: int = 1
+    only_obj_ptrs_in_the_past_for_eval: bool = True
+    fixed_no_obj_ptr: bool = True
+    soft_no_obj_ptr: bool = False
+    sigmoid_scale_for_mem_enc: float = 20.0
+    sigmoid_bias_for_mem_enc: float = -10.0
+    non_overlap_masks_for_mem_enc: bool = False
+    binarize_mask_from_pts_for_mem_enc: bool = False
+    # memory attention (sam2.modeling.memory_attention: MemoryAttention / MemoryAttentionLayer / RoPEAttention)
+    mem_attn_d_model: int = 256
+    mem_attn_num_layers: int = 4
+    mem_attn_dim_feedforward: int = 2048
+    mem_attn_num_heads: int = 1
+    mem_attn_downsample_rate: int = 1
+    mem_attn_activation: str = "relu"
+    mem_attn_rope_theta: float = 10000.0
+    mem_attn_feat_sizes: tuple[int, int] = (64, 64)
+    mem_attn_kv_in_dim: int = 64
+    mem_attn_layout: tuple[bool, bool, bool, bool] = (True, False, True, False)  # pos_enc_at_input, _at_attn,
+    #                                                    _at_cross_attn_keys, _at_cross_attn_queries
+    mem_attn_rope_k_repeat: bool = True
+    # memory encoder (sam2.modeling.memory_encoder)
+    mem_enc_in_dim: int = 256
+    mask_ds_kernel_size: int = 3
+    mask_ds_stride: int = 2
+    mask_ds_padding: int = 1
+    mask_ds_total_stride: int = 16
+    fuser_num_layers: int = 2
+    fuser_kernel_size: int = 7
+    fuser_padding: int = 3
+    fuser_use_dwconv: bool = True
 
     @property
     def stage_dims(self) -> list[int]:
@@ -308,8 +360,8 @@ class MetaSam2Spec:
 
 
 _BASE_SAM2 = MetaSam2Spec()
-_BASE_SAM21 = dataclasses.replace(_BASE_SAM2, variant="sam2.1", proj_tpos_enc_in_obj_ptrs=True,
-                                  no_obj_embed_spatial=True)
+_BASE_SAM21 = dataclasses.replace(_BASE_SAM2, variant="sam2.1", add_tpos_enc_to_obj_ptrs=True,
+                                  proj_tpos_enc_in_obj_ptrs=True, no_obj_embed_spatial=True)
 
 _TRUNKS: dict[str, dict[str, Any]] = {  # from sam2/configs/sam2{,.1}/sam2{,.1}_hiera_{t,s,b+,l}.yaml
     "tiny": dict(embed_dim=96, num_heads=1, stages=(1, 2, 7, 2), global_att_blocks=(5, 7, 9),
@@ -433,7 +485,12 @@ _BASE_DEFAULTS = dict(num_maskmem=7, image_size=512, backbone_stride=16, use_hig
                       multimask_output_for_tracking=False, use_multimask_token_for_obj_ptr=False,
                       iou_prediction_use_sigmoid=False, directly_add_no_mem_embed=False,
                       use_obj_ptrs_in_encoder=False, proj_tpos_enc_in_obj_ptrs=False, pred_obj_scores=False,
-                      pred_obj_scores_mlp=False, use_mlp_for_obj_ptr_proj=False, no_obj_embed_spatial=False)
+                      pred_obj_scores_mlp=False, use_mlp_for_obj_ptr_proj=False, no_obj_embed_spatial=False,
+                      add_tpos_enc_to_obj_ptrs=True, max_obj_ptrs_in_encoder=16, max_cond_frames_in_attn=-1,
+                      memory_temporal_stride_for_eval=1, only_obj_ptrs_in_the_past_for_eval=False,
+                      fixed_no_obj_ptr=False, soft_no_obj_ptr=False, sigmoid_scale_for_mem_enc=1.0,
+                      sigmoid_bias_for_mem_enc=0.0, non_overlap_masks_for_mem_enc=False,
+                      binarize_mask_from_pts_for_mem_enc=False)
 
 
 def _plain(cfg: Any) -> Any:
@@ -513,6 +570,9 @@ def spec_from_meta_config(cfg: Mapping[str, Any]) -> MetaSam2Spec:
                                         f"Sam2Model config assumes {key}={default} for Meta's checkpoints)")
     extra = cfg.get("sam_mask_decoder_extra_args") or {}
     mem_enc = cfg.get("memory_encoder") or {}
+    mem_attn = cfg.get("memory_attention") or {}
+    video = _video_fields(mem_attn, mem_enc, b, int(neck["d_model"]), int(b("image_size")),
+                          int(b("backbone_stride")))
     d_model = int(neck["d_model"])
     variant = "sam2.1" if (b("no_obj_embed_spatial") or b("proj_tpos_enc_in_obj_ptrs")) else "sam2"
     return MetaSam2Spec(
@@ -557,7 +617,66 @@ def spec_from_meta_config(cfg: Mapping[str, Any]) -> MetaSam2Spec:
         use_mlp_for_obj_ptr_proj=bool(b("use_mlp_for_obj_ptr_proj")),
         proj_tpos_enc_in_obj_ptrs=bool(b("proj_tpos_enc_in_obj_ptrs")),
         no_obj_embed_spatial=bool(b("no_obj_embed_spatial")),
+        **video,
     )
+
+
+def _video_fields(mem_attn: Mapping, mem_enc: Mapping, b, d_model: int, image_size: int, stride: int) -> dict:
+    """The memory attention / memory encoder / tracking settings of a Meta model config (Meta's code defaults for
+    absent keys)."""
+    layer = mem_attn.get("layer") or {}
+    self_attn = layer.get("self_attention") or {}
+    cross = layer.get("cross_attention") or {}
+    mds = mem_enc.get("mask_downsampler") or {}
+    fuser = mem_enc.get("fuser") or {}
+    cx = fuser.get("layer") or {}
+    pos = mem_enc.get("position_encoding") or {}
+    mem_dim = int(mem_enc.get("out_dim", d_model))
+    out = dict(
+        add_tpos_enc_to_obj_ptrs=bool(b("add_tpos_enc_to_obj_ptrs")),
+        max_obj_ptrs_in_encoder=int(b("max_obj_ptrs_in_encoder")),
+        max_cond_frames_in_attn=int(b("max_cond_frames_in_attn")),
+        memory_temporal_stride_for_eval=int(b("memory_temporal_stride_for_eval")),
+        only_obj_ptrs_in_the_past_for_eval=bool(b("only_obj_ptrs_in_the_past_for_eval")),
+        fixed_no_obj_ptr=bool(b("fixed_no_obj_ptr")),
+        soft_no_obj_ptr=bool(b("soft_no_obj_ptr")),
+        sigmoid_scale_for_mem_enc=float(b("sigmoid_scale_for_mem_enc")),
+        sigmoid_bias_for_mem_enc=float(b("sigmoid_bias_for_mem_enc")),
+        non_overlap_masks_for_mem_enc=bool(b("non_overlap_masks_for_mem_enc")),
+        binarize_mask_from_pts_for_mem_enc=bool(b("binarize_mask_from_pts_for_mem_enc")),
+        mem_attn_d_model=int(mem_attn.get("d_model", d_model)),
+        mem_attn_num_layers=int(mem_attn.get("num_layers", 4)),
+        mem_attn_dim_feedforward=int(layer.get("dim_feedforward", 2048)),
+        mem_attn_num_heads=int(self_attn.get("num_heads", 1)),
+        mem_attn_downsample_rate=int(self_attn.get("downsample_rate", 1)),
+        mem_attn_activation=str(layer.get("activation", "relu")),
+        mem_attn_rope_theta=float(self_attn.get("rope_theta", 10000.0)),
+        mem_attn_feat_sizes=(image_size // stride, image_size // stride),  # Meta recomputes RoPE for the real size
+        mem_attn_kv_in_dim=int(cross.get("kv_in_dim", mem_dim) or mem_dim),
+        mem_attn_layout=(bool(mem_attn.get("pos_enc_at_input", True)), bool(layer.get("pos_enc_at_attn", False)),
+                         bool(layer.get("pos_enc_at_cross_attn_keys", True)),
+                         bool(layer.get("pos_enc_at_cross_attn_queries", False))),
+        mem_attn_rope_k_repeat=bool(cross.get("rope_k_repeat", True)),
+        mem_enc_in_dim=int(mem_enc.get("in_dim", d_model)),
+        mask_ds_kernel_size=int(mds.get("kernel_size", 4)),
+        mask_ds_stride=int(mds.get("stride", 4)),
+        mask_ds_padding=int(mds.get("padding", 0)),
+        mask_ds_total_stride=int(mds.get("total_stride", 16)),
+        fuser_num_layers=int(fuser.get("num_layers", 2)),
+        fuser_kernel_size=int(cx.get("kernel_size", 7)),
+        fuser_padding=int(cx.get("padding", 3)),
+        fuser_use_dwconv=bool(cx.get("use_dwconv", True)),
+    )
+    problems = []
+    for key, mod in (("cross/self-attention heads", cross.get("num_heads", out["mem_attn_num_heads"])),):
+        if int(mod) != out["mem_attn_num_heads"]:
+            problems.append(f"{key} differ")
+    if int(pos.get("num_pos_feats", mem_dim)) != mem_dim:
+        problems.append(f"memory position encoding num_pos_feats={pos.get('num_pos_feats')} != out_dim {mem_dim}")
+    if problems:
+        raise UnsupportedCheckpoint("this SAM2 memory cannot be expressed as transformers' Sam2VideoModel: "
+                                    + "; ".join(problems))
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -657,6 +776,86 @@ def hf_sam2_config(spec: MetaSam2Spec):
     return Sam2Config(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder)
 
 
+def hf_sam2_video_config(spec: MetaSam2Spec):
+    """The ``transformers.Sam2VideoConfig`` whose ``Sam2VideoModel`` holds every tensor of Meta's ``SAM2Base`` for
+    ``spec``: the image parts exactly as :func:`hf_sam2_config` (same names, same sub-configurations), plus the
+    memory attention, memory encoder, object pointers and temporal encodings.
+
+    SAM2 v1 checkpoints (no ``obj_ptr_tpos_proj`` / ``no_obj_embed_spatial``) get
+    ``enable_temporal_pos_encoding_for_object_pointers=False`` and ``enable_occlusion_spatial_embedding=False``.
+    transformers hard-codes the memory cross-attention's key/value width to 64 (every official SAM2); the exports'
+    ``sam2_video`` module rebuilds those projections for another ``mem_dim``, so the config records it
+    (``memory_encoder_output_channels``).
+
+    Raises :class:`~maskport.errors.UnsupportedCheckpoint` for memory settings ``Sam2VideoModel`` computes
+    otherwise (listed in the message).
+    """
+    from transformers import Sam2VideoConfig, Sam2VideoMaskDecoderConfig, Sam2VideoPromptEncoderConfig
+
+    image = hf_sam2_config(spec)
+    problems = []
+    required = dict(use_obj_ptrs_in_encoder=True, use_mlp_for_obj_ptr_proj=True, fixed_no_obj_ptr=True,
+                    soft_no_obj_ptr=False, only_obj_ptrs_in_the_past_for_eval=True, memory_temporal_stride_for_eval=1,
+                    non_overlap_masks_for_mem_enc=False, mem_attn_layout=(True, False, True, False),
+                    mem_attn_rope_k_repeat=True, fuser_use_dwconv=True, mem_attn_d_model=spec.d_model,
+                    mem_enc_in_dim=spec.d_model, mem_attn_kv_in_dim=spec.mem_dim)
+    for key, want in required.items():
+        if getattr(spec, key) != want:
+            problems.append(f"{key}={getattr(spec, key)!r} (Sam2VideoModel implements {key}={want!r} only)")
+    if spec.add_tpos_enc_to_obj_ptrs != spec.proj_tpos_enc_in_obj_ptrs:
+        problems.append(f"add_tpos_enc_to_obj_ptrs={spec.add_tpos_enc_to_obj_ptrs} with proj_tpos_enc_in_obj_ptrs="
+                        f"{spec.proj_tpos_enc_in_obj_ptrs} (Sam2VideoModel has both or neither)")
+    if spec.mask_ds_stride < 2 or spec.mask_ds_stride ** 4 != spec.mask_ds_total_stride:
+        problems.append(f"mask downsampler stride {spec.mask_ds_stride} / total stride {spec.mask_ds_total_stride}"
+                        " (the mapping table expects 4 stride steps, as in every official config)")
+    if spec.mem_dim > spec.d_model or spec.d_model % spec.mem_dim:
+        problems.append(f"mem_dim {spec.mem_dim} must divide the hidden size {spec.d_model} (object pointers are "
+                        "split into mem_dim-wide tokens)")
+    if problems:
+        raise UnsupportedCheckpoint("this SAM2 memory cannot be expressed as transformers' Sam2VideoModel: "
+                                    + "; ".join(problems))
+    side = spec.image_size // spec.backbone_stride
+    return Sam2VideoConfig(
+        vision_config=image.vision_config,
+        prompt_encoder_config=Sam2VideoPromptEncoderConfig(**image.prompt_encoder_config.to_dict()),
+        mask_decoder_config=Sam2VideoMaskDecoderConfig(**image.mask_decoder_config.to_dict()),
+        num_maskmem=spec.num_maskmem,
+        image_size=spec.image_size,
+        sigmoid_scale_for_mem_enc=spec.sigmoid_scale_for_mem_enc,
+        sigmoid_bias_for_mem_enc=spec.sigmoid_bias_for_mem_enc,
+        enable_occlusion_spatial_embedding=spec.no_obj_embed_spatial,
+        multimask_output_in_sam=spec.multimask_output_in_sam,
+        multimask_min_pt_num=spec.multimask_min_pt_num,
+        multimask_max_pt_num=spec.multimask_max_pt_num,
+        multimask_output_for_tracking=spec.multimask_output_for_tracking,
+        max_object_pointers_in_encoder=spec.max_obj_ptrs_in_encoder,
+        max_cond_frame_num=spec.max_cond_frames_in_attn,
+        enable_temporal_pos_encoding_for_object_pointers=spec.add_tpos_enc_to_obj_ptrs,
+        memory_attention_hidden_size=spec.d_model,
+        memory_attention_num_layers=spec.mem_attn_num_layers,
+        memory_attention_num_attention_heads=spec.mem_attn_num_heads,
+        memory_attention_downsample_rate=spec.mem_attn_downsample_rate,
+        memory_attention_feed_forward_hidden_size=spec.mem_attn_dim_feedforward,
+        memory_attention_feed_forward_hidden_act=spec.mem_attn_activation,
+        memory_attention_rope_feat_sizes=[side, side],
+        rope_parameters={"rope_type": "axial", "rope_theta": spec.mem_attn_rope_theta},
+        memory_encoder_hidden_size=spec.d_model,
+        memory_encoder_output_channels=spec.mem_dim,
+        mask_downsampler_embed_dim=spec.d_model,
+        mask_downsampler_kernel_size=spec.mask_ds_kernel_size,
+        mask_downsampler_stride=spec.mask_ds_stride,
+        mask_downsampler_padding=spec.mask_ds_padding,
+        mask_downsampler_total_stride=spec.mask_ds_total_stride,
+        mask_downsampler_hidden_act="gelu",
+        memory_fuser_num_layers=spec.fuser_num_layers,
+        memory_fuser_embed_dim=spec.d_model,
+        memory_fuser_intermediate_dim=4 * spec.d_model,
+        memory_fuser_kernel_size=spec.fuser_kernel_size,
+        memory_fuser_padding=spec.fuser_padding,
+        memory_fuser_hidden_act="gelu",
+    )
+
+
 # --------------------------------------------------------------------------------------------------
 # The inputs a family using this head declares, and opening them
 # --------------------------------------------------------------------------------------------------
@@ -684,7 +883,7 @@ def sam2_architecture(sam2, options) -> tuple[str, "MetaSam2Spec", Any]:
         preset, spec = "custom", spec_from_meta_config(read_sam2_config(Path(options.sam2_config)))
     else:
         preset, spec = detect_sam2_preset(sam2)
-    return preset, spec, hf_sam2_config(spec)
+    return preset, spec, hf_sam2_video_config(spec)
 
 
 SAM2_NORMALIZATIONS = ("sa2va", "exact")
@@ -741,4 +940,4 @@ def open_sam2(options, notes: list[str]):
                                  f"({type(exc).__name__}: {' '.join(str(exc).split())})") from None
     else:
         preset, spec = detect_sam2_preset(sam2)
-    return sam2, preset, hf_sam2_config(spec)
+    return sam2, preset, hf_sam2_video_config(spec)

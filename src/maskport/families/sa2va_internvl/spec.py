@@ -13,7 +13,7 @@ SPEC = FamilySpec(
     config_class="Sa2VAInternVLConfig",
     model_class="Sa2VAInternVLModel",
     code_files=("configuration_sa2va_internvl.py", "modeling_sa2va_internvl.py"),
-    heads=("image_utils", "seg_token", "sam2_image"),
+    heads=("image_utils", "seg_token", "sam2_image", "sam2_video"),
     inputs=(
         BASE_INPUT,
         *sam2_inputs(RELEASED_COMMAND),

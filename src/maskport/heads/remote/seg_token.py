@@ -15,7 +15,7 @@ from PIL import Image
 
 from .image_utils import as_pil, module_device_dtype
 
-VIDEO_UNSUPPORTED = "video input is not supported by this export yet; pass frames one by one as images"
+VIDEO_UNSUPPORTED = "video input is not supported by this export; pass frames one by one as images"
 MASK_PROMPTS_UNSUPPORTED = ("mask_prompts (visual prompts, <vp>) are not supported by this export yet; "
                             "describe the region in text instead")
 
@@ -73,9 +73,12 @@ class SegTokenMixin:
     def check_predict_inputs(self, image, video, text, mask_prompts, tokenizer, processor):
         """``predict_forward``'s argument checks, shared by the families: returns (image as PIL or None, tokenizer)."""
         if video is not None:
-            raise NotImplementedError(VIDEO_UNSUPPORTED)
-        if mask_prompts is not None:
-            raise NotImplementedError(MASK_PROMPTS_UNSUPPORTED)
+            if image is not None:
+                raise ValueError("pass either image= or video=, not both")
+            if not (hasattr(self, "video_prompt_inputs") and hasattr(self, "video_masks_from_prompts")):
+                raise NotImplementedError(VIDEO_UNSUPPORTED)
+        if mask_prompts is not None:  # a family may explain why (``mask_prompts_unsupported``)
+            raise NotImplementedError(getattr(self, "mask_prompts_unsupported", MASK_PROMPTS_UNSUPPORTED))
         if text is None:
             raise ValueError("text is required")
         if tokenizer is None and processor is not None:
@@ -86,10 +89,11 @@ class SegTokenMixin:
 
     def generate_and_segment(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mm: dict, tokenizer,
                              image, mask_threshold=None, max_new_tokens=None, generation_kwargs=None,
-                             return_probabilities: bool = False) -> dict[str, Any]:
+                             return_probabilities: bool = False, segment=None) -> dict[str, Any]:
         """Steps 3-4 of ``predict_forward``: greedy ``self.mllm.generate`` (stop on the template's stop words;
         ``generation_kwargs`` override the defaults, except the hidden-state settings the masks need), the answer
-        decoded with special tokens kept, then :meth:`masks_from_generation` when there is an image."""
+        decoded with special tokens kept, then :meth:`masks_from_generation` when there is an image (or
+        ``segment(embeddings [N, D], threshold) -> masks`` when given: the video path)."""
         threshold = self.config.mask_threshold if mask_threshold is None else float(mask_threshold)
         max_new = self.config.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
         stop_ids = self.stop_token_ids(tokenizer)
@@ -105,10 +109,10 @@ class SegTokenMixin:
         result: dict[str, Any] = {"prediction": prediction, "prediction_masks": []}
         if return_probabilities:
             result["prediction_probabilities"] = []
-        if image is None:
+        if image is None and segment is None:
             return result
         masks, probs = self.masks_from_generation(out, prompt_length, image, tokenizer, threshold,
-                                                  return_probabilities)
+                                                  return_probabilities, segment=segment)
         result["prediction_masks"] = masks
         if return_probabilities:
             result["prediction_probabilities"] = probs
@@ -201,7 +205,7 @@ class SegTokenMixin:
         raise ValueError(f"the tokenizer does not know {self.config.seg_token}")
 
     def masks_from_generation(self, out, prompt_length: int, image: Image.Image, tokenizer, threshold: float,
-                              return_probabilities: bool) -> tuple[list, list]:
+                              return_probabilities: bool, segment=None) -> tuple[list, list]:
         """Steps 3-4 of ``predict_forward`` after ``generate``: ``[SEG]`` hidden states -> ``text_hidden_fcs`` ->
         the mask head's :meth:`masks_from_prompts` (e.g. ``sam2_image``). Returns (masks, probabilities), each a
         list of ``(1, H, W)`` arrays."""
@@ -211,7 +215,31 @@ class SegTokenMixin:
             return [], []
         fcs_device, fcs_dtype = module_device_dtype(self.text_hidden_fcs)
         seg_embeddings = self.text_hidden_fcs(seg_hidden.to(device=fcs_device, dtype=fcs_dtype))
+        if segment is not None:
+            return segment(seg_embeddings, threshold), []
         return self.masks_from_prompts(image, seg_embeddings, threshold, return_probabilities)
+
+    def predict_video(self, video, text: str, past_text: str = "", tokenizer=None, processor=None,
+                      key_frames: str = "official", num_key_frames: int | None = None, mask_threshold=None,
+                      max_new_tokens=None, generation_kwargs=None) -> dict[str, Any]:
+        """``predict_forward(video=...)``: the key frames (``key_frames='official'``: the first 5, as Sa2VA's
+        released code; ``'uniform'``: ``num_key_frames`` spread over the video) go through the MLLM as the family
+        builds a multi-frame prompt (``video_prompt_inputs``); each generated ``[SEG]``'s embedding prompts SAM2 on
+        every key frame and the masks are propagated through all frames, streamed (``video_masks_from_prompts``).
+        Returns ``{"prediction": str, "prediction_masks": [np.bool_ (T, H, W) per [SEG]]}``."""
+        frames = self.open_video(video)
+        indices = self.video_key_frames(len(frames), key_frames, num_key_frames)
+        key_images = frames.take(indices)
+        ids, mm = self.video_prompt_inputs([key_images[i] for i in indices], text, past_text, tokenizer, processor)
+        device, _ = module_device_dtype(self.mllm)
+        input_ids = torch.tensor([ids], dtype=torch.long, device=device)
+        mm = {k: v.to(device) for k, v in mm.items()}
+
+        def segment(embeddings, threshold):
+            return self.video_masks_from_prompts(frames, len(frames), key_images, embeddings, threshold)
+
+        return self.generate_and_segment(input_ids, torch.ones_like(input_ids), mm, tokenizer, None, mask_threshold,
+                                         max_new_tokens, generation_kwargs, False, segment=segment)
 
 
 __all__ = ["MASK_PROMPTS_UNSUPPORTED", "SegTokenMixin", "VIDEO_UNSUPPORTED", "select_seg_hidden_states"]

@@ -6,7 +6,7 @@ maskport: it may import only torch, transformers, numpy and PIL, and its sibling
 
 Two sub-configurations (transformers' ``sub_configs``): ``mllm_config``, an ``InternVLConfig`` (transformers'
 native InternVL: InternViT vision tower, projector, and a Qwen2 or Llama language model -- InternLM2 is exported
-in Llama's layout), and ``sam2_config``, a ``Sam2Config``. The rest is plain data ``predict_forward`` needs.
+in Llama's layout), and ``sam2_config``, a ``Sam2VideoConfig``. The rest is plain data ``predict_forward`` needs.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from transformers import InternVLConfig, PretrainedConfig, Sam2Config
+from transformers import InternVLConfig, PretrainedConfig, Sam2VideoConfig
 
 from .sam2_image import sam2_head_settings
+from .sam2_video import sam2_video_config
 
 DEFAULT_SPECIAL_TOKENS = ["[SEG]", "<p>", "</p>", "<vp>", "</vp>"]
 
@@ -88,7 +89,7 @@ class Sa2VAInternVLConfig(PretrainedConfig):
     Args:
         mllm_config (`dict` or `InternVLConfig`): transformers' InternVL configuration (its ``image_token_id``
             is the id of ``<IMG_CONTEXT>``, ``image_seq_length`` the tokens per tile).
-        sam2_config (`dict` or `Sam2Config`): transformers' SAM2 configuration.
+        sam2_config (`dict` or `Sam2VideoConfig`): transformers' SAM2 configuration.
         seg_token / seg_token_id / special_tokens: ``[SEG]``, its id, and Sa2VA's added tokens in order.
         template (`dict` or `str`): the chat template Sa2VA trained with (see ``TEMPLATES``).
         image_processor (`dict`): tiling settings (see ``DEFAULT_IMAGE_PROCESSOR``).
@@ -99,12 +100,12 @@ class Sa2VAInternVLConfig(PretrainedConfig):
     """
 
     model_type = "maskport_sa2va_internvl"
-    sub_configs = {"mllm_config": InternVLConfig, "sam2_config": Sam2Config}
+    sub_configs = {"mllm_config": InternVLConfig, "sam2_config": Sam2VideoConfig}
 
     def __init__(
         self,
         mllm_config: dict | InternVLConfig | None = None,
-        sam2_config: dict | Sam2Config | None = None,
+        sam2_config: dict | Sam2VideoConfig | None = None,
         seg_token: str = "[SEG]",
         seg_token_id: int | None = None,
         special_tokens: list[str] | None = None,
@@ -125,10 +126,7 @@ class Sa2VAInternVLConfig(PretrainedConfig):
             mllm_config = InternVLConfig(**copy.deepcopy(mllm_config))
         elif mllm_config is None:
             mllm_config = InternVLConfig()
-        if isinstance(sam2_config, dict):
-            sam2_config = Sam2Config(**copy.deepcopy(sam2_config))
-        elif sam2_config is None:
-            sam2_config = Sam2Config()
+        sam2_config = sam2_video_config(sam2_config)
         self.mllm_config = mllm_config
         self.sam2_config = sam2_config
         self.seg_token = seg_token

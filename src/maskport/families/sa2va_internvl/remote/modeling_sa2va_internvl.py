@@ -10,7 +10,7 @@ Module tree (the converter writes weights under exactly these names)::
     mllm             transformers.InternVLForConditionalGeneration   mllm.model.vision_tower.*,
                                                                         mllm.model.multi_modal_projector.*,
                                                                         mllm.model.language_model.*, mllm.lm_head.weight
-    sam2             transformers.Sam2Model                            sam2.*
+    sam2             transformers.Sam2VideoModel                          sam2.*
     text_hidden_fcs  Linear(C, C) -> ReLU -> Linear(C, D) -> Dropout(0)
 
 InternLM2 language models are exported in Llama's layout (``wqkv`` split per key-value group into q/k/v), so
@@ -25,11 +25,12 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from transformers import InternVLForConditionalGeneration, PreTrainedModel, Sam2Model
+from transformers import InternVLForConditionalGeneration, PreTrainedModel
 
 from .configuration_sa2va_internvl import Sa2VAInternVLConfig
 from .image_utils import module_device_dtype, to_rgb
 from .sam2_image import Sam2ImageHeadMixin
+from .sam2_video import Sam2VideoHeadMixin, build_sam2_video
 from .seg_token import SegTokenMixin
 
 
@@ -104,13 +105,13 @@ def build_prompt(template: dict, text: str, past_text: str = "", image_tokens: s
 # --------------------------------------------------------------------------------------------------------------
 # the model
 # --------------------------------------------------------------------------------------------------------------
-class Sa2VAInternVLModel(SegTokenMixin, Sam2ImageHeadMixin, PreTrainedModel):
+class Sa2VAInternVLModel(SegTokenMixin, Sam2ImageHeadMixin, Sam2VideoHeadMixin, PreTrainedModel):
     """Sa2VA (InternVL + SAM2) for referring segmentation and grounded chat; see ``predict_forward``."""
 
     config_class = Sa2VAInternVLConfig
     base_model_prefix = "sa2va_internvl"
     main_input_name = "input_ids"
-    _no_split_modules = ["InternVLVisionLayer", "Qwen2DecoderLayer", "LlamaDecoderLayer", "Sam2Model"]
+    _no_split_modules = ["InternVLVisionLayer", "Qwen2DecoderLayer", "LlamaDecoderLayer", "Sam2VideoModel"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
@@ -120,7 +121,7 @@ class Sa2VAInternVLModel(SegTokenMixin, Sam2ImageHeadMixin, PreTrainedModel):
     def __init__(self, config: Sa2VAInternVLConfig):
         super().__init__(config)
         self.mllm = InternVLForConditionalGeneration(config.mllm_config)
-        self.sam2 = Sam2Model(config.sam2_config)
+        self.sam2 = build_sam2_video(config.sam2_config)
         in_dim = config.mllm_config.text_config.hidden_size
         self.text_hidden_fcs = nn.Sequential(
             nn.Linear(in_dim, in_dim), nn.ReLU(inplace=True), nn.Linear(in_dim, config.text_hidden_fcs_out_dim),
@@ -171,8 +172,15 @@ class Sa2VAInternVLModel(SegTokenMixin, Sam2ImageHeadMixin, PreTrainedModel):
         return_probabilities: bool = False,
         max_new_tokens: int | None = None,
         generation_kwargs: dict | None = None,
+        key_frames: str = "official",
+        num_key_frames: int | None = None,
     ) -> dict[str, Any]:
-        """Answer ``text`` about ``image`` and segment every ``[SEG]`` of the answer.
+        """Answer ``text`` about ``image`` (or ``video``) and segment every ``[SEG]`` of the answer.
+
+        ``video``: a list of frames (PIL images or HxWx3 uint8 arrays), a folder of frame images or a video file
+        (PyAV); masks are then ``(T, H, W)`` per ``[SEG]``. ``key_frames='official'`` (default) sends the first 5
+        frames through the MLLM, as Sa2VA's released code; ``'uniform'`` sends ``num_key_frames`` (default 5)
+        frames spread over the video. See ``sam2_video`` and ``seg_token.predict_video``.
 
         Returns ``{"prediction": str, "prediction_masks": [np.bool_ (1, H, W) per [SEG]]}`` (plus
         ``"prediction_probabilities"`` when asked); text-only calls return ``prediction_masks == []``. Lists of
@@ -190,6 +198,12 @@ class Sa2VAInternVLModel(SegTokenMixin, Sam2ImageHeadMixin, PreTrainedModel):
         4. SAM2 with the embedding as a prompt (best of the multi-mask outputs), bilinear to the SAM2 size then to
            H x W, sigmoid, ``> mask_threshold``.
         """
+        if video is not None and not isinstance(text, (list, tuple)):  # a video: see predict_video
+            _, tokenizer = self.check_predict_inputs(image, video, text, mask_prompts, tokenizer, processor)
+            if return_probabilities:
+                raise NotImplementedError("return_probabilities is for images; a video returns boolean masks")
+            return self.predict_video(video, text, past_text, tokenizer, processor, key_frames, num_key_frames,
+                                      mask_threshold, max_new_tokens, generation_kwargs)
         if isinstance(text, (list, tuple)):  # a batch: see predict_batch
             if video is not None or mask_prompts is not None:
                 raise NotImplementedError("batched prediction takes images and texts only")
@@ -222,6 +236,22 @@ class Sa2VAInternVLModel(SegTokenMixin, Sam2ImageHeadMixin, PreTrainedModel):
         if self.config.add_bos_token and tokenizer.bos_token_id is not None:
             ids = [tokenizer.bos_token_id] + ids
         return ids, mm
+
+    def video_prompt_inputs(self, frames: list, text: str, past_text: str, tokenizer, processor=None):
+        """(token ids, ``{"pixel_values"}``) for a video's key frames, as Sa2VA's InternVL code builds them: each
+        frame one 448 px tile (square bicubic resize, no tiling, no thumbnail), and ``<image>`` replaced by one
+        ``<img>`` + 256 ``<IMG_CONTEXT>`` + ``</img>`` block per frame, the blocks joined by newlines."""
+        s = self.config.image_processor
+        tile = int(s["image_size"])
+        device, dtype = module_device_dtype(self.mllm.model.vision_tower)
+        pixel_values = tiles_to_pixel_values([to_rgb(f) for f in frames], tile, s["image_mean"], s["image_std"])
+        image_tokens = "\n".join([self.image_token_string(1)] * len(frames))
+        prompt = build_prompt(self.config.template, text, past_text, image_tokens,
+                              s.get("image_placeholder", "<image>"))
+        ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        if self.config.add_bos_token and tokenizer.bos_token_id is not None:
+            ids = [tokenizer.bos_token_id] + ids
+        return ids, {"pixel_values": pixel_values.to(device=device, dtype=dtype)}
 
     @staticmethod
     def concat_mm_inputs(mms: list) -> dict[str, torch.Tensor]:

@@ -8,7 +8,7 @@ The configuration holds two sub-configurations (transformers' ``sub_configs`` me
 ``save_pretrained``/``from_pretrained`` and the attention-implementation dispatch recurse into them):
 
 - ``mllm_config``: a ``Qwen3VLConfig`` (the MLLM, ``Sa2VAQwen3VLModel.mllm``);
-- ``sam2_config``: a ``Sam2Config`` (transformers' native SAM2 image model, ``Sa2VAQwen3VLModel.sam2``);
+- ``sam2_config``: a ``Sam2VideoConfig`` (transformers' native SAM2 video model, image parts as ``Sam2Model``; ``Sa2VAQwen3VLModel.sam2``);
 
 plus the plain-data settings ``predict_forward`` needs (special tokens, chat template, image-processor
 settings, SAM2 preprocessing, thresholds) and the provenance written by maskport.
@@ -19,9 +19,10 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from transformers import PretrainedConfig, Qwen3VLConfig, Sam2Config
+from transformers import PretrainedConfig, Qwen3VLConfig, Sam2VideoConfig
 
 from .sam2_image import sam2_head_settings
+from .sam2_video import sam2_video_config
 
 # Sa2VA's added tokens, in the order Sa2VA adds them to the tokenizer (so the ids match training).
 DEFAULT_SPECIAL_TOKENS = ["[SEG]", "<p>", "</p>", "<vp>", "</vp>"]
@@ -101,7 +102,7 @@ class Sa2VAQwen3VLConfig(PretrainedConfig):
 
     Args:
         mllm_config (`dict` or `Qwen3VLConfig`, *optional*): the Qwen3-VL configuration.
-        sam2_config (`dict` or `Sam2Config`, *optional*): transformers' SAM2 configuration.
+        sam2_config (`dict` or `Sam2VideoConfig`, *optional*): transformers' SAM2 configuration.
         seg_token (`str`, defaults to ``"[SEG]"``): the segmentation token.
         seg_token_id (`int`, *optional*): its id in the exported tokenizer (``predict_forward`` otherwise asks
             the tokenizer).
@@ -126,12 +127,12 @@ class Sa2VAQwen3VLConfig(PretrainedConfig):
     """
 
     model_type = "maskport_sa2va_qwen3_vl"
-    sub_configs = {"mllm_config": Qwen3VLConfig, "sam2_config": Sam2Config}
+    sub_configs = {"mllm_config": Qwen3VLConfig, "sam2_config": Sam2VideoConfig}
 
     def __init__(
         self,
         mllm_config: dict | Qwen3VLConfig | None = None,
-        sam2_config: dict | Sam2Config | None = None,
+        sam2_config: dict | Sam2VideoConfig | None = None,
         seg_token: str = "[SEG]",
         seg_token_id: int | None = None,
         special_tokens: list[str] | None = None,
@@ -151,10 +152,7 @@ class Sa2VAQwen3VLConfig(PretrainedConfig):
             mllm_config = Qwen3VLConfig(**copy.deepcopy(mllm_config))
         elif mllm_config is None:
             mllm_config = Qwen3VLConfig()
-        if isinstance(sam2_config, dict):
-            sam2_config = Sam2Config(**copy.deepcopy(sam2_config))
-        elif sam2_config is None:
-            sam2_config = Sam2Config()
+        sam2_config = sam2_video_config(sam2_config)
         self.mllm_config = mllm_config
         self.sam2_config = sam2_config
 

@@ -9,7 +9,7 @@ Module tree (the converter writes weights under exactly these names)::
 
     mllm             transformers.Qwen3VLForConditionalGeneration   mllm.model.language_model.*,
                                                                           mllm.model.visual.*, mllm.lm_head.weight
-    sam2             transformers.Sam2Model                              sam2.*
+    sam2             transformers.Sam2VideoModel                            sam2.*
     text_hidden_fcs  Linear(C, C) -> ReLU -> Linear(C, D) -> Dropout(0)  text_hidden_fcs.{0,2}.{weight,bias}
 
 Inference follows ByteDance's released Sa2VA Qwen3-VL HF code (``Sa2VAChatModelQwen.predict_forward``);
@@ -24,11 +24,12 @@ from typing import Any
 import torch
 from PIL import Image
 from torch import nn
-from transformers import PreTrainedModel, Qwen3VLForConditionalGeneration, Sam2Model
+from transformers import PreTrainedModel, Qwen3VLForConditionalGeneration
 
 from .configuration_sa2va_qwen3_vl import Sa2VAQwen3VLConfig
 from .image_utils import module_device_dtype, to_rgb
 from .sam2_image import Sam2ImageHeadMixin
+from .sam2_video import Sam2VideoHeadMixin, build_sam2_video
 from .seg_token import SegTokenMixin, select_seg_hidden_states
 
 
@@ -55,19 +56,21 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     return h_bar, w_bar
 
 
-def build_prompt(template: dict, text: str, past_text: str = "", image_tokens: int | None = None) -> str:
+def build_prompt(template: dict, text: str, past_text: str = "", image_tokens: int | list | None = None) -> str:
     """The full prompt string for one user turn.
 
     ``image_tokens`` is the number of ``<|image_pad|>`` tokens (``grid_t*grid_h*grid_w // merge_size**2``), or
-    ``None`` for a text-only turn. As in Sa2VA's Qwen code, every ``<image>`` placeholder is removed from the
+    ``None`` for a text-only turn, or a list of such numbers: one vision block per image, back to back (a
+    video's key frames, which Sa2VA passes as that many image items before the text). As in Sa2VA's Qwen code, every ``<image>`` placeholder is removed from the
     text and the vision block is put at the start of the user turn (Sa2VA passes the message content as
     ``[image, text]`` to the Qwen3-VL chat template, which renders the image first).
     """
     placeholder = template.get("image_placeholder", "<image>")
     body = (past_text or "") + (text or "").replace(placeholder, "")
     if image_tokens is not None:
-        body = (template["vision_start"] + template["image_token"] * int(image_tokens)
-                + template["vision_end"] + body)
+        counts = image_tokens if isinstance(image_tokens, (list, tuple)) else [image_tokens]
+        body = "".join(template["vision_start"] + template["image_token"] * int(n) + template["vision_end"]
+                       for n in counts) + body
     system_text = template.get("default_system") or ""
     system = template.get("system") or ""
     if "{system}" in system:
@@ -79,25 +82,30 @@ def build_prompt(template: dict, text: str, past_text: str = "", image_tokens: i
 # --------------------------------------------------------------------------------------------------------------
 # the model
 # --------------------------------------------------------------------------------------------------------------
-class Sa2VAQwen3VLModel(SegTokenMixin, Sam2ImageHeadMixin, PreTrainedModel):
+class Sa2VAQwen3VLModel(SegTokenMixin, Sam2ImageHeadMixin, Sam2VideoHeadMixin, PreTrainedModel):
     """Sa2VA (Qwen3-VL + SAM2) for referring segmentation and grounded chat; see ``predict_forward``."""
 
     config_class = Sa2VAQwen3VLConfig
     # must not collide with a child's name ("mllm", "sam2") or a prefix transformers strips/adds ("model")
     base_model_prefix = "sa2va_qwen"
     main_input_name = "input_ids"
-    _no_split_modules = ["Qwen3VLTextDecoderLayer", "Qwen3VLVisionBlock", "Sam2Model"]
+    _no_split_modules = ["Qwen3VLTextDecoderLayer", "Qwen3VLVisionBlock", "Sam2VideoModel"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
     supports_gradient_checkpointing = False
+    # Sa2VA's released Qwen-VL code takes ``mask_prompts`` and silently ignores them (its Qwen models have no
+    # visual-prompt path): refuse them instead of answering as if there were none
+    mask_prompts_unsupported = ("mask_prompts (visual prompts, <vp>) are not supported by Sa2VA's Qwen-VL models: "
+                                "Sa2VA's own code accepts and silently ignores them; describe the region in text "
+                                "instead")
     # Older transformers versions read this class attribute for key renaming; ours are already final.
     _checkpoint_conversion_mapping: dict = {}
 
     def __init__(self, config: Sa2VAQwen3VLConfig):
         super().__init__(config)
         self.mllm = Qwen3VLForConditionalGeneration(config.mllm_config)
-        self.sam2 = Sam2Model(config.sam2_config)
+        self.sam2 = build_sam2_video(config.sam2_config)
         in_dim = config.mllm_config.text_config.hidden_size
         out_dim = config.text_hidden_fcs_out_dim
         self.text_hidden_fcs = nn.Sequential(
@@ -186,8 +194,15 @@ class Sa2VAQwen3VLModel(SegTokenMixin, Sam2ImageHeadMixin, PreTrainedModel):
         return_probabilities: bool = False,
         max_new_tokens: int | None = None,
         generation_kwargs: dict | None = None,
+        key_frames: str = "official",
+        num_key_frames: int | None = None,
     ) -> dict[str, Any]:
-        """Answer ``text`` about ``image`` and segment every ``[SEG]`` of the answer.
+        """Answer ``text`` about ``image`` (or ``video``) and segment every ``[SEG]`` of the answer.
+
+        ``video``: a list of frames (PIL images or HxWx3 uint8 arrays), a folder of frame images or a video file
+        (PyAV); masks are then ``(T, H, W)`` per ``[SEG]``. ``key_frames='official'`` (default) sends the first 5
+        frames through the MLLM, as Sa2VA's released code; ``'uniform'`` sends ``num_key_frames`` (default 5)
+        frames spread over the video. See ``sam2_video`` and ``seg_token.predict_video``.
 
         Returns ``{"prediction": str, "prediction_masks": [np.bool_ (1, H, W) per [SEG]]}`` (H, W: the input
         image's size), plus ``"prediction_probabilities": [np.float32 (1, H, W)]`` when
@@ -217,6 +232,12 @@ class Sa2VAQwen3VLModel(SegTokenMixin, Sam2ImageHeadMixin, PreTrainedModel):
         Lists of images and texts (same length; an image may be ``None``) run as one batch (``predict_batch``) and
         return a list of such dicts.
         """
+        if video is not None and not isinstance(text, (list, tuple)):  # a video: see predict_video
+            _, tokenizer = self.check_predict_inputs(image, video, text, mask_prompts, tokenizer, processor)
+            if return_probabilities:
+                raise NotImplementedError("return_probabilities is for images; a video returns boolean masks")
+            return self.predict_video(video, text, past_text, tokenizer, processor, key_frames, num_key_frames,
+                                      mask_threshold, max_new_tokens, generation_kwargs)
         if isinstance(text, (list, tuple)):  # a batch: see predict_batch
             if video is not None or mask_prompts is not None:
                 raise NotImplementedError("batched prediction takes images and texts only")
@@ -256,6 +277,15 @@ class Sa2VAQwen3VLModel(SegTokenMixin, Sam2ImageHeadMixin, PreTrainedModel):
             n_image_tokens = int(mm["image_grid_thw"].prod(dim=-1).sum().item()) // (merge * merge)
         prompt = build_prompt(self.config.template, text, past_text, n_image_tokens)
         return list(tokenizer(prompt, add_special_tokens=False)["input_ids"]), mm
+
+    def video_prompt_inputs(self, frames: list, text: str, past_text: str, tokenizer, processor=None):
+        """(token ids, ``pixel_values``/``image_grid_thw``) for a video's key frames, as Sa2VA's Qwen code builds
+        them: each frame one image item (processed like an image), their vision blocks first, then the text."""
+        mms = [self._mllm_image_inputs(f, processor) for f in frames]
+        merge = int(self.config.image_processor["merge_size"])
+        counts = [int(m["image_grid_thw"].prod(dim=-1).sum().item()) // (merge * merge) for m in mms]
+        prompt = build_prompt(self.config.template, text, past_text, counts)
+        return list(tokenizer(prompt, add_special_tokens=False)["input_ids"]), self.concat_mm_inputs(mms)
 
     @staticmethod
     def concat_mm_inputs(mms: list) -> dict[str, torch.Tensor]:
