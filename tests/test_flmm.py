@@ -1,0 +1,421 @@
+"""The F-LMM family on tiny models built from configs (``maskport.testing.flmm``), against independent
+implementations:
+
+- the attention rows the export's hook attention records (sdpa elsewhere) vs transformers' own eager attention
+  (``output_attentions=True``) of the same LLaVA; the recorded hidden states vs ``output_hidden_states``;
+- the exported U-Net vs a reference forward written here, functionally, from mmseg's UNet / F-LMM's ``UNetHead``
+  semantics, reading the checkpoint's tensors under mmseg's names;
+- the SAM refinement vs Meta's ``segment_anything`` run as F-LMM's ``SAMWrapper`` runs it (ResizeLongestSide,
+  box from the coarse mask, coarse logits as the mask prompt, text embeddings as extra sparse tokens);
+- ``ground`` end to end vs the three references chained, with F-LMM's RefCOCO input layout and image preprocessing
+  written here with transformers' image transforms;
+- the conversion (every tensor accounted for, golden hashes and mapping), the export loading and grounding in a
+  process where maskport cannot be imported.
+
+Parity with F-LMM's own code (its repository, its pinned versions) is not tested here.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+pytest.importorskip("segment_anything")
+
+from maskport.convert.api import convert_mmengine_to_hf  # noqa: E402
+from maskport.errors import MissingInput, ShapeMismatch  # noqa: E402
+from maskport.testing import flmm as tf  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PHRASES = ["a red cat", "the dog on the left"]
+PROMPT = "USER: <image>\nPlease give me a description of the image. ASSISTANT:"  # xtuner's vicuna INSTRUCTION
+
+
+@pytest.fixture(scope="module")
+def fx(tmp_path_factory):
+    return tf.make_flmm_fixture(tmp_path_factory.mktemp("flmm"))
+
+
+@pytest.fixture(scope="module")
+def export(fx):
+    out = fx.root / "export"
+    res = convert_mmengine_to_hf(fx.ckpt, base=fx.base_dir, sam=fx.sam_pth, out=out, dtype="fp32", progress=False,
+                                 log=lambda *a, **k: None)
+    return res, out
+
+
+@pytest.fixture(scope="module")
+def model(export):
+    from transformers import AutoModel
+
+    m, info = AutoModel.from_pretrained(export[1], trust_remote_code=True, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def tok(export):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(export[1], trust_remote_code=True)
+
+
+@pytest.fixture(scope="module")
+def eager_lmm(fx):
+    from transformers import LlavaForConditionalGeneration
+
+    return LlavaForConditionalGeneration.from_pretrained(fx.base_dir, attn_implementation="eager").eval()
+
+
+@pytest.fixture(scope="module")
+def meta_sam(fx):
+    """Meta's Sam with F-LMM's trained prompt encoder and mask decoder (the checkpoint's) and Meta's image encoder."""
+    sam = tf.tiny_meta_sam()
+    state = dict(fx.meta_sam_state)
+    state.update({k[len("sam.model."):]: v for k, v in fx.ckpt_state.items() if k.startswith("sam.model.")})
+    sam.load_state_dict(state, strict=True)
+    return sam.eval()
+
+
+def _image(seed=1, size=(90, 120)):
+    return Image.fromarray((np.random.RandomState(seed).rand(*size, 3) * 255).astype("uint8"))
+
+
+# ------------------------------------------------------------------------------------------------ references
+def ref_unet(sd: dict, x: torch.Tensor, stages: int, upsample_input: int = 64) -> torch.Tensor:
+    """mmseg's UNet (GroupNorm(1), ReLU, max-pool down, InterpConv up) inside F-LMM's UNetHead, functionally."""
+    def cm(prefix, t, k):
+        t = F.conv2d(t, sd[f"mask_head.{prefix}.conv.weight"], padding=k // 2)
+        t = F.group_norm(t, 1, sd[f"mask_head.{prefix}.gn.weight"], sd[f"mask_head.{prefix}.gn.bias"], eps=1e-5)
+        return torch.relu(t)
+
+    x = x / x.sum((-2, -1), keepdim=True).clamp(min=1e-12)
+    h, w = x.shape[-2:]
+    x = F.interpolate(x, scale_factor=max(1.0, upsample_input / max(h, w)), mode="bilinear")
+    h, w = x.shape[-2:]
+    div = 2 ** (stages - 1)
+    padded = x.new_zeros(*x.shape[:2], -(-h // div) * div, -(-w // div) * div)
+    padded[..., :h, :w] = x
+    x, outs = padded, []
+    for i in range(stages):
+        if i:
+            x = F.max_pool2d(x, 2)
+        for j in range(2):
+            x = cm(f"encoder.{i}.{0 if i == 0 else 1}.convs.{j}", x, 3)
+        outs.append(x)
+    for k in reversed(range(stages - 1)):
+        up = F.interpolate(x, size=[2 * s for s in x.shape[-2:]], mode="bilinear", align_corners=False)
+        x = torch.cat([outs[k], cm(f"decoder.{k}.upsample.interp_upsample.1", up, 1)], dim=1)
+        for j in range(2):
+            x = cm(f"decoder.{k}.conv_block.convs.{j}", x, 3)
+    x = x[..., :h, :w]
+    return F.conv2d(x, sd["mask_head.conv_seg.weight"], sd["mask_head.conv_seg.bias"])[:, 0]
+
+
+def ref_refine(sam, image: Image.Image, coarse: torch.Tensor, text_embeds) -> torch.Tensor:
+    """F-LMM's SAMWrapper.forward (box + mask + text prompts, multimask_output=False), on Meta's Sam."""
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    size = sam.image_encoder.img_size
+    transform = ResizeLongestSide(size)
+    arr = np.array(image.convert("RGB"))
+    inp = transform.apply_image(arr)
+    feats = sam.image_encoder(sam.preprocess(torch.as_tensor(inp).permute(2, 0, 1)[None].float()))
+    input_size, original = inp.shape[:2], arr.shape[:2]
+    side = 4 * sam.prompt_encoder.image_embedding_size[0]
+    pm = F.interpolate(coarse[:, None].float(), size=input_size, mode="bilinear")
+    pm = F.pad(pm, (0, size - input_size[1], 0, size - input_size[0]), value=min(-1.0, coarse.min().item()))
+    pm = F.interpolate(pm, size=(side, side), mode="bilinear")
+    binary = (F.interpolate(coarse[None].float().sigmoid(), size=original, mode="bilinear")[0] > 0.5).float()
+    out = []
+    for p in range(coarse.shape[0]):
+        m = binary[p].numpy()
+        if m.sum() > 0:
+            ys, xs = np.where(m > 0)
+            box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+        else:
+            box = np.array([0.0, 0.0, original[1], original[0]])
+        box = torch.as_tensor(transform.apply_boxes(box, original), dtype=torch.float32)[None]
+        sparse, dense = sam.prompt_encoder(points=None, boxes=box, masks=pm[p].view(1, 1, side, side))
+        sparse = torch.cat([sparse, text_embeds[p][None]], dim=1)
+        low, _ = sam.mask_decoder(image_embeddings=feats, image_pe=sam.prompt_encoder.get_dense_pe(),
+                                  sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                  multimask_output=False)
+        out.append(sam.postprocess_masks(low, input_size, original)[0, 0])
+    return torch.stack(out)
+
+
+def ref_llava_inputs(image: Image.Image, size: int):
+    """F-LMM's CustomLlavaImageProcessor: longer side to ``size`` (transformers' resize, bicubic), centred on a
+    mean-filled square, rescaled, CLIP-normalised; with its padding meta."""
+    from transformers.image_transforms import normalize, rescale, resize
+    from transformers.image_utils import PILImageResampling
+
+    mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+    arr = np.array(image.convert("RGB"))
+    h, w = arr.shape[:2]
+    shape = (size, int(w * size / h)) if h > w else (int(h * size / w), size)
+    arr = resize(arr, shape, resample=PILImageResampling.BICUBIC)
+    h, w = arr.shape[:2]
+    canvas = np.ones((size, size, 3), dtype=arr.dtype) * np.array([int(x * 255) for x in mean], dtype=arr.dtype)
+    bh, bw = (size - h) // 2, (size - w) // 2
+    canvas[bh:bh + h, bw:bw + w] = arr
+    x = normalize(rescale(canvas, 1 / 255), mean, std)
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None].float(), (bh, bw, h, w)
+
+
+def ref_ground(fx, eager_lmm, meta_sam, tok, image, phrases):
+    """F-LMM's FrozenLlavaSAM._forward with eager attention, on the base, the checkpoint and Meta's SAM."""
+    cfg = eager_lmm.config
+    image_id = cfg.image_token_id
+    ids = tok.encode(PROMPT, add_special_tokens=True)
+    at = ids.index(image_id)
+    ids = ids[:at] + [image_id] * cfg.image_seq_length + ids[at + 1:]
+    mask_ids = [-1] * len(ids)
+    sep = tok.encode(".", add_special_tokens=False)[-1]
+    for n, p in enumerate(phrases):
+        seg = tok.encode(p, add_special_tokens=False)
+        ids += seg + [sep]
+        mask_ids += [n] * len(seg) + [-1]
+    pixel_values, (bh, bw, h, w) = ref_llava_inputs(image, cfg.vision_config.image_size)
+    input_ids = torch.tensor([ids])
+    with torch.no_grad():
+        out = eager_lmm.model(input_ids=input_ids, pixel_values=pixel_values,
+                              attention_mask=torch.ones_like(input_ids), output_attentions=True,
+                              output_hidden_states=True)
+    layers = cfg.text_config.num_hidden_layers
+    image_cols = input_ids[0] == image_id
+    grid = cfg.vision_config.image_size // cfg.vision_config.patch_size
+    attentions = [a[0][..., image_cols].view(*a.shape[1:3], grid, grid) for a in out.attentions]
+    # transformers <= 4.40's hidden_states[-L:]: outputs of layers 0..L-2, then the final norm's output
+    hs = list(out.hidden_states[1:layers]) + [out.last_hidden_state]
+    weights = torch.softmax(fx.ckpt_state["text_layer_weights"], 0)
+    mask_ids = torch.tensor(mask_ids)
+    attn, embeds = [], []
+    for n in range(len(phrases)):
+        matched = mask_ids == n
+        attn.append(torch.cat([a[:, matched].mean(1) for a in attentions]))
+        states = torch.stack([x[0, matched] for x in hs])
+        embeds.append((states * weights.view(-1, 1, 1)).sum(0) @ fx.ckpt_state["text_proj.weight"].T
+                      + fx.ckpt_state["text_proj.bias"])
+    with torch.no_grad():
+        pred = ref_unet(fx.ckpt_state, torch.stack(attn), tf.STAGES)
+        size = cfg.vision_config.image_size
+        ph, pw = pred.shape[-2:]
+        top, left = int(bh * ph / size), int(bw * pw / size)
+        pred = pred[:, top:top + int(h * ph / size + 0.5), left:left + int(w * pw / size + 0.5)]
+        return pred, ref_refine(meta_sam, image, pred, embeds), attn, embeds
+
+
+# ------------------------------------------------------------------------------------------------ conversion
+def test_every_tensor_accounted_for(export, fx):
+    res, out = export
+    report = res.report
+    assert res.family == "flmm"
+    cov = report["coverage"]
+    assert cov["unaccounted"] == []
+    assert all(c["unaccounted"] == 0 and c["used"] + c["dropped"] == c["tensors"] for c in cov["sources"].values())
+    used = {s for t in report["targets"] for s in t["sources"]}
+    dropped = {d["source"]: d["reason"] for d in report["dropped"]}
+    ckpt_keys = {f"ckpt:{k}" for k in fx.ckpt_state}
+    sam_keys = {f"sam:{k}" for k in fx.meta_sam_state}
+    assert ckpt_keys | sam_keys <= used | set(dropped)
+    # the trained prompt encoder / mask decoder supersede Meta's; the checkpoint's frozen PE buffer is checked equal
+    assert "sam:mask_decoder.iou_token.weight" in dropped and "sam:prompt_encoder.no_mask_embed.weight" in dropped
+    pe = "ckpt:sam.model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"
+    assert "checked equal" in dropped[pe]
+    assert "sam:image_encoder.patch_embed.proj.weight" in used
+    assert all(reason for reason in dropped.values())
+    from tests.golden import check_export, check_mapping_tsv
+
+    check_export("flmm/tiny", out)
+    check_mapping_tsv(ROOT / "docs" / "families" / "flmm.mapping.tsv", report)
+
+
+def test_exported_tensors_are_the_inputs(export, fx, model):
+    sd = model.state_dict()
+    ck = fx.ckpt_state
+    assert torch.equal(sd["mask_head.encoder.1.convs.0.conv.weight"], ck["mask_head.encoder.1.1.convs.0.conv.weight"])
+    assert torch.equal(sd["mask_head.decoder.0.upsample.norm.bias"],
+                       ck["mask_head.decoder.0.upsample.interp_upsample.1.gn.bias"])
+    assert torch.equal(sd["sam.mask_decoder.iou_token.weight"], ck["sam.model.mask_decoder.iou_token.weight"])
+    assert not torch.equal(sd["sam.mask_decoder.iou_token.weight"], fx.meta_sam_state["mask_decoder.iou_token.weight"])
+    assert torch.equal(sd["sam.vision_encoder.pos_embed"], fx.meta_sam_state["image_encoder.pos_embed"])
+    assert torch.equal(sd["text_layer_weights"], ck["text_layer_weights"])
+
+
+def test_wrong_base_and_missing_sam_are_refused(fx, tmp_path):
+    import shutil
+
+    bad = tmp_path / "base"
+    shutil.copytree(fx.base_dir, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["text_config"]["num_attention_heads"] = 2
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ShapeMismatch, match="attention maps"):
+        convert_mmengine_to_hf(fx.ckpt, base=bad, sam=fx.sam_pth, out=None, dry_run=True, progress=False,
+                               log=lambda *a, **k: None)
+    with pytest.raises(MissingInput, match="--sam"):
+        convert_mmengine_to_hf(fx.ckpt, base=fx.base_dir, out=None, dry_run=True, progress=False,
+                               log=lambda *a, **k: None)
+
+
+# ------------------------------------------------------------------------------------------------ oracles
+def test_attention_rows_match_eager_attention(model, eager_lmm, tok):
+    """The hook attention's rows (sdpa for the outputs) = transformers' eager attention probabilities, fp32."""
+    mod = sys.modules[type(model).__module__]
+    image_id = eager_lmm.config.image_token_id
+    ids = model._prompt_ids(tok, "<image>\nWhat is in the picture? a red cat and the dog.")
+    input_ids = torch.tensor([ids])
+    pixel_values = torch.randn(1, 3, tf.VISION_SIZE, tf.VISION_SIZE, generator=torch.Generator().manual_seed(3))
+    rows = torch.tensor([2, len(ids) - 5, len(ids) - 3, len(ids) - 1])
+    cols = torch.nonzero(input_ids[0] == image_id, as_tuple=True)[0]
+    recorder = mod.AttentionRowsRecorder(rows, cols)
+    hidden = {}
+    with torch.no_grad():
+        with mod.recording_attention_rows(model.text_model, recorder), \
+                mod.recording_hidden_rows(model.text_model, rows, hidden):
+            model.lmm.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=torch.ones_like(input_ids))
+        ref = eager_lmm.model(input_ids=input_ids, pixel_values=pixel_values,
+                              attention_mask=torch.ones_like(input_ids), output_attentions=True,
+                              output_hidden_states=True)
+    assert model.text_model.config._attn_implementation != mod.ROWS_ATTENTION  # restored
+    assert len(recorder.maps) == tf.LAYERS
+    for layer in range(tf.LAYERS):
+        want = ref.attentions[layer][:, :, rows][..., cols]
+        got = recorder.maps[layer]
+        assert got.shape == want.shape == (1, tf.HEADS, len(rows), len(cols))
+        assert (got - want).abs().max() <= 1e-5, (layer, (got - want).abs().max())
+        assert want.sum() > 0.01  # the image columns carry attention
+    for layer in range(tf.LAYERS - 1):
+        assert (hidden[layer] - ref.hidden_states[layer + 1][:, rows]).abs().max() <= 1e-5
+    last = ref.last_hidden_state[:, rows]  # F-LMM's last entry: the final norm's output
+    assert (hidden[tf.LAYERS - 1] - last).abs().max() <= 1e-5
+
+
+def test_mask_head_matches_reference_unet(model, fx):
+    g = torch.Generator().manual_seed(5)
+    for shape in [(2, tf.LAYERS * tf.HEADS, 4, 4), (1, tf.LAYERS * tf.HEADS, 3, 5)]:
+        x = torch.rand(shape, generator=g)
+        with torch.no_grad():
+            got = model.mask_head(x)
+            want = ref_unet(fx.ckpt_state, x, tf.STAGES)
+        assert got.shape == want.shape
+        assert (got - want).abs().max() <= 1e-5, (got - want).abs().max()
+        assert want.std() > 1e-3
+
+
+def test_refinement_matches_segment_anything(model, meta_sam):
+    image = _image(2, (70, 100))
+    g = torch.Generator().manual_seed(7)
+    # coarse logits: one blob-shaped mask (a box from it) and one all-negative (the whole-image box)
+    yy, xx = torch.meshgrid(torch.arange(40.0), torch.arange(56.0), indexing="ij")
+    blob = 4.0 - ((yy - 15) ** 2 + (xx - 30) ** 2) / 40
+    coarse = torch.stack([blob, -3.0 - torch.rand(40, 56, generator=g)])
+    text = [torch.randn(3, tf.SAM_D, generator=g), torch.randn(2, tf.SAM_D, generator=g)]
+    with torch.no_grad():
+        got = model.refine(image, coarse, text)
+        want = ref_refine(meta_sam, image, coarse, text)
+    assert got.shape == want.shape == (2, 70, 100)
+    assert (got - want).abs().max() <= 2e-4, (got - want).abs().max()
+
+
+def test_ground_matches_the_references_end_to_end(model, tok, fx, eager_lmm, meta_sam):
+    image = _image(1, (90, 120))
+    out = model.ground(image=image, phrases=PHRASES, tokenizer=tok, return_coarse=True)
+    coarse, refined, _, _ = ref_ground(fx, eager_lmm, meta_sam, tok, image, PHRASES)
+    assert out["phrases"] == PHRASES and len(out["prediction_masks"]) == 2
+    assert out["coarse_logits"].shape == coarse.shape
+    assert (out["coarse_logits"] - coarse).abs().max() <= 1e-4, (out["coarse_logits"] - coarse).abs().max()
+    assert (out["sam_logits"] - refined).abs().max() <= 5e-4, (out["sam_logits"] - refined).abs().max()
+    for m, r in zip(out["prediction_masks"], refined):
+        assert m.shape == (1, 90, 120) and m.dtype == bool
+        clear = r.abs() > 1e-3
+        assert np.array_equal(m[0][clear.numpy()], (r > 0)[clear].numpy())
+
+
+def test_ground_in_text_and_predict_forward_agree(model, tok):
+    image = _image(4, (64, 48))
+
+    class FakeNLP:  # spaCy's interface: .noun_chunks of the parsed text
+        def __call__(self, text):
+            words = text.split()
+            chunk = type("Chunk", (), {"text": " ".join(words[:2]) if len(words) > 1 else text})
+            return type("Doc", (), {"noun_chunks": [chunk]})
+
+    res = model.predict_forward(image=image, text="Describe the picture.", tokenizer=tok, max_new_tokens=6,
+                                nlp=FakeNLP(), return_coarse=True)
+    assert res["prediction"] and len(res["phrases"]) == len(res["prediction_masks"]) == 1
+    again = model.ground(image=image, phrases=res["phrases"], text=res["prediction"], tokenizer=tok,
+                         question="Describe the picture.", return_coarse=True)
+    assert torch.equal(again["sam_logits"], res["sam_logits"])
+    assert np.array_equal(again["prediction_masks"][0], res["prediction_masks"][0])
+
+
+def test_noun_phrase_selection(model):
+    mod = sys.modules[type(model).__module__]
+    text = "A man holds the red umbrella next to it and a dog in the image."
+    chunks = ["the red umbrella", "red umbrella", "it", "a dog", "A man", "the image", "a dog"]
+    assert mod.select_noun_phrases(chunks, text) == ["A man", "the red umbrella", "a dog"]
+    try:
+        import spacy  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="spaCy"):
+            mod.noun_phrases(text)
+
+
+def test_ground_input_errors(model, tok):
+    with pytest.raises(ValueError, match="phrases"):
+        model.ground(image=_image(), phrases=[], tokenizer=tok)
+    with pytest.raises(ValueError, match="does not occur"):
+        model.ground(image=_image(), phrases=["zebra"], text="a cat", tokenizer=tok)
+
+
+# ------------------------------------------------------------------------------------------------ deployment
+WITHOUT_MASKPORT = textwrap.dedent('''
+    import builtins, json, sys
+    real_import = builtins.__import__
+    def guard(name, *a, **k):
+        if name == "maskport" or name.startswith("maskport."):
+            raise ImportError("maskport is blocked in this process")
+        return real_import(name, *a, **k)
+    builtins.__import__ = guard
+    try:
+        import maskport  # noqa: F401
+        raise SystemExit("maskport importable")
+    except ImportError:
+        pass
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoModel, AutoTokenizer
+    d = sys.argv[1]
+    model, info = AutoModel.from_pretrained(d, trust_remote_code=True, output_loading_info=True)
+    tok = AutoTokenizer.from_pretrained(d, trust_remote_code=True)
+    img = Image.fromarray((np.random.RandomState(1).rand(90, 120, 3) * 255).astype("uint8"))
+    out = model.eval().ground(image=img, phrases=json.loads(sys.argv[2]), tokenizer=tok, return_coarse=True)
+    print(json.dumps({"missing": list(info["missing_keys"]), "unexpected": list(info["unexpected_keys"]),
+                      "sam_logits": out["sam_logits"].numpy().round(5).tolist(),
+                      "masks": [[str(m.dtype), list(m.shape), int(m.sum())] for m in out["prediction_masks"]]}))
+''')
+
+
+def test_export_grounds_in_a_process_without_maskport(export, model, tok, tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONNOUSERSITE": "1"}
+    r = subprocess.run([sys.executable, "-c", WITHOUT_MASKPORT, str(export[1]), json.dumps(PHRASES)],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["missing"] == [] and got["unexpected"] == []
+    here = model.ground(image=_image(1, (90, 120)), phrases=PHRASES, tokenizer=tok, return_coarse=True)
+    assert np.abs(np.array(got["sam_logits"]) - here["sam_logits"].numpy()).max() <= 1e-4
+    assert got["masks"] == [["bool", [1, 90, 120], int(m.sum())] for m in here["prediction_masks"]]
