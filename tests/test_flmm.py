@@ -361,6 +361,28 @@ def test_ground_in_text_and_predict_forward_agree(model, tok):
     assert np.array_equal(again["prediction_masks"][0], res["prediction_masks"][0])
 
 
+def test_predict_forward_ground_prefix_and_verify(model, tok, export, tmp_path):
+    """``predict_forward(text="ground: ...")`` is ``ground`` (no generation), so ``maskport verify`` runs F-LMM's
+    referring segmentation on exports: the export against itself agrees exactly."""
+    from maskport.verify.api import verify
+    from maskport.verify.samples import Sample
+
+    image = _image(6, (80, 100))
+    via = model.predict_forward(image=image, text="ground: the dog on the left", tokenizer=tok,
+                                return_probabilities=True)
+    direct = model.ground(image=image, phrases=["the dog on the left"], tokenizer=tok, return_probabilities=True)
+    assert via["prediction"] == "the dog on the left"
+    assert np.array_equal(via["prediction_masks"][0], direct["prediction_masks"][0])
+    assert np.array_equal(via["prediction_probabilities"][0], direct["prediction_probabilities"][0])
+    image.save(tmp_path / "a.png")
+    _image(7, (60, 90)).save(tmp_path / "b.png")
+    samples = [Sample("a", tmp_path / "a.png", "ground: a red cat"), Sample("b", tmp_path / "b.png", "ground: the dog")]
+    res = verify(export[1], export[1], samples, device="cpu", progress=False)
+    assert res.exit_code == 0, res.failures
+    assert [(s["ref"]["n_masks"], s["cand"]["n_masks"], s["dice"]) for s in res.samples] == [(1, 1, 1.0)] * 2
+    assert [s["ref"]["answer"] for s in res.samples] == ["a red cat", "the dog"]
+
+
 def test_noun_phrase_selection(model):
     mod = sys.modules[type(model).__module__]
     text = "A man holds the red umbrella next to it and a dog in the image."

@@ -45,6 +45,9 @@ DEFAULT_TEMPLATE: dict[str, Any] = {
     "image_placeholder": "<image>",
     "phrase_separator": ".",
     "stop_words": ["</s>"],
+    # predict_forward(text="ground: <expression>") runs ground(phrases=[expression]) (F-LMM's referring
+    # segmentation, no generation), e.g. maskport verify --prompt-template "ground: {sentence}"
+    "ground_prefix": "ground: ",
 }
 
 # The LMM image preprocessing F-LMM uses for LLaVA-1.5: the longer side resized to ``size`` (PIL bicubic), the

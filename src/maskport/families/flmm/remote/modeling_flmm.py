@@ -484,7 +484,8 @@ class FLMMModel(SamImageHeadMixin, PreTrainedModel):
         return torch.stack(out)
 
     def _ground(self, image, tokenizer, prompt_ids: list[int], body_ids: list[int], phrase_rows: list[list[int]],
-                return_coarse: bool) -> dict[str, Any]:
+                return_coarse: bool, mask_threshold: float | None = None,
+                return_probabilities: bool = False) -> dict[str, Any]:
         image = to_rgb(image)
         pixel_values, meta = lmm_image_inputs(image, self.config.image_processor)
         start = len(prompt_ids)
@@ -493,9 +494,11 @@ class FLMMModel(SamImageHeadMixin, PreTrainedModel):
         coarse = self.coarse_masks(attn, meta)
         text_embeds = [self.text_proj(e.to(self.text_proj.weight.dtype)) for e in embeds]
         logits = self.refine(image, coarse, text_embeds)
-        thr = float(self.config.mask_threshold)
+        thr = float(self.config.mask_threshold if mask_threshold is None else mask_threshold)
         masks = [((x > 0) if thr == 0.5 else (x.sigmoid() > thr))[None].cpu().numpy() for x in logits]
         out: dict[str, Any] = {"prediction_masks": masks}
+        if return_probabilities:
+            out["prediction_probabilities"] = [x.sigmoid()[None].cpu().numpy().astype(np.float32) for x in logits]
         if return_coarse:
             out["coarse_logits"] = coarse.float().cpu()
             out["sam_logits"] = logits.cpu()
@@ -503,7 +506,8 @@ class FLMMModel(SamImageHeadMixin, PreTrainedModel):
 
     @torch.no_grad()
     def ground(self, image: Image.Image, phrases: list[str], tokenizer, text: str | None = None,
-               question: str | None = None, return_coarse: bool = False) -> dict[str, Any]:
+               question: str | None = None, return_coarse: bool = False, mask_threshold: float | None = None,
+               return_probabilities: bool = False) -> dict[str, Any]:
         """One mask per phrase, without generation.
 
         ``text=None`` (referring segmentation, F-LMM's RefCOCO input): after the prompt (``template.ground_input``,
@@ -530,7 +534,8 @@ class FLMMModel(SamImageHeadMixin, PreTrainedModel):
                 body += ids + [sep]
         else:
             body, rows = self._locate(tokenizer, text, phrases)
-        out = self._ground(image, tokenizer, prompt_ids, body, rows, return_coarse)
+        out = self._ground(image, tokenizer, prompt_ids, body, rows, return_coarse, mask_threshold,
+                           return_probabilities)
         out["phrases"] = phrases
         return out
 
@@ -553,12 +558,25 @@ class FLMMModel(SamImageHeadMixin, PreTrainedModel):
 
     @torch.no_grad()
     def predict_forward(self, image: Image.Image, text: str, tokenizer, phrases: list[str] | None = None,
-                        max_new_tokens: int | None = None, nlp=None, return_coarse: bool = False) -> dict[str, Any]:
-        """Answer ``text`` about ``image`` (greedy), then ground the answer's noun phrases (spaCy, optional: pass
-        ``phrases`` to ground given ones) in one more forward over prompt + answer. Returns ``{"prediction",
-        "phrases", "prediction_masks"}``."""
+                        max_new_tokens: int | None = None, nlp=None, return_coarse: bool = False,
+                        mask_threshold: float | None = None, return_probabilities: bool = False,
+                        generation_kwargs: dict | None = None) -> dict[str, Any]:
+        """Answer ``text`` about ``image`` (greedy unless ``generation_kwargs`` say otherwise), then ground the
+        answer's noun phrases (spaCy, optional: pass ``phrases`` to ground given ones, or ``nlp``, any callable
+        returning an object with spaCy's ``noun_chunks``) in one more forward over prompt + answer. Returns
+        ``{"prediction", "phrases", "prediction_masks"}`` (+ ``prediction_probabilities``).
+
+        ``text`` starting with ``template.ground_prefix`` (``"ground: "``): the rest is one referring expression,
+        grounded without generation (:meth:`ground`); ``prediction`` is the expression."""
         image = to_rgb(image)
         tpl = self.config.template
+        prefix = tpl.get("ground_prefix")
+        if prefix and text.startswith(prefix):
+            expression = text[len(prefix):].strip()
+            out = self.ground(image, [expression], tokenizer, return_coarse=return_coarse,
+                              mask_threshold=mask_threshold, return_probabilities=return_probabilities)
+            out["prediction"] = expression
+            return out
         user = text if tpl["image_placeholder"] in text else tpl["chat_input"].replace("{text}", text)
         prompt_ids = self._prompt_ids(tokenizer, user)
         pixel_values, _ = lmm_image_inputs(image, self.config.image_processor)
@@ -568,8 +586,9 @@ class FLMMModel(SamImageHeadMixin, PreTrainedModel):
         stop = [s for s in stop if isinstance(s, int) and s != tokenizer.unk_token_id]
         out = self.lmm.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                 pixel_values=pixel_values.to(device=device, dtype=dtype),
-                                max_new_tokens=int(max_new_tokens or self.config.max_new_tokens), do_sample=False,
-                                eos_token_id=stop or None, pad_token_id=tokenizer.pad_token_id)
+                                **{"max_new_tokens": int(max_new_tokens or self.config.max_new_tokens),
+                                   "do_sample": False, "eos_token_id": stop or None,
+                                   "pad_token_id": tokenizer.pad_token_id, **dict(generation_kwargs or {})})
         new = out[0, len(prompt_ids):].tolist()
         while new and new[-1] in stop:
             new = new[:-1]
@@ -579,7 +598,10 @@ class FLMMModel(SamImageHeadMixin, PreTrainedModel):
         result: dict[str, Any] = {"prediction": answer, "phrases": list(phrases), "prediction_masks": []}
         if phrases:
             body, rows = self._locate(tokenizer, answer, list(phrases))
-            result.update(self._ground(image, tokenizer, prompt_ids, body, rows, return_coarse))
+            result.update(self._ground(image, tokenizer, prompt_ids, body, rows, return_coarse, mask_threshold,
+                                       return_probabilities))
+        elif return_probabilities:
+            result["prediction_probabilities"] = []
         return result
 
 
