@@ -253,6 +253,31 @@ def test_exported_tensors_are_the_inputs(export, fx, model):
     assert torch.equal(sd["text_layer_weights"], ck["text_layer_weights"])
 
 
+def test_deepspeed_zero2_folder_input(fx, tmp_path):
+    """A ZeRO-2 folder as xtuner saves F-LMM (``iter_N.pth/`` with ``latest`` naming the tag folder holding
+    ``mp_rank_00_model_states.pt``, whose ``module`` is the bf16 module state: trainable tensors and buffers) converts
+    to the tensors of the single-file checkpoint rounded to bf16."""
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "iter_10.pth"
+    (folder / "global_step10").mkdir(parents=True)
+    (folder / "latest").write_text("global_step10")
+    module = {k: v.to(torch.bfloat16) for k, v in fx.ckpt_state.items()}
+    torch.save({"module": module, "ds_config": {"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}},
+               folder / "global_step10" / "mp_rank_00_model_states.pt")
+    res = convert_mmengine_to_hf(folder, base=fx.base_dir, sam=fx.sam_pth, out=tmp_path / "out", dtype="fp32",
+                                 progress=False, log=lambda *a, **k: None)
+    assert res.family == "flmm" and res.report["coverage"]["unaccounted"] == []
+    got = {}
+    for f in (tmp_path / "out").glob("*.safetensors"):
+        got.update(load_file(str(f)))
+    assert torch.equal(got["text_proj.weight"], module["text_proj.weight"].float())
+    assert torch.equal(got["mask_head.decoder.1.block.convs.1.conv.weight"],
+                       module["mask_head.decoder.1.conv_block.convs.1.conv.weight"].float())
+    assert torch.equal(got["sam.prompt_encoder.mask_embed.conv1.weight"],
+                       module["sam.model.prompt_encoder.mask_downscaling.0.weight"].float())
+
+
 def test_wrong_base_and_missing_sam_are_refused(fx, tmp_path):
     import shutil
 
