@@ -44,13 +44,16 @@ def export_code():
     return importlib.import_module("flmm_export_code.modeling_flmm"), tmp
 
 
-def llava_7b_config(layers: int):
+def llava_7b_config(layers: int, smoke: bool = False):
+    """LLaVA-1.5-7B's shapes (``smoke``: a small stand-in to check the script on a CPU)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
-    text = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
-                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+    hidden, inter, heads, vlayers = (4096, 11008, 32, 24) if not smoke else (128, 256, 4, 1)
+    text = LlamaConfig(vocab_size=32064, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=4096,
                        rms_norm_eps=1e-5, tie_word_embeddings=False)
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+    vision = CLIPVisionConfig(hidden_size=1024 if not smoke else 64, intermediate_size=4096 if not smoke else 128,
+                              num_hidden_layers=vlayers, num_attention_heads=16 if not smoke else 2,
                               image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
     return LlavaConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), image_token_index=IMAGE_ID,
                        image_seq_length=IMAGE_TOKENS, vision_feature_layer=-2,
@@ -63,22 +66,25 @@ def main():
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--phrase-tokens", type=int, default=8)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--smoke", action="store_true", help="small shapes on the CPU (checks the script, no numbers)")
     args = ap.parse_args()
     seqs = args.seq or [640, 1600, 3000]
     mod, tmp = export_code()
     from transformers import LlavaForConditionalGeneration
 
-    dev = torch.device("cuda")
+    dev = torch.device("cpu" if args.smoke else "cuda")
+    cuda = dev.type == "cuda"
     torch.manual_seed(0)
-    cfg = llava_7b_config(args.layers)
+    cfg = llava_7b_config(args.layers, args.smoke)
     cfg.text_config._attn_implementation = "sdpa"
     with torch.device(dev):
         lmm = LlavaForConditionalGeneration(cfg).to(torch.bfloat16).eval()
     text_model = lmm.model.language_model
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    base = torch.cuda.memory_allocated() if cuda else 0
     pixel_values = torch.randn(1, 3, 336, 336, device=dev, dtype=torch.bfloat16)
-    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+    results = {"gpu": torch.cuda.get_device_name() if cuda else "cpu (smoke)", "torch": torch.__version__,
                "transformers": __import__("transformers").__version__, "layers": args.layers,
                "model_gib": base / 2**30, "date": time.strftime("%Y-%m-%d"), "points": []}
 
@@ -113,19 +119,20 @@ def main():
         with torch.no_grad():
             for name, fn in (("eager", eager), ("rows", rows_path)):
                 fn()
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
+                sync()
+                if cuda:
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
                 times = []
                 for _ in range(3):
-                    torch.cuda.synchronize()
+                    sync()
                     t0 = time.perf_counter()
                     maps, _ = fn()
-                    torch.cuda.synchronize()
+                    sync()
                     times.append(time.perf_counter() - t0)
                     del maps
-                point[f"{name}_peak_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+                point[f"{name}_peak_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30 if cuda else float("nan")
                 point[f"{name}_seconds"] = statistics.median(times)
-                torch.cuda.empty_cache()
             a, _ = eager()
             b, _ = rows_path()
             point["max_abs_diff_maps"] = float((a.float() - b.float()).abs().max())
@@ -135,7 +142,8 @@ def main():
         point["time_ratio_rows_over_eager"] = point["rows_seconds"] / point["eager_seconds"]
         results["points"].append(point)
         print(json.dumps(point), flush=True)
-        torch.cuda.empty_cache()
+        if cuda:
+            torch.cuda.empty_cache()
     args.out.write_text(json.dumps(results, indent=1) + "\n")
     shutil.rmtree(tmp, ignore_errors=True)
 

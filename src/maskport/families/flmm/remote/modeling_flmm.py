@@ -268,7 +268,7 @@ def lmm_image_inputs(image: Image.Image, settings: dict) -> tuple[torch.Tensor, 
     canvas[...] = np.array([int(m * 255) for m in settings["image_mean"]], dtype=np.uint8)
     top, left = (size - nh) // 2, (size - nw) // 2
     canvas[top:top + nh, left:left + nw] = arr
-    x = (canvas.astype(np.float32) * np.float32(1 / 255) - mean) / std
+    x = ((canvas.astype(np.float64) * (1 / 255)).astype(np.float32) - mean) / std  # transformers' rescale, normalize
     return torch.from_numpy(x).permute(2, 0, 1)[None].contiguous(), {
         "resized": (nh, nw), "offset": (top, left), "size": size}
 
