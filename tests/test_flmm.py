@@ -309,7 +309,7 @@ def test_attention_rows_match_eager_attention(model, eager_lmm, tok):
     with torch.no_grad():
         with mod.recording_attention_rows(model.text_model, recorder), \
                 mod.recording_hidden_rows(model.text_model, rows, hidden):
-            model.lmm.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=torch.ones_like(input_ids))
+            model.mllm.model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=torch.ones_like(input_ids))
         ref = eager_lmm.model(input_ids=input_ids, pixel_values=pixel_values,
                               attention_mask=torch.ones_like(input_ids), output_attentions=True,
                               output_hidden_states=True)

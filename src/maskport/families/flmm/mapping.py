@@ -1,5 +1,5 @@
 """The mapping table of family ``flmm``, top to bottom: F-LMM training checkpoint (trainable parts only) + frozen
-base LMM folder + Meta's SAM -> ``FLMMModel`` (``lmm.*`` = the base LMM's native transformers class, ``sam.*`` =
+base LMM folder + Meta's SAM -> ``FLMMModel`` (``mllm.*`` = the base LMM's native transformers class, ``sam.*`` =
 ``SamModel``, ``mask_head.*``, ``text_layer_weights``, ``text_proj.*``). Every key spelled out:
 ``docs/families/flmm.mapping.tsv``.
 
@@ -50,5 +50,5 @@ def rules() -> list:
                           mask_decoder_from=C + "sam.model."),
         DropIfEqual(C + "sam.model.{rest}", equals="sam:{rest}", reason=FROZEN_COPY, optional=True),
         # 4. the frozen LMM, unchanged
-        CopyRest(target="lmm.{rest}", source="base:{rest}"),
+        CopyRest(target="mllm.{rest}", source="base:{rest}"),
     ]

@@ -7,7 +7,7 @@ torch, transformers, numpy, PIL and its siblings ``configuration_flmm``, ``image
 
 Module tree (the converter writes weights under exactly these names)::
 
-    lmm                 transformers' native LMM (LlavaForConditionalGeneration), frozen, as released
+    mllm                transformers' native LMM (LlavaForConditionalGeneration), frozen, as released
     sam                 transformers.SamModel (ViT-L): Meta's image encoder, F-LMM's trained prompt encoder and
                         mask decoder
     mask_head           FLMMMaskHead: the U-Net on the attention maps (F-LMM's mmseg ``UNetHead``)
@@ -344,7 +344,7 @@ class FLMMModel(SamImageHeadMixin, PreTrainedModel):
         lmm_type = config.lmm_config.model_type
         if lmm_type not in LMM_CLASSES:
             raise ValueError(f"unsupported base LMM {lmm_type!r}; supported: {sorted(LMM_CLASSES)}")
-        self.lmm = LMM_CLASSES[lmm_type](config.lmm_config)
+        self.mllm = LMM_CLASSES[lmm_type](config.lmm_config)
         self.sam = SamModel(config.sam_config)
         text = config.lmm_config.get_text_config()
         settings = dict(config.mask_head)
@@ -362,7 +362,7 @@ class FLMMModel(SamImageHeadMixin, PreTrainedModel):
 
     # ---- plumbing ----------------------------------------------------------------------------------------------
     def get_input_embeddings(self):
-        return self.lmm.get_input_embeddings()
+        return self.mllm.get_input_embeddings()
 
     def forward(self, *args, **kwargs):
         raise NotImplementedError("use ground(image=, phrases=[...], tokenizer=) or predict_forward(image=, text=, "
@@ -370,7 +370,7 @@ class FLMMModel(SamImageHeadMixin, PreTrainedModel):
 
     @property
     def text_model(self) -> nn.Module:
-        return self.lmm.model.language_model
+        return self.mllm.model.language_model
 
     def _image_token_count(self) -> int:
         cfg = self.config.lmm_config
@@ -404,7 +404,7 @@ class FLMMModel(SamImageHeadMixin, PreTrainedModel):
         maps ``[layers * heads, gh, gw]`` (rows averaged) and the layer-weighted hidden states ``[n_p, hidden]``."""
         if not phrase_rows or any(len(r) == 0 for r in phrase_rows):
             raise ValueError("every phrase needs at least one token")
-        device, dtype = module_device_dtype(self.lmm)
+        device, dtype = module_device_dtype(self.mllm)
         ids = torch.tensor([input_ids], dtype=torch.long, device=device)
         image_id = self.config.lmm_config.image_token_id
         cols = torch.nonzero(ids[0] == image_id, as_tuple=True)[0]
@@ -417,7 +417,7 @@ class FLMMModel(SamImageHeadMixin, PreTrainedModel):
         recorder = AttentionRowsRecorder(rows, cols)
         hidden: dict[int, torch.Tensor] = {}
         with recording_attention_rows(self.text_model, recorder), recording_hidden_rows(self.text_model, rows, hidden):
-            self.lmm.model(input_ids=ids, pixel_values=pixel_values.to(device=device, dtype=dtype),
+            self.mllm.model(input_ids=ids, pixel_values=pixel_values.to(device=device, dtype=dtype),
                            attention_mask=torch.ones_like(ids), use_cache=False)
         n_layers = len(self.text_model.layers)
         if len(recorder.maps) != n_layers or len(hidden) != n_layers:
@@ -580,11 +580,11 @@ class FLMMModel(SamImageHeadMixin, PreTrainedModel):
         user = text if tpl["image_placeholder"] in text else tpl["chat_input"].replace("{text}", text)
         prompt_ids = self._prompt_ids(tokenizer, user)
         pixel_values, _ = lmm_image_inputs(image, self.config.image_processor)
-        device, dtype = module_device_dtype(self.lmm)
+        device, dtype = module_device_dtype(self.mllm)
         ids = torch.tensor([prompt_ids], device=device)
         stop = [tokenizer.convert_tokens_to_ids(w) for w in tpl.get("stop_words", [])]
         stop = [s for s in stop if isinstance(s, int) and s != tokenizer.unk_token_id]
-        out = self.lmm.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+        out = self.mllm.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                 pixel_values=pixel_values.to(device=device, dtype=dtype),
                                 **{"max_new_tokens": int(max_new_tokens or self.config.max_new_tokens),
                                    "do_sample": False, "eos_token_id": stop or None,
