@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import threading
 from typing import Any
 
 import numpy as np
@@ -62,7 +61,7 @@ LMM_CLASSES = {"llava": LlavaForConditionalGeneration}
 # attention rows without the full attention matrix
 # --------------------------------------------------------------------------------------------------------------
 ROWS_ATTENTION = "maskport_rows_sdpa"
-_LOCAL = threading.local()
+_ACTIVE: dict[str, Any] = {"recorder": None}  # the recorder of the forward in progress (one at a time)
 
 
 class AttentionRowsRecorder:
@@ -98,7 +97,7 @@ class AttentionRowsRecorder:
 
 def rows_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """sdpa for the layer's output; while a recorder is active, also the recorder's attention rows."""
-    recorder = getattr(_LOCAL, "recorder", None)
+    recorder = _ACTIVE["recorder"]
     if recorder is not None and getattr(module, "layer_idx", None) is not None:
         recorder.record(module, query, key, attention_mask,
                         scaling if scaling is not None else query.shape[-1] ** -0.5)
@@ -113,14 +112,16 @@ AttentionMaskInterface.register(ROWS_ATTENTION, sdpa_mask)
 @contextlib.contextmanager
 def recording_attention_rows(text_model: nn.Module, recorder: AttentionRowsRecorder):
     """Inside the block, ``text_model``'s attention layers run :func:`rows_sdpa_attention` and fill ``recorder``."""
+    if _ACTIVE["recorder"] is not None:
+        raise RuntimeError("another attention-row recording is in progress (one grounding forward at a time)")
     config = text_model.config
     previous = config._attn_implementation_internal
     config._attn_implementation_internal = ROWS_ATTENTION
-    _LOCAL.recorder = recorder
+    _ACTIVE["recorder"] = recorder
     try:
         yield recorder
     finally:
-        _LOCAL.recorder = None
+        _ACTIVE["recorder"] = None
         config._attn_implementation_internal = previous
 
 
@@ -306,19 +307,17 @@ def select_noun_phrases(chunks: list[str], text: str) -> list[str]:
     return out
 
 
+NEEDS_NLP = ("grounding an answer's noun phrases needs a noun-chunk parser, as F-LMM's demo uses spaCy: "
+             "pip install spacy && python -m spacy download en_core_web_sm, then pass "
+             "nlp=spacy.load('en_core_web_sm') to predict_forward (or pass phrases=[...] to ground given phrases)")
+
+
 def noun_phrases(text: str, nlp=None) -> list[str]:
-    """Noun phrases of ``text`` with spaCy (``en_core_web_sm``), filtered by :func:`select_noun_phrases`."""
+    """Noun phrases of ``text``: ``nlp`` (spaCy's ``en_core_web_sm``, or any callable whose result has spaCy's
+    ``noun_chunks``) parses it, :func:`select_noun_phrases` filters the chunks. spaCy is not imported here (the
+    export's code depends on torch, transformers, numpy and PIL only): the caller loads it."""
     if nlp is None:
-        try:
-            import spacy  # optional
-        except ImportError:
-            raise ImportError("grounding an answer's noun phrases needs spaCy: pip install spacy && python -m spacy "
-                              "download en_core_web_sm (or pass phrases=[...] to predict_forward)") from None
-        try:
-            nlp = spacy.load("en_core_web_sm")
-        except OSError:
-            raise ImportError("spaCy's en_core_web_sm model is missing: python -m spacy download en_core_web_sm "
-                              "(or pass phrases=[...] to predict_forward)") from None
+        raise ValueError(NEEDS_NLP)
     chunks = [c.text for c in nlp(text).noun_chunks]
     return select_noun_phrases(chunks, text) if chunks else [text]
 
@@ -562,8 +561,9 @@ class FLMMModel(SamImageHeadMixin, PreTrainedModel):
                         mask_threshold: float | None = None, return_probabilities: bool = False,
                         generation_kwargs: dict | None = None) -> dict[str, Any]:
         """Answer ``text`` about ``image`` (greedy unless ``generation_kwargs`` say otherwise), then ground the
-        answer's noun phrases (spaCy, optional: pass ``phrases`` to ground given ones, or ``nlp``, any callable
-        returning an object with spaCy's ``noun_chunks``) in one more forward over prompt + answer. Returns
+        answer's noun phrases in one more forward over prompt + answer: those ``nlp`` finds (e.g.
+        ``spacy.load("en_core_web_sm")``, as F-LMM's demo; any callable whose result has spaCy's ``noun_chunks``),
+        or the given ``phrases``. With neither, a ``ValueError`` says how to get spaCy. Returns
         ``{"prediction", "phrases", "prediction_masks"}`` (+ ``prediction_probabilities``).
 
         ``text`` starting with ``template.ground_prefix`` (``"ground: "``): the rest is one referring expression,
@@ -594,6 +594,8 @@ class FLMMModel(SamImageHeadMixin, PreTrainedModel):
             new = new[:-1]
         answer = tokenizer.decode(new, skip_special_tokens=True).strip()
         if phrases is None:
+            if nlp is None:
+                raise ValueError(NEEDS_NLP)
             phrases = noun_phrases(answer, nlp) if answer else []
         result: dict[str, Any] = {"prediction": answer, "phrases": list(phrases), "prediction_masks": []}
         if phrases:
