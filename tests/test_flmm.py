@@ -327,6 +327,46 @@ def test_attention_rows_match_eager_attention(model, eager_lmm, tok):
     assert (hidden[tf.LAYERS - 1] - last).abs().max() <= 1e-5
 
 
+def test_attention_rows_match_eager_attention_on_qwen2_5_vl(model, tmp_path):
+    """The same hook attention on transformers' Qwen2.5-VL (M-RoPE positions, grouped KV heads, windowed vision
+    tower): rows = eager attention's, fp32 (the check a Qwen2.5-VL base needs first; its mapping is not written)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from maskport.testing.sa2va_qwen2_5_vl import make_qwen_processor, tiny_qwen2_5_vl_config
+    from maskport.testing.tokenizers import make_tiny_tokenizer
+
+    mod = sys.modules[type(model).__module__]
+    tok = make_tiny_tokenizer(tmp_path / "tok")
+    torch.manual_seed(0)
+    cfg = tiny_qwen2_5_vl_config(len(tok))
+    cfg.text_config._attn_implementation = "sdpa"
+    qwen = Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    eager = Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    eager.load_state_dict(qwen.state_dict())
+    eager.model.language_model.config._attn_implementation_internal = "eager"
+    proc = make_qwen_processor(tok)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "a red cat and the dog."}]}]
+    text = proc.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = proc(text=[text], images=[_image(3, (84, 112))], return_tensors="pt")
+    ids = inputs["input_ids"]
+    cols = torch.nonzero(ids[0] == cfg.image_token_id, as_tuple=True)[0]
+    rows = torch.tensor([1, int(cols[-1]) + 2, ids.shape[1] - 4, ids.shape[1] - 1])
+    recorder = mod.AttentionRowsRecorder(rows, cols)
+    hidden = {}
+    with torch.no_grad():
+        with mod.recording_attention_rows(qwen.model.language_model, recorder), \
+                mod.recording_hidden_rows(qwen.model.language_model, rows, hidden):
+            qwen.model(**inputs)
+        ref = eager.model(**inputs, output_attentions=True)
+    layers = cfg.text_config.num_hidden_layers
+    assert len(recorder.maps) == layers and cols.numel() > 4
+    for layer in range(layers):
+        want = ref.attentions[layer][:, :, rows][..., cols]
+        assert (recorder.maps[layer] - want).abs().max() <= 1e-5, (layer, (recorder.maps[layer] - want).abs().max())
+        assert want.sum() > 0.01
+    assert (hidden[layers - 1] - ref.last_hidden_state[:, rows]).abs().max() <= 1e-5
+
+
 def test_mask_head_matches_reference_unet(model, fx):
     g = torch.Generator().manual_seed(5)
     for shape in [(2, tf.LAYERS * tf.HEADS, 4, 4), (1, tf.LAYERS * tf.HEADS, 3, 5)]:
