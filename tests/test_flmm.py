@@ -299,7 +299,8 @@ def test_attention_rows_match_eager_attention(model, eager_lmm, tok):
     """The hook attention's rows (sdpa for the outputs) = transformers' eager attention probabilities, fp32."""
     mod = sys.modules[type(model).__module__]
     image_id = eager_lmm.config.image_token_id
-    ids = model._prompt_ids(tok, "<image>\nWhat is in the picture? a red cat and the dog.")
+    ids = model._prompt_ids(tok, "<image>\nWhat is in the picture? a red cat and the dog.",
+                            (tf.VISION_SIZE // tf.PATCH) ** 2)
     input_ids = torch.tensor([ids])
     pixel_values = torch.randn(1, 3, tf.VISION_SIZE, tf.VISION_SIZE, generator=torch.Generator().manual_seed(3))
     rows = torch.tensor([2, len(ids) - 5, len(ids) - 3, len(ids) - 1])

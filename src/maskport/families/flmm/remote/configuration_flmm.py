@@ -50,6 +50,19 @@ DEFAULT_TEMPLATE: dict[str, Any] = {
     "ground_prefix": "ground: ",
 }
 
+# A frozen Qwen2.5-VL (maskport's adaptation, no F-LMM release to follow): Qwen's chat template with its default
+# system prompt; the image block first in the user turn, as Qwen2.5-VL's processor renders it.
+QWEN2_5_VL_TEMPLATE: dict[str, Any] = {
+    "instruction": "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{input}<|im_end|>\n"
+                   "<|im_start|>assistant\n",
+    "ground_input": "<|vision_start|><|image_pad|><|vision_end|>Please give me a description of the image.",
+    "chat_input": "<|vision_start|><|image_pad|><|vision_end|>{text}",
+    "image_placeholder": "<|image_pad|>",
+    "phrase_separator": ".",
+    "stop_words": ["<|im_end|>", "<|endoftext|>"],
+    "ground_prefix": "ground: ",
+}
+
 # The LMM image preprocessing F-LMM uses for LLaVA-1.5: the longer side resized to ``size`` (PIL bicubic), the
 # image centred on a ``size`` x ``size`` square filled with the mean colour (``int(mean * 255)``), then scaled to
 # [0, 1] and normalised with CLIP's mean/std.
@@ -58,6 +71,21 @@ DEFAULT_IMAGE_PROCESSOR: dict[str, Any] = {
     "image_mean": [0.48145466, 0.4578275, 0.40821073],
     "image_std": [0.26862954, 0.26130258, 0.27577711],
 }
+
+# Qwen2.5-VL: transformers' Qwen2-VL image processor (smart resize to multiples of patch * merge within the pixel
+# bounds, no padding); the merged-token grid is (grid_h / merge, grid_w / merge).
+QWEN2_5_VL_IMAGE_PROCESSOR: dict[str, Any] = {
+    "min_pixels": 256 * 28 * 28,
+    "max_pixels": 1280 * 28 * 28,
+    "patch_size": 14,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+}
+
+TEMPLATES = {"llava": DEFAULT_TEMPLATE, "qwen2_5_vl": QWEN2_5_VL_TEMPLATE}
+IMAGE_PROCESSORS = {"llava": DEFAULT_IMAGE_PROCESSOR, "qwen2_5_vl": QWEN2_5_VL_IMAGE_PROCESSOR}
 
 
 def _merged(default: dict, given: dict | None) -> dict:
@@ -83,7 +111,8 @@ class FLMMConfig(PretrainedConfig):
     r"""Configuration of ``FLMMModel``.
 
     Args:
-        lmm_config (`dict` or `PretrainedConfig`): the frozen base LMM's configuration (``model_type`` ``llava``).
+        lmm_config (`dict` or `PretrainedConfig`): the frozen base LMM's configuration (``model_type`` ``llava`` or
+            ``qwen2_5_vl``).
         sam_config (`dict` or `SamConfig`): transformers' SAM configuration (ViT-L for F-LMM).
         mask_head (`dict`): U-Net sizes, see ``DEFAULT_MASK_HEAD``.
         text_proj_dim (`int`): output width of ``text_proj`` (SAM's prompt width, 256).
@@ -105,8 +134,9 @@ class FLMMConfig(PretrainedConfig):
         self.lmm_config = _sub_config(lmm_config if lmm_config is not None else {"model_type": "llava"}, "lmm_config")
         self.sam_config = sam_config if isinstance(sam_config, SamConfig) else SamConfig(**copy.deepcopy(sam_config or {}))
         self.mask_head = _merged(DEFAULT_MASK_HEAD, mask_head)
-        self.template = _merged(DEFAULT_TEMPLATE, template)
-        self.image_processor = _merged(DEFAULT_IMAGE_PROCESSOR, image_processor)
+        base = self.lmm_config.model_type
+        self.template = _merged(TEMPLATES.get(base, DEFAULT_TEMPLATE), template)
+        self.image_processor = _merged(IMAGE_PROCESSORS.get(base, DEFAULT_IMAGE_PROCESSOR), image_processor)
         for key, value in sam_head_settings(self.sam_config, sam_image_size, sam_pixel_mean, sam_pixel_std, False,
                                             mask_threshold, max_new_tokens, text_proj_dim).items():
             setattr(self, key, value)

@@ -47,7 +47,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
-from transformers import AttentionInterface, LlavaForConditionalGeneration, PreTrainedModel, SamModel
+from transformers import (AttentionInterface, LlavaForConditionalGeneration, PreTrainedModel,
+                          Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor, SamModel)
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -55,7 +56,7 @@ from .configuration_flmm import FLMMConfig
 from .image_utils import module_device_dtype, onloaded, to_rgb
 from .sam_image import SamImageHeadMixin, resize_longest_side_shape
 
-LMM_CLASSES = {"llava": LlavaForConditionalGeneration}
+LMM_CLASSES = {"llava": LlavaForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}
 
 # --------------------------------------------------------------------------------------------------------------
 # attention rows without the full attention matrix
@@ -271,7 +272,24 @@ def lmm_image_inputs(image: Image.Image, settings: dict) -> tuple[torch.Tensor, 
     canvas[top:top + nh, left:left + nw] = arr
     x = ((canvas.astype(np.float64) * (1 / 255)).astype(np.float32) - mean) / std  # transformers' rescale, normalize
     return torch.from_numpy(x).permute(2, 0, 1)[None].contiguous(), {
-        "resized": (nh, nw), "offset": (top, left), "size": size}
+        "resized": (nh, nw), "offset": (top, left), "padded": (size, size)}
+
+
+def qwen_image_inputs(image: Image.Image, settings: dict) -> tuple[dict, dict]:
+    """Qwen2.5-VL's image inputs (transformers' ``Qwen2VLImageProcessor`` with the settings' pixel bounds):
+    ``({pixel_values, image_grid_thw}, meta)``; the merged-token grid is ``grid_h / merge x grid_w / merge`` and
+    the image fills it (no padding)."""
+    ip = Qwen2VLImageProcessor(min_pixels=int(settings["min_pixels"]), max_pixels=int(settings["max_pixels"]),
+                               patch_size=int(settings["patch_size"]),
+                               temporal_patch_size=int(settings["temporal_patch_size"]),
+                               merge_size=int(settings["merge_size"]), image_mean=list(settings["image_mean"]),
+                               image_std=list(settings["image_std"]))
+    out = ip(images=[to_rgb(image)], return_tensors="pt")
+    _, gh, gw = (int(v) for v in out["image_grid_thw"][0])
+    merge, patch = int(settings["merge_size"]), int(settings["patch_size"])
+    side = (gh * patch, gw * patch)
+    return ({"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]},
+            {"resized": side, "offset": (0, 0), "padded": side, "grid": (gh // merge, gw // merge)})
 
 
 def mask_to_box(mask: torch.Tensor) -> list[float] | None:
@@ -371,21 +389,24 @@ class FLMMModel(SamImageHeadMixin, PreTrainedModel):
     def text_model(self) -> nn.Module:
         return self.mllm.model.language_model
 
-    def _image_token_count(self) -> int:
+    def image_inputs(self, image: Image.Image) -> tuple[dict, dict]:
+        """``(LMM image kwargs, meta)``; meta: the merged-token ``grid`` (rows, cols), the ``resized`` image's size
+        inside the ``padded`` LMM input and its ``offset`` there."""
         cfg = self.config.lmm_config
-        side = cfg.vision_config.image_size // cfg.vision_config.patch_size
-        return side * side + (1 if getattr(cfg, "vision_feature_select_strategy", "default") == "full" else 0)
-
-    def _grid(self) -> tuple[int, int]:
-        cfg = self.config.lmm_config
+        if cfg.model_type == "qwen2_5_vl":
+            return qwen_image_inputs(image, self.config.image_processor)
+        if getattr(cfg, "vision_feature_select_strategy", "default") != "default":
+            raise ValueError("only LLaVA's 'default' vision feature selection (no CLS token) maps to a patch grid")
         side = cfg.vision_config.image_size // cfg.vision_config.patch_size
         if int(self.config.image_processor["size"]) != cfg.vision_config.image_size:
             raise ValueError("image_processor.size must equal the vision tower's image_size")
-        return side, side
+        pixel_values, meta = lmm_image_inputs(image, self.config.image_processor)
+        meta["grid"] = (side, side)
+        return {"pixel_values": pixel_values}, meta
 
-    def _prompt_ids(self, tokenizer, user_input: str) -> list[int]:
-        """The instruction with ``user_input``, tokenized with special tokens (BOS), the single image placeholder
-        expanded to the image's tokens."""
+    def _prompt_ids(self, tokenizer, user_input: str, n_image_tokens: int) -> list[int]:
+        """The instruction with ``user_input``, tokenized with special tokens (BOS where the tokenizer adds one), the
+        single image placeholder expanded to the image's ``n_image_tokens`` tokens."""
         tpl = self.config.template
         ids = tokenizer.encode(tpl["instruction"].replace("{input}", user_input), add_special_tokens=True)
         image_id = self.config.lmm_config.image_token_id
@@ -393,21 +414,21 @@ class FLMMModel(SamImageHeadMixin, PreTrainedModel):
         if len(at) != 1:
             raise ValueError(f"the prompt must hold exactly one image placeholder {tpl['image_placeholder']!r} "
                              f"(id {image_id}), found {len(at)}")
-        n = self._image_token_count()
-        return ids[:at[0]] + [image_id] * n + ids[at[0] + 1:]
+        return ids[:at[0]] + [image_id] * int(n_image_tokens) + ids[at[0] + 1:]
 
     # ---- the grounding forward ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def phrase_features(self, pixel_values: torch.Tensor, input_ids: list[int], phrase_rows: list[list[int]]):
-        """One LMM forward over ``input_ids``; per phrase (its token positions ``phrase_rows[p]``): the attention
-        maps ``[layers * heads, gh, gw]`` (rows averaged) and the layer-weighted hidden states ``[n_p, hidden]``."""
+    def phrase_features(self, mm: dict, grid: tuple[int, int], input_ids: list[int], phrase_rows: list[list[int]]):
+        """One LMM forward over ``input_ids`` with the image inputs ``mm``; per phrase (its token positions
+        ``phrase_rows[p]``): the attention maps ``[layers * heads, gh, gw]`` (rows averaged) and the layer-weighted
+        hidden states ``[n_p, hidden]``."""
         if not phrase_rows or any(len(r) == 0 for r in phrase_rows):
             raise ValueError("every phrase needs at least one token")
         device, dtype = module_device_dtype(self.mllm)
         ids = torch.tensor([input_ids], dtype=torch.long, device=device)
         image_id = self.config.lmm_config.image_token_id
         cols = torch.nonzero(ids[0] == image_id, as_tuple=True)[0]
-        gh, gw = self._grid()
+        gh, gw = grid
         if cols.numel() != gh * gw:
             raise ValueError(f"{cols.numel()} image tokens, expected {gh * gw}")
         all_rows = sorted({r for rows in phrase_rows for r in rows})
@@ -416,8 +437,8 @@ class FLMMModel(SamImageHeadMixin, PreTrainedModel):
         recorder = AttentionRowsRecorder(rows, cols)
         hidden: dict[int, torch.Tensor] = {}
         with recording_attention_rows(self.text_model, recorder), recording_hidden_rows(self.text_model, rows, hidden):
-            self.mllm.model(input_ids=ids, pixel_values=pixel_values.to(device=device, dtype=dtype),
-                           attention_mask=torch.ones_like(ids), use_cache=False)
+            self.mllm.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False,
+                            **self._to_device(mm, device, dtype))
         n_layers = len(self.text_model.layers)
         if len(recorder.maps) != n_layers or len(hidden) != n_layers:
             raise RuntimeError(f"recorded {len(recorder.maps)} attention layers and {len(hidden)} hidden states, "
@@ -435,16 +456,21 @@ class FLMMModel(SamImageHeadMixin, PreTrainedModel):
             embeds.append(states[sel])
         return attn, embeds
 
+    @staticmethod
+    def _to_device(mm: dict, device, dtype) -> dict:
+        return {k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)) for k, v in mm.items()}
+
     def coarse_masks(self, attn: list[torch.Tensor], meta: dict) -> torch.Tensor:
         """Mask-head logits ``[P, h, w]`` for the phrases' attention maps, cropped to the resized image (F-LMM's
-        unpadding: offsets ``int(offset * h' / S)``, sizes ``int(side * h' / S + 0.5)``)."""
+        unpadding: offsets ``int(offset * h' / H)``, sizes ``int(side * h' / H + 0.5)``, ``H`` the padded input's
+        side, per axis)."""
         _, dtype = module_device_dtype(self.mask_head)
         logits = self.mask_head(torch.stack(attn).to(dtype))
         ph, pw = logits.shape[-2:]
-        size = meta["size"]
-        top, left = int(meta["offset"][0] * ph / size), int(meta["offset"][1] * pw / size)
-        h = int(meta["resized"][0] * ph / size + 0.5)
-        w = int(meta["resized"][1] * pw / size + 0.5)
+        sh, sw = meta["padded"]
+        top, left = int(meta["offset"][0] * ph / sh), int(meta["offset"][1] * pw / sw)
+        h = int(meta["resized"][0] * ph / sh + 0.5)
+        w = int(meta["resized"][1] * pw / sw + 0.5)
         return logits[:, top:top + h, left:left + w].contiguous()
 
     @torch.no_grad()
@@ -482,13 +508,11 @@ class FLMMModel(SamImageHeadMixin, PreTrainedModel):
                 out.append(self.sam_postprocess(low[0, 0, :1].float(), input_size, original)[0])
         return torch.stack(out)
 
-    def _ground(self, image, tokenizer, prompt_ids: list[int], body_ids: list[int], phrase_rows: list[list[int]],
-                return_coarse: bool, mask_threshold: float | None = None,
+    def _ground(self, image, mm: dict, meta: dict, prompt_ids: list[int], body_ids: list[int],
+                phrase_rows: list[list[int]], return_coarse: bool, mask_threshold: float | None = None,
                 return_probabilities: bool = False) -> dict[str, Any]:
-        image = to_rgb(image)
-        pixel_values, meta = lmm_image_inputs(image, self.config.image_processor)
         start = len(prompt_ids)
-        attn, embeds = self.phrase_features(pixel_values, prompt_ids + body_ids,
+        attn, embeds = self.phrase_features(mm, meta["grid"], prompt_ids + body_ids,
                                             [[start + r for r in rows] for rows in phrase_rows])
         coarse = self.coarse_masks(attn, meta)
         text_embeds = [self.text_proj(e.to(self.text_proj.weight.dtype)) for e in embeds]
@@ -523,7 +547,9 @@ class FLMMModel(SamImageHeadMixin, PreTrainedModel):
         user = question if question is not None else tpl["ground_input"]
         if question is not None and tpl["image_placeholder"] not in user:
             user = tpl["chat_input"].replace("{text}", user)
-        prompt_ids = self._prompt_ids(tokenizer, user)
+        image = to_rgb(image)
+        mm, meta = self.image_inputs(image)
+        prompt_ids = self._prompt_ids(tokenizer, user, meta["grid"][0] * meta["grid"][1])
         if text is None:
             sep = tokenizer.encode(tpl["phrase_separator"], add_special_tokens=False)[-1]
             body, rows = [], []
@@ -533,7 +559,7 @@ class FLMMModel(SamImageHeadMixin, PreTrainedModel):
                 body += ids + [sep]
         else:
             body, rows = self._locate(tokenizer, text, phrases)
-        out = self._ground(image, tokenizer, prompt_ids, body, rows, return_coarse, mask_threshold,
+        out = self._ground(image, mm, meta, prompt_ids, body, rows, return_coarse, mask_threshold,
                            return_probabilities)
         out["phrases"] = phrases
         return out
@@ -578,14 +604,14 @@ class FLMMModel(SamImageHeadMixin, PreTrainedModel):
             out["prediction"] = expression
             return out
         user = text if tpl["image_placeholder"] in text else tpl["chat_input"].replace("{text}", text)
-        prompt_ids = self._prompt_ids(tokenizer, user)
-        pixel_values, _ = lmm_image_inputs(image, self.config.image_processor)
+        mm, meta = self.image_inputs(image)
+        prompt_ids = self._prompt_ids(tokenizer, user, meta["grid"][0] * meta["grid"][1])
         device, dtype = module_device_dtype(self.mllm)
         ids = torch.tensor([prompt_ids], device=device)
         stop = [tokenizer.convert_tokens_to_ids(w) for w in tpl.get("stop_words", [])]
         stop = [s for s in stop if isinstance(s, int) and s != tokenizer.unk_token_id]
         out = self.mllm.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                pixel_values=pixel_values.to(device=device, dtype=dtype),
+                                **self._to_device(mm, device, dtype),
                                 **{"max_new_tokens": int(max_new_tokens or self.config.max_new_tokens),
                                    "do_sample": False, "eos_token_id": stop or None,
                                    "pad_token_id": tokenizer.pad_token_id, **dict(generation_kwargs or {})})
@@ -600,7 +626,7 @@ class FLMMModel(SamImageHeadMixin, PreTrainedModel):
         result: dict[str, Any] = {"prediction": answer, "phrases": list(phrases), "prediction_masks": []}
         if phrases:
             body, rows = self._locate(tokenizer, answer, list(phrases))
-            result.update(self._ground(image, tokenizer, prompt_ids, body, rows, return_coarse, mask_threshold,
+            result.update(self._ground(image, mm, meta, prompt_ids, body, rows, return_coarse, mask_threshold,
                                        return_probabilities))
         elif return_probabilities:
             result["prediction_probabilities"] = []
