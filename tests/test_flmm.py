@@ -78,6 +78,10 @@ def eager_lmm(fx):
 
 @pytest.fixture(scope="module")
 def meta_sam(fx):
+    return _meta_sam_of(fx)
+
+
+def _meta_sam_of(fx):
     """Meta's Sam with F-LMM's trained prompt encoder and mask decoder (the checkpoint's) and Meta's image encoder."""
     sam = tf.tiny_meta_sam()
     state = dict(fx.meta_sam_state)
@@ -173,35 +177,73 @@ def ref_llava_inputs(image: Image.Image, size: int):
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None].float(), (bh, bw, h, w)
 
 
+def _with_phrases(ids: list[int], tok, phrases):
+    """F-LMM's RefCOCO2PNG layout: after the prompt, each phrase's tokens then a '.' token; mask ids per token."""
+    ids, mask_ids = list(ids), [-1] * len(ids)
+    sep = tok.encode(".", add_special_tokens=False)[-1]
+    for n, p in enumerate(phrases):
+        seg = tok.encode(p, add_special_tokens=False)
+        ids += seg + [sep]
+        mask_ids += [n] * len(seg) + [-1]
+    return ids, mask_ids
+
+
 def ref_ground(fx, eager_lmm, meta_sam, tok, image, phrases):
     """F-LMM's FrozenLlavaSAM._forward with eager attention, on the base, the checkpoint and Meta's SAM."""
     cfg = eager_lmm.config
     image_id = cfg.image_token_id
     ids = tok.encode(PROMPT, add_special_tokens=True)
     at = ids.index(image_id)
-    ids = ids[:at] + [image_id] * cfg.image_seq_length + ids[at + 1:]
-    mask_ids = [-1] * len(ids)
-    sep = tok.encode(".", add_special_tokens=False)[-1]
-    for n, p in enumerate(phrases):
-        seg = tok.encode(p, add_special_tokens=False)
-        ids += seg + [sep]
-        mask_ids += [n] * len(seg) + [-1]
+    ids, mask_ids = _with_phrases(ids[:at] + [image_id] * cfg.image_seq_length + ids[at + 1:], tok, phrases)
     pixel_values, (bh, bw, h, w) = ref_llava_inputs(image, cfg.vision_config.image_size)
+    size = cfg.vision_config.image_size
+    grid = size // cfg.vision_config.patch_size
+    return _ref_rest(fx, eager_lmm, meta_sam, image, ids, mask_ids, {"pixel_values": pixel_values}, (grid, grid),
+                     (bh, bw, h, w), (size, size))
+
+
+def ref_ground_qwen(fx, eager_qwen, meta_sam, tok, image, phrases):
+    """The same on a Qwen2.5-VL base: Qwen's chat prompt (default system prompt, the image block first in the user
+    turn) expanded by transformers' Qwen2.5-VL processor, the merged-token grid from ``image_grid_thw``, no
+    padding."""
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor
+
+    from maskport.testing.sa2va_qwen2_5_vl import IMAGE_MAX_PIXELS, IMAGE_MIN_PIXELS
+
+    from transformers import Qwen2VLVideoProcessor
+
+    proc = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=IMAGE_MIN_PIXELS,
+                                                                     max_pixels=IMAGE_MAX_PIXELS),
+                               tokenizer=tok, video_processor=Qwen2VLVideoProcessor())
+    prompt = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<|vision_start|>"
+              "<|image_pad|><|vision_end|>Please give me a description of the image.<|im_end|>\n"
+              "<|im_start|>assistant\n")
+    enc = proc(text=[prompt], images=[image], return_tensors="pt")
+    ids, mask_ids = _with_phrases(enc["input_ids"][0].tolist(), tok, phrases)
+    _, gh, gw = enc["image_grid_thw"][0].tolist()
+    side = (gh * 14, gw * 14)
+    return _ref_rest(fx, eager_qwen, meta_sam, image, ids, mask_ids,
+                     {"pixel_values": enc["pixel_values"], "image_grid_thw": enc["image_grid_thw"]},
+                     (gh // 2, gw // 2), (0, 0, *side), side)
+
+
+def _ref_rest(fx, eager_lmm, meta_sam, image, ids, mask_ids, mm, grid, crop, padded):
+    cfg = eager_lmm.config
+    image_id = cfg.image_token_id
+    bh, bw, h, w = crop
     input_ids = torch.tensor([ids])
     with torch.no_grad():
-        out = eager_lmm.model(input_ids=input_ids, pixel_values=pixel_values,
-                              attention_mask=torch.ones_like(input_ids), output_attentions=True,
-                              output_hidden_states=True)
+        out = eager_lmm.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), output_attentions=True,
+                              output_hidden_states=True, **mm)
     layers = cfg.text_config.num_hidden_layers
     image_cols = input_ids[0] == image_id
-    grid = cfg.vision_config.image_size // cfg.vision_config.patch_size
-    attentions = [a[0][..., image_cols].view(*a.shape[1:3], grid, grid) for a in out.attentions]
+    attentions = [a[0][..., image_cols].view(*a.shape[1:3], *grid) for a in out.attentions]
     # transformers <= 4.40's hidden_states[-L:]: outputs of layers 0..L-2, then the final norm's output
     hs = list(out.hidden_states[1:layers]) + [out.last_hidden_state]
     weights = torch.softmax(fx.ckpt_state["text_layer_weights"], 0)
     mask_ids = torch.tensor(mask_ids)
     attn, embeds = [], []
-    for n in range(len(phrases)):
+    for n in range(int(mask_ids.max()) + 1):
         matched = mask_ids == n
         attn.append(torch.cat([a[:, matched].mean(1) for a in attentions]))
         states = torch.stack([x[0, matched] for x in hs])
@@ -209,10 +251,9 @@ def ref_ground(fx, eager_lmm, meta_sam, tok, image, phrases):
                       + fx.ckpt_state["text_proj.bias"])
     with torch.no_grad():
         pred = ref_unet(fx.ckpt_state, torch.stack(attn), tf.STAGES)
-        size = cfg.vision_config.image_size
         ph, pw = pred.shape[-2:]
-        top, left = int(bh * ph / size), int(bw * pw / size)
-        pred = pred[:, top:top + int(h * ph / size + 0.5), left:left + int(w * pw / size + 0.5)]
+        top, left = int(bh * ph / padded[0]), int(bw * pw / padded[1])
+        pred = pred[:, top:top + int(h * ph / padded[0] + 0.5), left:left + int(w * pw / padded[1] + 0.5)]
         return pred, ref_refine(meta_sam, image, pred, embeds), attn, embeds
 
 
@@ -407,6 +448,34 @@ def test_ground_matches_the_references_end_to_end(model, tok, fx, eager_lmm, met
         assert m.shape == (1, 90, 120) and m.dtype == bool
         clear = r.abs() > 1e-3
         assert np.array_equal(m[0][clear.numpy()], (r > 0)[clear].numpy())
+
+
+def test_qwen2_5_vl_base_converts_and_grounds_as_the_references(tmp_path_factory):
+    """A Qwen2.5-VL base (legacy layout, lm_head tied and not saved): 0 unaccounted tensors, strict load, and
+    ``ground`` = eager Qwen2.5-VL + the reference U-Net + Meta's SAM."""
+    from transformers import AutoModel, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    fxq = tf.make_flmm_fixture(tmp_path_factory.mktemp("flmm_qwen"), base="qwen2_5_vl")
+    out = fxq.root / "export"
+    res = convert_mmengine_to_hf(fxq.ckpt, base=fxq.base_dir, sam=fxq.sam_pth, out=out, dtype="fp32",
+                                 progress=False, log=lambda *a, **k: None)
+    assert res.report["coverage"]["unaccounted"] == [] and any("ties lm_head" in n for n in res.notes)
+    from tests.golden import check_export
+
+    check_export("flmm/tiny-qwen2_5_vl", out)
+    m, info = AutoModel.from_pretrained(out, trust_remote_code=True, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    m = m.eval()
+    assert torch.equal(m.mllm.lm_head.weight, m.mllm.model.language_model.embed_tokens.weight)
+    tok = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
+    eager = Qwen2_5_VLForConditionalGeneration.from_pretrained(fxq.base_dir, attn_implementation="eager").eval()
+    image = _image(8, (90, 120))
+    got = m.ground(image=image, phrases=PHRASES, tokenizer=tok, return_coarse=True)
+    coarse, refined, _, _ = ref_ground_qwen(fxq, eager, _meta_sam_of(fxq), tok, image, PHRASES)
+    assert got["coarse_logits"].shape == coarse.shape
+    assert (got["coarse_logits"] - coarse).abs().max() <= 1e-4, (got["coarse_logits"] - coarse).abs().max()
+    assert (got["sam_logits"] - refined).abs().max() <= 5e-4, (got["sam_logits"] - refined).abs().max()
+    assert coarse.std() > 1e-3 and (refined > 0).any() and (refined < 0).any()
 
 
 def test_ground_in_text_and_predict_forward_agree(model, tok):

@@ -131,17 +131,25 @@ def _legacy_llava_names(state: dict) -> dict:
     return out
 
 
-def make_flmm_fixture(root: Path, seed: int = 0) -> FLMMFixture:
-    """Write the tiny base folder, Meta SAM ``.pth`` and F-LMM training checkpoint under ``root``."""
+def _legacy_qwen_names(state: dict) -> dict:
+    out = {}
+    for k, v in state.items():
+        if k.startswith("model.language_model."):
+            out["model." + k[len("model.language_model."):]] = v
+        elif k.startswith("model.visual."):
+            out[k[len("model."):]] = v
+        else:
+            out[k] = v
+    return out
+
+
+def _llava_base(base_dir: Path, g: torch.Generator, seed: int):
+    """A tiny LLaVA-1.5-shaped folder in the legacy llava-hf key layout (as the released llava-1.5 folders)."""
     import json
 
     from safetensors.torch import save_file
     from transformers import LlavaForConditionalGeneration
 
-    root = Path(root)
-    g = torch.Generator().manual_seed(seed)
-    # 1. the base LMM folder (legacy llava-hf key layout, as the released llava-1.5 folders)
-    base_dir = root / "llava-base"
     tok = make_tiny_tokenizer(base_dir)
     tok.add_tokens([IMAGE_TOKEN], special_tokens=True)
     tok.eos_token = "<|im_end|>"
@@ -157,6 +165,44 @@ def make_flmm_fixture(root: Path, seed: int = 0) -> FLMMFixture:
     (base_dir / "preprocessor_config.json").write_text(json.dumps({
         "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
         "crop_size": {"height": VISION_SIZE, "width": VISION_SIZE}, "size": {"shortest_edge": VISION_SIZE}}))
+    return tok
+
+
+def _qwen_base(base_dir: Path, g: torch.Generator, seed: int):
+    """A tiny Qwen2.5-VL folder (2 layers x 4 heads, hidden 64: the same mask-head and text_proj shapes as the LLaVA
+    one) in the legacy key layout, ``lm_head`` tied to the embeddings and not saved (as Qwen2.5-VL-3B)."""
+    import json
+
+    from safetensors.torch import save_file
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from .sa2va_qwen2_5_vl import IMAGE_MAX_PIXELS, IMAGE_MIN_PIXELS, tiny_qwen2_5_vl_config
+
+    tok = make_tiny_tokenizer(base_dir)
+    config = tiny_qwen2_5_vl_config(len(tok))
+    config.tie_word_embeddings = True
+    config.text_config.tie_word_embeddings = True
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    _randomise_(model, g)
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_file(_legacy_qwen_names(state), str(base_dir / "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(base_dir)
+    (base_dir / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "Qwen2VLImageProcessor", "min_pixels": IMAGE_MIN_PIXELS,
+        "max_pixels": IMAGE_MAX_PIXELS, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}))
+    return tok
+
+
+def make_flmm_fixture(root: Path, seed: int = 0, base: str = "llava") -> FLMMFixture:
+    """Write the tiny base folder (``base``: ``llava`` or ``qwen2_5_vl``), Meta SAM ``.pth`` and F-LMM training
+    checkpoint under ``root``."""
+    root = Path(root)
+    g = torch.Generator().manual_seed(seed)
+    # 1. the base LMM folder
+    base_dir = root / f"{base}-base"
+    tok = {"llava": _llava_base, "qwen2_5_vl": _qwen_base}[base](base_dir, g, seed)
     # 2. Meta's SAM (the image encoder the checkpoint lacks)
     meta = tiny_meta_sam()
     _randomise_(meta, g)

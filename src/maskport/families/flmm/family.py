@@ -5,9 +5,9 @@ Sources:
 - ``ckpt``: the training checkpoint, trainable parts only (a DeepSpeed ZeRO-2 folder, or the single ``.pth`` F-LMM's
   ``deepspeed2torch_state_dict.py`` writes): ``mask_head.*``, ``text_layer_weights``, ``text_proj.*``,
   ``sam.model.prompt_encoder.*``, ``sam.model.mask_decoder.*`` (and, from a module state, SAM buffers);
-- ``base``: the frozen base LMM folder (``llava-hf/llava-1.5-7b-hf`` layout), keys normalised to transformers'
-  native layout (``model.language_model.*``, ``model.vision_tower.*``, ``model.multi_modal_projector.*``,
-  ``lm_head.*``);
+- ``base``: the frozen base LMM folder (``llava-hf/llava-1.5-7b-hf`` layout, or a Qwen2.5-VL folder), keys
+  normalised to transformers' native layout (``model.language_model.*``, ``model.vision_tower.*`` /
+  ``model.visual.*``, ``model.multi_modal_projector.*``, ``lm_head.*``);
 - ``sam``: Meta's SAM checkpoint (``sam_vit_l_0b3195.pth``): the image encoder F-LMM does not save.
 
 Target: ``FLMMModel`` (``remote/modeling_flmm.py``).
@@ -29,7 +29,7 @@ from .mapping import rules
 from .spec import SPEC
 
 NAME = SPEC.name
-BASES = ("llava",)  # base LMMs whose mapping is written (model_type of the base folder)
+BASES = ("llava", "qwen2_5_vl")  # base LMMs whose mapping is written (model_type of the base folder)
 _ENC = re.compile(r"^mask_head\.encoder\.(\d+)\.(\d+)\.convs\.(\d+)\.conv\.weight$")
 _DEC = re.compile(r"^mask_head\.decoder\.(\d+)\.conv_block\.convs\.(\d+)\.conv\.weight$")
 
@@ -57,6 +57,26 @@ def _normalise_llava_keys(src: TensorSource) -> TensorSource:
         else:
             rename[k] = k
     return RenamedSource(src, rename, src.description + " (legacy llava layout, keys normalised)")
+
+
+def _normalise_qwen_keys(src: TensorSource) -> TensorSource:
+    """Qwen2.5-VL folders saved in the legacy layout (``model.layers.*``, ``visual.*``): present transformers'
+    native names (``model.language_model.*``, ``model.visual.*``)."""
+    keys = src.keys()
+    if any(k.startswith(("model.language_model.", "model.visual.")) for k in keys):
+        return src
+    rename = {}
+    for k in keys:
+        if k.startswith("visual."):
+            rename[k] = "model." + k
+        elif k.startswith("model."):
+            rename[k] = "model.language_model." + k[len("model."):]
+        else:
+            rename[k] = k
+    return RenamedSource(src, rename, src.description + " (legacy Qwen2.5-VL layout, keys normalised)")
+
+
+NORMALISE = {"llava": _normalise_llava_keys, "qwen2_5_vl": _normalise_qwen_keys}
 
 
 def mask_head_settings(ckpt: TrainingCheckpoint) -> dict:
@@ -114,7 +134,7 @@ class FLMM(Family):
     def prepare(self, ckpt: TrainingCheckpoint, cfg: TrainingConfig, options: ConvertOptions) -> Prepared:
         from transformers import AutoConfig, AutoTokenizer
 
-        from .remote.configuration_flmm import DEFAULT_IMAGE_PROCESSOR, DEFAULT_TEMPLATE, FLMMConfig
+        from .remote.configuration_flmm import IMAGE_PROCESSORS, TEMPLATES, FLMMConfig
         from .remote.modeling_flmm import FLMMModel
 
         notes: list[str] = []
@@ -129,12 +149,12 @@ class FLMM(Family):
         base_type = read_json(base_dir / "config.json").get("model_type")
         if base_type not in BASES:
             raise WrongFamily(f"base folder {base_dir} holds a {base_type!r} model; family {NAME} has a mapping for "
-                              f"{', '.join(BASES)} bases (LLaVA-1.5, llava-hf layout) only so far")
+                              f"{', '.join(BASES)} bases (LLaVA-1.5 in the llava-hf layout, Qwen2.5-VL) only so far")
         try:
             lmm_config = AutoConfig.from_pretrained(base_dir)
         except Exception as exc:  # noqa: BLE001 - re-raised typed
             raise UnreadableFile(f"{base_dir}/config.json: not a readable {base_type} configuration ({exc})") from exc
-        base = _normalise_llava_keys(open_hf_folder(base_dir, allow_unsafe_pickle=options.allow_unsafe_pickle))
+        base = NORMALISE[base_type](open_hf_folder(base_dir, allow_unsafe_pickle=options.allow_unsafe_pickle))
         text = lmm_config.get_text_config()
 
         # 2. SAM
@@ -165,25 +185,41 @@ class FLMM(Family):
                 tokenizer = AutoTokenizer.from_pretrained(base_dir)
         except Exception as exc:  # noqa: BLE001 - re-raised typed
             raise UnreadableFile(f"{base_dir}: cannot load its tokenizer ({exc})") from exc
-        placeholder = DEFAULT_TEMPLATE["image_placeholder"]
+        template = TEMPLATES[base_type]
+        placeholder = template["image_placeholder"]
         image_id = tokenizer.convert_tokens_to_ids(placeholder)
         if image_id != lmm_config.image_token_id:
             raise UnreadableFile(f"{base_dir}: the tokenizer gives {placeholder} id {image_id}, the config's image "
                                  f"token is {lmm_config.image_token_id}")
 
-        # 5. image preprocessing: the vision tower's size, the base's normalisation
-        image_processor = dict(DEFAULT_IMAGE_PROCESSOR, size=int(lmm_config.vision_config.image_size))
+        # 5. image preprocessing: LLaVA: the vision tower's size and the base's normalisation; Qwen2.5-VL: the base
+        #    processor's patch/merge sizes, normalisation and pixel bounds
+        image_processor = dict(IMAGE_PROCESSORS[base_type])
+        if base_type == "llava":
+            image_processor["size"] = int(lmm_config.vision_config.image_size)
         pp = base_dir / "preprocessor_config.json"
         if pp.is_file():
             raw = read_json(pp)
             for k in ("image_mean", "image_std"):
                 if isinstance(raw.get(k), list) and len(raw[k]) == 3:
                     image_processor[k] = [float(x) for x in raw[k]]
+            if base_type == "qwen2_5_vl":
+                for k in ("patch_size", "temporal_patch_size", "merge_size", "min_pixels", "max_pixels"):
+                    if isinstance(raw.get(k), int) and raw[k] > 0:
+                        image_processor[k] = raw[k]
         from ... import __version__
 
+        lmm_dict = lmm_config.to_dict()
+        ties = "lm_head.weight" not in base
+        if ties:
+            notes.append(f"the base {base_dir.name} ties lm_head to the embeddings (no lm_head.weight): the export holds "
+                         "the embedding matrix under both names, untied")
+            lmm_dict["tie_word_embeddings"] = False
+            if isinstance(lmm_dict.get("text_config"), dict):
+                lmm_dict["text_config"]["tie_word_embeddings"] = False
         config = FLMMConfig(
-            lmm_config=lmm_config.to_dict(), sam_config=sam_config.to_dict(), mask_head=head,
-            text_proj_dim=int(proj[0]), template=plain(DEFAULT_TEMPLATE), image_processor=image_processor,
+            lmm_config=lmm_dict, sam_config=sam_config.to_dict(), mask_head=head,
+            text_proj_dim=int(proj[0]), template=plain(template), image_processor=image_processor,
             maskport={"version": __version__, "family": NAME, "mapping_version": SPEC.mapping_version,
                       "sam_preset": preset, "base_model_type": base_type},
         )
@@ -198,5 +234,6 @@ class FLMM(Family):
         notes.append("mask head GroupNorm groups: 1 (F-LMM's configs; not recorded in the checkpoint's shapes)")
         settings = {"base_model_type": base_type, "sam_preset": preset, "mask_head": head,
                     "training_config_base_path": cfg.base_path}
-        return Prepared(sources={"ckpt": ckpt.source, "base": base, "sam": sam}, rules=rules(), expected=expected,
+        return Prepared(sources={"ckpt": ckpt.source, "base": base, "sam": sam}, rules=rules(base_ties_lm_head=ties),
+                        expected=expected,
                         export_config=config.to_dict(), write_files=write_files, notes=notes, settings=settings)

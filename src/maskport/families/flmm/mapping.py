@@ -20,7 +20,7 @@ mmseg's UNet names -> ours (``remote/modeling_flmm.py``'s ``FLMMMaskHead``):
 
 from __future__ import annotations
 
-from ...convert.rules import CopyRest, DropIfEqual, Rename
+from ...convert.rules import CopyRest, DropIfEqual, Duplicate, Rename
 from ...heads import sam as sammap
 
 C = "ckpt:"
@@ -33,8 +33,13 @@ def _conv(target: str, source: str) -> list:
             Rename(f"{target}.norm.{{p}}", f"{C}{source}.gn.{{p}}")]
 
 
-def rules() -> list:
-    """The mapping table, top to bottom. Targets are keys of ``FLMMModel``."""
+def rules(*, base_ties_lm_head: bool = False) -> list:
+    """The mapping table, top to bottom. Targets are keys of ``FLMMModel``.
+
+    ``base_ties_lm_head``: the base ties ``lm_head`` to the input embeddings and saves no ``lm_head.weight``
+    (Qwen2.5-VL-3B): the export holds the embedding matrix under both names (untied, the same values)."""
+    tied = [Duplicate(("mllm.model.language_model.embed_tokens.weight", "mllm.lm_head.weight"),
+                      "base:model.language_model.embed_tokens.weight")] if base_ties_lm_head else []
     return [
         # 1. the U-Net on the attention maps (mmseg UNet + F-LMM's conv_seg)
         *_conv("mask_head.encoder.0.convs.{j}", "mask_head.encoder.0.0.convs.{j}"),
@@ -50,5 +55,6 @@ def rules() -> list:
                           mask_decoder_from=C + "sam.model."),
         DropIfEqual(C + "sam.model.{rest}", equals="sam:{rest}", reason=FROZEN_COPY, optional=True),
         # 4. the frozen LMM, unchanged
+        *tied,
         CopyRest(target="mllm.{rest}", source="base:{rest}"),
     ]

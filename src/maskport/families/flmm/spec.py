@@ -6,7 +6,7 @@ from ..spec import FamilySpec
 
 SPEC = FamilySpec(
     name="flmm",
-    description="F-LMM: frozen LMM (LLaVA-1.5) + U-Net mask head on its attention maps + SAM ViT-L refinement",
+    description="F-LMM: frozen LMM (LLaVA-1.5, Qwen2.5-VL) + U-Net mask head on its attention maps + SAM ViT-L refinement",
     mapping_version="1",
     config_class="FLMMConfig",
     model_class="FLMMModel",
