@@ -54,7 +54,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .configuration_flmm import FLMMConfig
 from .image_utils import module_device_dtype, onloaded, to_rgb
-from .sam_image import SamImageHeadMixin, resize_longest_side_shape
+from .sam_image import SamImageHeadMixin
 
 LMM_CLASSES = {"llava": LlavaForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}
 
@@ -500,8 +500,8 @@ class FLMMModel(SamImageHeadMixin, PreTrainedModel):
                                    device=device)
                 sparse, dense = sam.prompt_encoder(input_points=None, input_labels=None, input_boxes=box,
                                                    input_masks=prompts[p:p + 1].to(device=device, dtype=dtype))
-                sparse = torch.cat([sparse.to(dense.dtype), text_embeds[p][None, None].to(device=device, dtype=dense.dtype)],
-                                   dim=2)
+                text = text_embeds[p][None, None].to(device=device, dtype=dense.dtype)
+                sparse = torch.cat([sparse.to(dense.dtype), text], dim=2)
                 low, _ = sam.mask_decoder(image_embeddings=embeddings, image_positional_embeddings=pe,
                                           sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
                                           multimask_output=False)
