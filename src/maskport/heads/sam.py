@@ -71,6 +71,7 @@ __all__ = [
     "sam_inputs",
     "open_sam_checkpoint",
     "open_sam",
+    "sam_spec_from_shapes",
 ]
 
 
@@ -499,3 +500,31 @@ def open_sam(options, notes: list[str]):
     preset, spec = detect_sam_preset(sam)
     notes.append(f"SAM {preset} recognised from the tensor shapes of {Path(options.sam).name}")
     return sam, preset, hf_sam_config(spec)
+
+
+def sam_spec_from_shapes(source) -> MetaSamSpec:
+    """A :class:`MetaSamSpec` read from a Meta-layout SAM checkpoint's tensor shapes, for a SAM that is none of the
+    official presets (e.g. a test's tiny SAM). Everything but the mask decoder's number of attention heads leaves a
+    trace in the shapes; that one is Meta's fixed 8.
+
+    Raises :class:`~maskport.errors.WrongFamily` when the shapes are not a SAM's (or describe something
+    ``MetaSamSpec`` cannot, e.g. mixed window sizes)."""
+    shapes = _shapes_of(source)
+    missing = [k for k in _CORE if k not in shapes]
+    if missing:
+        raise WrongFamily(f"not Meta's SAM checkpoint layout (missing {missing[0]})")
+    sig = _signature(shapes)
+    if not sig["use_rel_pos"] or not isinstance(sig.get("window_size"), int) or sig["image_size"] is None:
+        raise WrongFamily(f"a SAM checkpoint this converter cannot describe: {sig}")
+    layers = {int(m.group(1)) for k in shapes if (m := re.match(r"^mask_decoder\.transformer\.layers\.(\d+)\.", k))}
+    return MetaSamSpec(
+        embed_dim=sig["embed_dim"], depth=sig["depth"], num_heads=sig["num_heads"],
+        global_attn_indexes=tuple(sig["global_attn_indexes"]), image_size=sig["image_size"],
+        patch_size=sig["patch_size"], window_size=sig["window_size"], mlp_ratio=sig["mlp_ratio"],
+        prompt_embed_dim=sig["prompt_embed_dim"],
+        mask_in_chans=shapes["prompt_encoder.mask_downscaling.3.weight"][0],
+        decoder_depth=len(layers),
+        decoder_mlp_dim=shapes["mask_decoder.transformer.layers.0.mlp.lin1.weight"][0],
+        num_multimask_outputs=sig["num_multimask_outputs"],
+        iou_head_hidden_dim=shapes["mask_decoder.iou_prediction_head.layers.0.weight"][0],
+    )
