@@ -362,33 +362,16 @@ def detect_sam_preset(source) -> tuple[str, MetaSamSpec]:
 
 def sam_spec_of(source) -> tuple[str, MetaSamSpec]:
     """The architecture of a SAM in Meta's layout: an official preset (:func:`detect_sam_preset`), or else the
-    :class:`MetaSamSpec` its tensor shapes describe, named ``"custom"`` (e.g. a small SAM built for tests or
-    distilled). The shapes fix everything but the mask decoder's number of heads, which Meta's builder fixes at 8
-    for every model (``_build_sam``): a custom SAM is taken to have that too.
+    :class:`MetaSamSpec` its tensor shapes describe (:func:`sam_spec_from_shapes`), named ``"custom"`` (e.g. a small
+    SAM built for tests, or a distilled one).
 
     Raises :class:`~maskport.errors.WrongFamily` when the source is not Meta's SAM layout at all."""
     try:
         return detect_sam_preset(source)
     except WrongFamily as exc:
-        shapes = _shapes_of(source)
-        if not shapes or any(k not in shapes for k in _CORE) or "matches none of the official presets" not in str(exc):
+        if "matches none of the official presets" not in str(exc):
             raise
-    sig = _signature(shapes)
-    if not sig["use_rel_pos"] or sig["image_size"] is None or isinstance(sig.get("window_size"), tuple):
-        raise WrongFamily(f"{getattr(source, 'path', None) or 'the SAM checkpoint'}: a SAM without absolute and "
-                          "relative position tables, or with several window sizes: not Meta's ImageEncoderViT")
-    mlp = shapes.get("mask_decoder.transformer.layers.0.mlp.lin1.weight")
-    iou = shapes.get("mask_decoder.iou_prediction_head.layers.0.weight")
-    depth = len({k.split(".")[3] for k in shapes if k.startswith("mask_decoder.transformer.layers.")})
-    spec = MetaSamSpec(embed_dim=sig["embed_dim"], depth=sig["depth"], num_heads=sig["num_heads"],
-                       global_attn_indexes=tuple(sig["global_attn_indexes"]), image_size=sig["image_size"],
-                       patch_size=sig["patch_size"], window_size=sig["window_size"], mlp_ratio=sig["mlp_ratio"],
-                       prompt_embed_dim=sig["prompt_embed_dim"],
-                       decoder_depth=depth or MetaSamSpec.decoder_depth,
-                       decoder_mlp_dim=mlp[0] if mlp else MetaSamSpec.decoder_mlp_dim,
-                       iou_head_hidden_dim=iou[0] if iou else MetaSamSpec.iou_head_hidden_dim,
-                       num_multimask_outputs=sig["num_multimask_outputs"] or MetaSamSpec.num_multimask_outputs)
-    return "custom", spec
+    return "custom", sam_spec_from_shapes(source)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -522,9 +505,16 @@ def sam_spec_from_shapes(source) -> MetaSamSpec:
         global_attn_indexes=tuple(sig["global_attn_indexes"]), image_size=sig["image_size"],
         patch_size=sig["patch_size"], window_size=sig["window_size"], mlp_ratio=sig["mlp_ratio"],
         prompt_embed_dim=sig["prompt_embed_dim"],
-        mask_in_chans=shapes["prompt_encoder.mask_downscaling.3.weight"][0],
-        decoder_depth=len(layers),
-        decoder_mlp_dim=shapes["mask_decoder.transformer.layers.0.mlp.lin1.weight"][0],
-        num_multimask_outputs=sig["num_multimask_outputs"],
-        iou_head_hidden_dim=shapes["mask_decoder.iou_prediction_head.layers.0.weight"][0],
+        mask_in_chans=_dim0(shapes, "prompt_encoder.mask_downscaling.3.weight", MetaSamSpec.mask_in_chans),
+        decoder_depth=len(layers) or MetaSamSpec.decoder_depth,
+        decoder_mlp_dim=_dim0(shapes, "mask_decoder.transformer.layers.0.mlp.lin1.weight", MetaSamSpec.decoder_mlp_dim),
+        num_multimask_outputs=sig["num_multimask_outputs"] or MetaSamSpec.num_multimask_outputs,
+        iou_head_hidden_dim=_dim0(shapes, "mask_decoder.iou_prediction_head.layers.0.weight",
+                                  MetaSamSpec.iou_head_hidden_dim),
     )
+
+
+def _dim0(shapes, key: str, default: int) -> int:
+    """A tensor's first dimension, or the default of Meta's builder when the view does not hold it (a SAM whose
+    decoder comes from another source)."""
+    return shapes[key][0] if key in shapes else default

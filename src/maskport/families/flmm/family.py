@@ -21,7 +21,7 @@ from pathlib import Path
 from ...convert.sources import RenamedSource, TensorSource, TrainingCheckpoint, open_hf_folder
 from ...convert.training_config import TrainingConfig
 from ...errors import MissingInput, ShapeMismatch, UnreadableFile, WrongFamily
-from ...heads.sam import detect_sam_preset, hf_sam_config, open_sam_checkpoint, sam_spec_from_shapes
+from ...heads.sam import hf_sam_config, open_sam_checkpoint, sam_spec_of
 from .. import Family
 from .._common import plain, quiet_transformers, read_json, target_shapes, write_export_files
 from ..spec import ConvertOptions, Prepared
@@ -110,12 +110,8 @@ def open_flmm_sam(options: ConvertOptions, notes: list[str]):
     if options.sam is None:
         raise MissingInput("--sam is required: Meta's SAM checkpoint F-LMM started from (sam_vit_l_0b3195.pth)")
     sam = open_sam_checkpoint(options.sam, allow_unsafe_pickle=options.allow_unsafe_pickle)
-    try:
-        preset, spec = detect_sam_preset(sam)
-    except WrongFamily as exc:
-        if "matches none of the official presets" not in str(exc):
-            raise
-        preset, spec = "custom", sam_spec_from_shapes(sam)
+    preset, spec = sam_spec_of(sam)
+    if preset == "custom":
         notes.append(f"SAM in {Path(options.sam).name} is none of the official presets: its sizes were read from the "
                      "tensor shapes (mask decoder heads: Meta's 8)")
     else:
