@@ -90,3 +90,29 @@ def test_checksums_are_optional_and_do_not_change_the_bytes(tmp_path):
         data = (tmp_path / "a" / sa.filename).read_bytes()
         assert data == (tmp_path / "b" / sb.filename).read_bytes()
         assert hashlib.sha256(data).hexdigest() == sb.sha256
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_all_finite_agrees_with_isfinite(dtype, monkeypatch):
+    """The writer's finiteness check (chunk minimum/maximum) against ``torch.isfinite``, for one NaN, +inf or -inf
+    at every position of the vector lanes, at both ends, across a chunk boundary, and for tensors without any."""
+    from maskport.convert import writer
+
+    monkeypatch.setattr(writer, "_FINITE_CHUNK", 1000)  # several chunks, a short last one
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(3001, generator=g).to(dtype)
+    assert writer.all_finite(base) and writer.all_finite(base[:3000].reshape(1000, 3)[:, 1])  # strided
+    assert writer.all_finite(torch.empty(0, dtype=dtype))
+    big = torch.full((5,), torch.finfo(dtype).max, dtype=dtype)  # the largest finite values are finite
+    assert writer.all_finite(big) and writer.all_finite(-big)
+    positions = [*range(70), 999, 1000, 1001, 1500, 2999, 3000]
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for pos in positions:
+            t = base.clone()
+            t[pos] = bad
+            assert bool(torch.isfinite(t).all()) is False
+            assert writer.all_finite(t) is False, (bad, pos)
+            assert writer.all_finite(t.reshape(3001, 1)) is False, (bad, pos)
+    t = base.clone()
+    t[5], t[2000] = float("inf"), float("-inf")  # both ends of the range: neither hides the other
+    assert writer.all_finite(t) is False

@@ -44,6 +44,7 @@ import os
 import queue
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -241,6 +242,25 @@ class _Pool:
 
 
 IO_NICENESS = int(os.environ.get("MASKPORT_IO_NICENESS", "10"))
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def _merge_workers() -> int:
+    """Threads that share a LoRA merge's row blocks: one per core this process may run on (at most 16), each
+    computing with one torch thread; ``MASKPORT_MERGE_THREADS`` overrides (1: the computing thread alone)."""
+    env = os.environ.get("MASKPORT_MERGE_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return min(int(env), 64)
+    return max(1, min(_cores(), 16))
+
+
+MERGE_WORKERS = _merge_workers()
 
 
 def lower_thread_priority(niceness: int = IO_NICENESS) -> None:
@@ -489,7 +509,7 @@ def _step_buffer_plan(ps: PlannedStep, plan: Plan) -> tuple[list[int], int, str]
         acc = [4 * n] if out_dtype == torch.float32 and w.dtype != torch.float32 else [0]
         extra = [] if out_dtype in (torch.float32, w.dtype) else [outs[0]]
         a = ps.input_infos[1]
-        work = ops.MERGE_BLOCK_BYTES + 4 * (a.nbytes // torch.empty((), dtype=a.dtype).element_size())
+        work = ops.MERGE_BLOCK_BYTES * MERGE_WORKERS + 4 * (a.nbytes // torch.empty((), dtype=a.dtype).element_size())
         return ins + acc + extra, work, "lora"  # work: the float32 row block and A in float32
     if isinstance(step.op, ops.Identity) and len(step.inputs) == 1 and len(outs) == 1:
         same = ps.input_infos[0].dtype == ps.output_infos[0].dtype
@@ -583,7 +603,8 @@ def _compute_step(ld: _Loaded) -> list[torch.Tensor]:
             dst = _view(bufs[3], info)  # None (then allocated) when it was too small to pool
         else:
             dst = _view(bufs[4] if len(bufs) > 4 else None, info)
-        outs = [step.op.compute_into(dst, w, a, b)]
+        outs = [step.op.compute_into(dst, w, a, b, executor=getattr(_prefetched, 'executor', None),
+                                     workers=MERGE_WORKERS)]
     elif ld.kind == "cast-read":  # read in the output dtype already
         _check_shape(step.targets[0], xs[0], info)
         outs = [xs[0]]
@@ -602,13 +623,26 @@ def _compute_step(ld: _Loaded) -> list[torch.Tensor]:
 _FINITE_CHUNK = 1 << 22  # elements checked at a time (bounded extra memory)
 
 
+# dtypes whose finiteness is read off a chunk's minimum and maximum: ``torch.aminmax`` propagates NaN (documented),
+# and a chunk without NaN holds an infinity exactly when its minimum or maximum is one. One vectorised reduction
+# and no temporary, where ``isfinite(x).all()`` writes a bool tensor first: on the benchmark machine ~13x faster
+# for bfloat16 (4.6 vs 60 ms per 45 MB), which made the check the largest cost of a 3B conversion
+_MINMAX_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+
 def all_finite(t: torch.Tensor) -> bool:
     """Whether a tensor holds no NaN/inf (checked in chunks of :data:`_FINITE_CHUNK` elements)."""
     if not (t.is_floating_point() or t.is_complex()):
         return True
     flat = t.reshape(-1)
+    minmax = t.dtype in _MINMAX_DTYPES
     for i in range(0, flat.numel(), _FINITE_CHUNK):
-        if not bool(torch.isfinite(flat[i:i + _FINITE_CHUNK]).all()):
+        chunk = flat[i:i + _FINITE_CHUNK]
+        if minmax:
+            lo, hi = torch.aminmax(chunk)
+            if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
+                return False
+        elif not bool(torch.isfinite(chunk).all()):
             return False
     return True
 
@@ -713,7 +747,12 @@ def write_shards(
     shards = assign_shards(plan, max_shard_size, write_order(plan))
     pool = _Pool(max(budget or 0, pool_budget(plan)))
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 2) - 1)))
+    # the merges' blocks are shared out between MERGE_WORKERS threads of one torch thread each (the same block
+    # calls whatever the number of threads); the other ops compute with one torch thread too
+    torch.set_num_threads(1)
+    executor = ThreadPoolExecutor(MERGE_WORKERS - 1, thread_name_prefix="maskport-merge") if MERGE_WORKERS > 1 \
+        else None
+    _prefetched.executor = executor
     writer = _Worker("maskport-write")
     hasher = _ShardHasher() if checksums else None
     reader = _Reader([ps for s in shards for ps in s.steps], plan, pool)
@@ -816,6 +855,9 @@ def write_shards(
             hasher.stop()
         raise
     finally:
+        _prefetched.executor = None
+        if executor is not None:
+            executor.shutdown(wait=True)
         torch.set_num_threads(threads)
         for fd in fds.values():
             os.close(fd)
