@@ -116,3 +116,20 @@ def test_all_finite_agrees_with_isfinite(dtype, monkeypatch):
     t = base.clone()
     t[5], t[2000] = float("inf"), float("-inf")  # both ends of the range: neither hides the other
     assert writer.all_finite(t) is False
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_merge_overflowing_the_output_dtype_is_refused(tmp_path, dtype):
+    """Finite inputs whose LoRA merge leaves the output dtype's range (checked block by block during the merge):
+    NonFiniteOutput naming the tensor, as for any other step."""
+    from maskport.errors import NonFiniteOutput
+
+    w = torch.full((64, 32), 1.0, dtype=dtype)
+    lora = {"A": torch.ones(4, 32, dtype=dtype), "B": torch.ones(64, 4, dtype=dtype)}
+    srcs = {"base": StateDictSource("base", "/b", {"layer0.weight": w}, "b"),
+            "ck": StateDictSource("ck", "/c", lora, "c")}
+    scaling = float(torch.finfo(dtype).max) / 2  # 4 * max / 2 = 2 * max: inf after the cast (finite in float32)
+    plan = build_plan([LoraMerge(target="layer0.weight", base="base:layer0.weight", a="ck:A", b="ck:B",
+                                 scaling=scaling)], srcs, out_dtype=dtype)
+    with pytest.raises(NonFiniteOutput, match="layer0.weight"):
+        write_shards(plan, tmp_path, max_shard_size=10**9)

@@ -102,6 +102,17 @@ def warm(files: list[Path]) -> float:
     return round(res / total, 3) if total else 1.0
 
 
+def file_sha256(f: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    buf = bytearray(16 << 20)
+    with open(f, "rb", buffering=0) as fh:
+        while n := fh.readinto(buf):
+            h.update(memoryview(buf)[:n])
+    return h.hexdigest()
+
+
 def dir_bytes(d: Path) -> int:
     return sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
 
@@ -144,7 +155,17 @@ def copy_cmd(sources: list[Path], nbytes: int, dest: Path) -> list[str]:
     return ["sh", "-c", " && ".join(cmds)]
 
 
-def bench(size: str, root: Path, *, repeat: int, baseline: bool, log_dir: Path) -> dict | None:
+def engine_src(root: Path, rev: str) -> Path:
+    """The ``src`` folder of the repository at ``rev`` (``git archive``), to measure an older engine."""
+    dest = root / f"src-{rev}"
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    subprocess.run(f"git -C '{REPO}' archive '{rev}' src | tar -x -C '{dest}'", shell=True, check=True)
+    return dest / "src"
+
+
+def bench(size: str, root: Path, *, repeat: int, baseline: bool, log_dir: Path, compare_rev: str | None = None,
+          sha256_run: bool = True, matmuls: bool = True) -> dict | None:
     d = root / size
     if not (d / "GENERATED.json").is_file():
         print(f"[{size}] not generated in {d}: run generate.py first (or it was skipped for disk space)")
@@ -162,27 +183,51 @@ def bench(size: str, root: Path, *, repeat: int, baseline: bool, log_dir: Path) 
     res: dict = {"size": size, "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
                  "inputs": {"bytes": in_bytes, "files": {k: v for k, v in gen["bytes"].items()}},
                  "maskport": [], "copy": [], "lora_matmuls": None, "baseline": None, "baseline_bf16": None}
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    maskport = str(Path(sys.executable).with_name("maskport"))
-    for rep in range(repeat):
+    # the engine of this checkout (not whatever `maskport` is installed), and with --compare-rev an older one
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               PYTHONPATH=str(REPO / "src"))
+    maskport = [sys.executable, "-m", "maskport.cli"]
+    res["commit"] = sh(f"git -C '{REPO}' rev-parse --short HEAD")
+    older = engine_src(root, compare_rev) if compare_rev else None
+    if older is not None:
+        res["older_engine"] = {"rev": sh(f"git -C '{REPO}' rev-parse --short '{compare_rev}'"), "runs": []}
+    out_sha: dict[str, str] = {}
+
+    def convert(name: str, run_env: dict, log: str) -> "measure.Measurement":
         shutil.rmtree(out, ignore_errors=True)
         settle()
         resident = warm(in_files)
         load = loadavg()
-        m = measure.run("maskport", [maskport, "convert", "mmengine-to-hf", str(inp["ckpt"]), "--base",
-                                     str(inp["base"]), "--sam2", str(inp["sam2"]), "-o", str(out), "--no-progress"],
-                        env=env, log=log_dir / f"{size}-maskport-{rep}.log")
+        m = measure.run(name, [*maskport, "convert", "mmengine-to-hf", str(inp["ckpt"]), "--base",
+                               str(inp["base"]), "--sam2", str(inp["sam2"]), "-o", str(out), "--no-progress"],
+                        env=run_env, log=log_dir / log)
         m.extra.update(inputs_resident=resident, loadavg_before=load, loadavg_after=loadavg())
         if m.rc == 0:
             m.extra["bytes_out"] = dir_bytes(out)
             m.extra["largest_target"] = largest_tensor(out)
             rep_json = json.loads((out / "conversion_report.json").read_text())
             m.extra["targets"] = rep_json["coverage"]["targets"]
+            if older is not None:  # the two engines' shards must be byte-identical: compared by sha256
+                m.extra["shards_sha256"] = {f.name: file_sha256(f) for f in sorted(out.glob("*.safetensors"))}
+        print(f"[{size}] {name}: rc {m.rc}, {m.wall_s} s (user {m.user_s} sys {m.sys_s}), max RSS "
+              f"{(m.max_rss_kib or 0) / (1 << 20):.2f} GiB (anon {m.peak_anon_kib / (1 << 20):.2f}, file "
+              f"{m.peak_file_kib / (1 << 20):.2f}), load {load}" + ("" if m.rc == 0 else "\n" + m.stderr_tail[-2000:]))
+        return m
+
+    for rep in range(repeat):
+        m = convert("maskport", env, f"{size}-maskport-{rep}.log")
         res["maskport"].append(m.as_dict())
-        print(f"[{size}] maskport #{rep}: rc {m.rc}, {m.wall_s} s, max RSS {m.max_rss_kib / (1 << 20):.2f} GiB "
-              f"(anon {m.peak_anon_kib / (1 << 20):.2f}, file {m.peak_file_kib / (1 << 20):.2f}), load {load}")
         out_bytes = m.extra.get("bytes_out") or out_est
         shutil.rmtree(out, ignore_errors=True)
+        if older is not None:
+            o = convert(f"maskport at {compare_rev}", dict(env, PYTHONPATH=str(older)),
+                        f"{size}-maskport-{compare_rev}-{rep}.log")
+            res["older_engine"]["runs"].append(o.as_dict())
+            shutil.rmtree(out, ignore_errors=True)
+            if o.rc == 0 and m.rc == 0:
+                same = o.extra["shards_sha256"] == m.extra["shards_sha256"]
+                res["older_engine"]["identical_shards"] = same and res["older_engine"].get("identical_shards", True)
+                print(f"[{size}] shards byte-identical to the engine at {compare_rev}: {same}")
         # the plain-copy bound, same number of bytes, same (warm) conditions
         dest = root / f"copy-{size}"
         shutil.rmtree(dest, ignore_errors=True)
@@ -196,24 +241,29 @@ def bench(size: str, root: Path, *, repeat: int, baseline: bool, log_dir: Path) 
         res["copy"].append(c.as_dict())
         print(f"[{size}] copy #{rep}: {c.wall_s} s for {c.extra['bytes'] / 1e9:.2f} GB, load {load}")
         shutil.rmtree(dest, ignore_errors=True)
+    if older is not None:
+        shutil.rmtree(older.parent, ignore_errors=True)
     # the same conversion with shard checksums on (--sha256, off by default), once, for the record
     shutil.rmtree(out, ignore_errors=True)
-    settle()
-    warm(in_files)
-    load = loadavg()
-    m = measure.run("maskport --sha256", [maskport, "convert", "mmengine-to-hf", str(inp["ckpt"]), "--base",
-                                          str(inp["base"]), "--sam2", str(inp["sam2"]), "-o", str(out),
-                                          "--no-progress", "--sha256"],
-                    env=env, log=log_dir / f"{size}-maskport-sha256.log")
-    m.extra.update(loadavg_before=load, bytes_out=dir_bytes(out) if m.rc == 0 else 0)
-    res["maskport_sha256"] = m.as_dict()
-    print(f"[{size}] maskport --sha256: rc {m.rc}, {m.wall_s} s, max RSS {m.max_rss_kib / (1 << 20):.2f} GiB")
-    shutil.rmtree(out, ignore_errors=True)
-    settle()
-    p = subprocess.run([sys.executable, str(HERE / "lora_matmuls.py"), "--size", size,
-                        "--threads", str(max(1, (os.cpu_count() or 2) - 1))], capture_output=True, text=True, env=env)
-    res["lora_matmuls"] = json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else {"error": p.stderr[-2000:]}
-    print(f"[{size}] LoRA matmuls: {res['lora_matmuls']}")
+    if sha256_run:
+        settle()
+        warm(in_files)
+        load = loadavg()
+        m = measure.run("maskport --sha256", [*maskport, "convert", "mmengine-to-hf", str(inp["ckpt"]), "--base",
+                                              str(inp["base"]), "--sam2", str(inp["sam2"]), "-o", str(out),
+                                              "--no-progress", "--sha256"],
+                        env=env, log=log_dir / f"{size}-maskport-sha256.log")
+        m.extra.update(loadavg_before=load, bytes_out=dir_bytes(out) if m.rc == 0 else 0)
+        res["maskport_sha256"] = m.as_dict()
+        print(f"[{size}] maskport --sha256: rc {m.rc}, {m.wall_s} s, max RSS {m.max_rss_kib / (1 << 20):.2f} GiB")
+        shutil.rmtree(out, ignore_errors=True)
+    if matmuls:
+        settle()
+        p = subprocess.run([sys.executable, str(HERE / "lora_matmuls.py"), "--size", size, "--threads", "1"],
+                           capture_output=True, text=True, env=env)
+        res["lora_matmuls"] = (json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0
+                               else {"error": p.stderr[-2000:]})
+        print(f"[{size}] LoRA matmuls: {res['lora_matmuls']}")
     if baseline:
         for dtype, key in (("float32", "baseline"), ("bfloat16", "baseline_bf16")):
             bout = root / f"baseline-out-{size}"
@@ -396,6 +446,10 @@ def main(argv=None) -> int:
     ap.add_argument("--root", type=Path, default=Path("/tmp/maskport-bench"))
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--compare-rev", help="also measure the engine of this git revision in every repeat (interleaved; "
+                                          "its shards are checked byte-identical by sha256)")
+    ap.add_argument("--no-sha256-run", action="store_true", help="skip the extra run with --sha256")
+    ap.add_argument("--no-matmuls", action="store_true", help="skip lora_matmuls.py")
     ap.add_argument("--render", action="store_true", help="only write RESULTS.md from results/*.json")
     args = ap.parse_args(argv)
     skipped: dict[str, str] = {}
@@ -403,7 +457,9 @@ def main(argv=None) -> int:
         log_dir = args.root / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
         for size in args.size or ["3b", "7b"]:
-            if bench(size, args.root, repeat=args.repeat, baseline=not args.no_baseline, log_dir=log_dir) is None:
+            if bench(size, args.root, repeat=args.repeat, baseline=not args.no_baseline, log_dir=log_dir,
+                     compare_rev=args.compare_rev, sha256_run=not args.no_sha256_run,
+                     matmuls=not args.no_matmuls) is None:
                 skipped[size] = "inputs not generated (disk space) or no room for an export; see the run's output"
     results = [json.loads(p.read_text()) for p in sorted(RESULTS_DIR.glob("*.json"))
                if not p.name.startswith("zero3-") and p.name != "skipped.json"]

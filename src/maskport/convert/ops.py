@@ -42,7 +42,7 @@ def lora_merge(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float
 
 def lora_merge_rows(out: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
                     block_bytes: int = MERGE_BLOCK_BYTES, executor: Executor | None = None,
-                    workers: int = 1) -> torch.Tensor:
+                    workers: int = 1, nonfinite: list | None = None) -> torch.Tensor:
     """:func:`lora_merge` written into ``out`` (any float dtype, the shape of ``w``; it may be ``w`` itself), a
     block of rows at a time: each block is up-cast, merged in float32 and cast to ``out``'s dtype while it is
     still in the caches. A whole-matrix float32 copy of ``w`` would cross memory three more times; on machines
@@ -53,7 +53,11 @@ def lora_merge_rows(out: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torc
     tasks of ``executor`` (each takes the next block not yet taken; torch releases the GIL in its kernels), so a
     merge uses several cores even where torch computes with one thread. Every block is computed by the same
     calls on the same shapes (each thread has its own float32 block buffer) whichever thread takes it, so the
-    result does not depend on ``workers``; the function returns once every block is written."""
+    result does not depend on ``workers``; the function returns once every block is written.
+
+    ``nonfinite``: a list to which the index of every written block holding a NaN or an infinity (in ``out``'s
+    dtype) is appended; each block is checked right after it is written, while it is still in the caches, by its
+    minimum and maximum (``torch.aminmax`` propagates NaN), so the writer need not read the output again."""
     if tuple(out.shape) != tuple(w.shape) or not out.is_contiguous():
         raise ValueError(f"lora_merge_rows needs a contiguous {tuple(w.shape)} output, got {tuple(out.shape)}")
     rows, cols = w.shape
@@ -75,6 +79,10 @@ def lora_merge_rows(out: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torc
                 t.copy_(w[i:j])
                 t.addmm_(b[i:j].float(), a32, alpha=scaling)
                 out[i:j].copy_(t)
+                if nonfinite is not None:
+                    lo, hi = torch.aminmax(out[i:j])
+                    if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
+                        nonfinite.append(k)
         except BaseException:
             failed.append(True)
             raise
@@ -264,8 +272,10 @@ class LoraMerge(Op):
         return [lora_merge(xs[0], xs[1], xs[2], self._scaling())]
 
     def compute_into(self, out: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                     executor: Executor | None = None, workers: int = 1) -> torch.Tensor:
-        return lora_merge_rows(out, w, a, b, self._scaling(), executor=executor, workers=workers)
+                     executor: Executor | None = None, workers: int = 1,
+                     nonfinite: list | None = None) -> torch.Tensor:
+        return lora_merge_rows(out, w, a, b, self._scaling(), executor=executor, workers=workers,
+                               nonfinite=nonfinite)
 
     def describe(self):
         return f"lora_merge(scaling={self.scaling})"

@@ -564,6 +564,7 @@ class _Loaded:
     bufs: list[torch.Tensor | None]
     reserve: int
     kind: str
+    finite: bool = False  # the outputs are known to hold no NaN/inf (checked while they were computed)
 
     @property
     def held(self) -> list[torch.Tensor]:
@@ -603,8 +604,10 @@ def _compute_step(ld: _Loaded) -> list[torch.Tensor]:
             dst = _view(bufs[3], info)  # None (then allocated) when it was too small to pool
         else:
             dst = _view(bufs[4] if len(bufs) > 4 else None, info)
-        outs = [step.op.compute_into(dst, w, a, b, executor=getattr(_prefetched, 'executor', None),
-                                     workers=MERGE_WORKERS)]
+        nonfinite: list | None = [] if dst.dtype in _MINMAX_DTYPES and dst.numel() else None
+        outs = [step.op.compute_into(dst, w, a, b, executor=getattr(_prefetched, "executor", None),
+                                     workers=MERGE_WORKERS, nonfinite=nonfinite)]
+        ld.finite = nonfinite is not None and not nonfinite  # checked block by block during the merge
     elif ld.kind == "cast-read":  # read in the output dtype already
         _check_shape(step.targets[0], xs[0], info)
         outs = [xs[0]]
@@ -805,7 +808,7 @@ def write_shards(
                 finally:
                     _prefetched.step = None
                 nbytes = sum(i.nbytes for i in ps.output_infos)
-                if ld.kind != "passthrough":  # a byte copy holds what its input holds
+                if ld.kind != "passthrough" and not ld.finite:  # a byte copy holds what its input holds
                     check_finite(ps, plan, outs)
                 if ld.kind == "passthrough":
                     src, offset, _ = _file_span(ps, plan)
