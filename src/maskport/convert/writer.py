@@ -30,9 +30,18 @@ Memory and speed (see ``benchmarks/convert/``):
   itself, following the writer through read-only mappings of the written bytes (no copy; one 64 MiB window
   mapped at a time), so the sha256 is that of the bytes in the file, and hashing (~1.5 GB/s here) overlaps the
   writer's time in ``write``, where the kernel throttles it to the disk's speed;
-- the reader, writer and hasher threads run at a lower priority (nice +10) than the computing thread;
-- meanwhile torch computes with one thread fewer than the machine has cores (at least one): on a 2-core
-  laptop a second OpenMP thread only competes with the I/O (measured: slower).
+- the reader, writer and hasher threads run at a lower priority (nice +10) than the computing threads;
+- a LoRA merge's row blocks are shared out between :data:`MERGE_WORKERS` threads (one per core; the computing
+  thread and an executor's), each computing with one torch thread: every block is the same calls on the same
+  shapes whichever thread takes it, so the bytes do not depend on the number of threads (on a 2-core machine a
+  second OpenMP thread inside each ``addmm`` was slower: it split blocks of a few MB between two cores that the
+  I/O also needs; two threads taking whole blocks keep both cores busy with the matmuls while the I/O threads
+  wait in the kernel);
+- every output is checked for NaN/inf before it is written (:func:`check_finite`): a merge checks each block by
+  its minimum and maximum right after computing it (in the caches, on the merge threads); other outputs are
+  checked in chunks the same way. ``isfinite(x).all()``, used before, was the largest single cost of a 3B
+  conversion (~13x slower for bfloat16: it writes a bool tensor). See ``benchmarks/convert/RESULTS.md`` for
+  a profile of where the time goes.
 """
 
 from __future__ import annotations
