@@ -298,6 +298,42 @@ def _gib(kib: int | None) -> str:
     return "-" if not kib else f"{kib / (1 << 20):.2f}"
 
 
+def _cpu(x: dict) -> str:
+    return "-" if x.get("user_s") is None else f"{x['user_s']} / {x['sys_s']}"
+
+
+def _cpu_total(x: dict) -> str:
+    return "?" if x.get("user_s") is None else f"{x['user_s'] + x['sys_s']:.1f}"
+
+
+def render_profiles() -> list[str]:
+    """The profile section, from ``results/profile-<size>.json`` (``profile.py``)."""
+    lines: list[str] = []
+    for path in sorted(RESULTS_DIR.glob("profile-*.json")):
+        pr = json.loads(path.read_text())
+        size = pr["size"].upper()
+        lines += [f"## Where the time goes: {size} shape (profile.py)", "",
+                  "Reproduce: `.venv/bin/python benchmarks/convert/profile.py --size "
+                  f"{pr['size']} --root /tmp/maskport-bench --py-spy PATH [--compare-rev REV]` (py-spy installed "
+                  "anywhere, e.g. `pip install py-spy` into a scratch venv). One conversion per engine for the CPU "
+                  "seconds per thread (`/proc/<pid>/task/*/stat`), a second one under `py-spy record --threads "
+                  f"--native` for what each thread does. Run {pr['date']}, commit {pr['commit']}.", ""]
+        for run in pr["runs"]:
+            cpu = run["cpu"]
+            total = sum(v["user_s"] + v["sys_s"] for v in cpu.values())
+            lines += [f"### {run['engine']}: {run['wall_s']} s wall, {total:.1f} CPU s (load average "
+                      f"{run['loadavg_before']} before, {run['loadavg_after']} after)", "",
+                      "| thread | user (s) | sys (s) | what it does (py-spy samples, s of the thread's wall time) |",
+                      "|---|---|---|---|"]
+            samples = run.get("samples", {})
+            for name, v in sorted(cpu.items(), key=lambda kv: -(kv[1]["user_s"] + kv[1]["sys_s"])):
+                cats = samples.get(name, {})
+                top = ", ".join(f"{c} {sec}" for c, sec in list(cats.items())[:6])
+                lines.append(f"| {name} (x{v['threads']}) | {v['user_s']} | {v['sys_s']} | {top or '-'} |")
+            lines.append("")
+    return lines
+
+
 def _best(runs: list[dict]) -> dict | None:
     ok = [r for r in runs if r.get("rc") == 0]
     return min(ok, key=lambda r: r["wall_s"]) if ok else None
@@ -355,20 +391,24 @@ def render(results: list[dict], skipped: dict[str, str]) -> str:
         largest_name, largest = mk["extra"]["largest_target"]
         bound_kib = (1.5 * GIB + largest) / 1024
         lines += [
-            "| run | wall (s) | peak RSS (GiB) | RssAnon / RssFile peak (GiB) | bytes in | bytes out | load avg before |",
-            "|---|---|---|---|---|---|---|",
+            "| run | wall (s) | user / sys (s) | peak RSS (GiB) | RssAnon / RssFile peak (GiB) | bytes in | bytes out | "
+            "load avg before |",
+            "|---|---|---|---|---|---|---|---|",
         ]
-        for i, x in enumerate(r["maskport"]):
-            lines.append(f"| maskport #{i + 1} | {x['wall_s']} | {_gib(x['max_rss_kib'])} | {_gib(x['peak_anon_kib'])} / "
-                         f"{_gib(x['peak_file_kib'])} | {r['inputs']['bytes'] / 1e9:.2f} GB | "
+        older = r.get("older_engine") or {}
+        runs = [(f"maskport #{i + 1}", x) for i, x in enumerate(r["maskport"])]
+        runs += [(f"maskport at {older['rev']} (engine before) #{i + 1}", x) for i, x in enumerate(older.get("runs", []))]
+        for label, x in runs:
+            lines.append(f"| {label} | {x['wall_s']} | {_cpu(x)} | {_gib(x['max_rss_kib'])} | "
+                         f"{_gib(x['peak_anon_kib'])} / {_gib(x['peak_file_kib'])} | {r['inputs']['bytes'] / 1e9:.2f} GB | "
                          f"{x['extra'].get('bytes_out', 0) / 1e9:.2f} GB | {x['extra']['loadavg_before']} |")
         if r.get("maskport_sha256"):
             x = r["maskport_sha256"]
-            lines.append(f"| maskport --sha256 | {x['wall_s']} | {_gib(x['max_rss_kib'])} | {_gib(x['peak_anon_kib'])} / "
+            lines.append(f"| maskport --sha256 | {x['wall_s']} | {_cpu(x)} | {_gib(x['max_rss_kib'])} | {_gib(x['peak_anon_kib'])} / "
                          f"{_gib(x['peak_file_kib'])} | {r['inputs']['bytes'] / 1e9:.2f} GB | "
                          f"{x['extra'].get('bytes_out', 0) / 1e9:.2f} GB | {x['extra']['loadavg_before']} |")
         for i, x in enumerate(r["copy"]):
-            lines.append(f"| plain copy #{i + 1} | {x['wall_s']} | {_gib(x['max_rss_kib'])} | - | "
+            lines.append(f"| plain copy #{i + 1} | {x['wall_s']} | {_cpu(x)} | {_gib(x['max_rss_kib'])} | - | "
                          f"{x['extra']['bytes'] / 1e9:.2f} GB | {x['extra']['bytes'] / 1e9:.2f} GB | "
                          f"{x['extra']['loadavg_before']} |")
         for key, label in (("baseline", "naive baseline (fp32, official)"),
@@ -379,7 +419,7 @@ def render(results: list[dict], skipped: dict[str, str]) -> str:
             killed = x.get("oom")
             status = (f"**out of memory**" if killed else ("ok" if x.get("rc") == 0 else f"failed (rc {x.get('rc')})"))
             rss = x["max_rss_kib"] or x["peak_rss_kib"]
-            lines.append(f"| {label}: {status} | {x['wall_s']}{' (killed)' if killed else ''} | "
+            lines.append(f"| {label}: {status} | {x['wall_s']}{' (killed)' if killed else ''} | {_cpu(x)} | "
                          f"{_gib(rss)}{'+ (killed)' if killed else ''} | {_gib(x['peak_anon_kib'])} / "
                          f"{_gib(x['peak_file_kib'])} | {r['inputs']['bytes'] / 1e9:.2f} GB | "
                          f"{x['extra'].get('bytes_out', 0) / 1e9:.2f} GB | {x['extra']['loadavg_before']} |")
@@ -429,7 +469,14 @@ def render(results: list[dict], skipped: dict[str, str]) -> str:
             lines.append("- time target: baseline not run.")
         if cp:
             lines.append(f"- **distance to the plain-copy bound**: {mk['wall_s']} / {cp['wall_s']} s = "
-                         f"**{mk['wall_s'] / cp['wall_s']:.2f} x** the copy (aim: <= 2 x).")
+                         f"**{mk['wall_s'] / cp['wall_s']:.2f} x** the copy (aim: <= 2 x; best of each, same session).")
+            ob = _best(older.get("runs", []))
+            if ob:
+                same = older.get("identical_shards")
+                lines.append(f"- the engine before ({older['rev']}) in the same session: {ob['wall_s']} / "
+                             f"{cp['wall_s']} s = **{ob['wall_s'] / cp['wall_s']:.2f} x** the copy; CPU (user + sys) "
+                             f"{_cpu_total(ob)} s against {_cpu_total(mk)} s now; shards byte-identical (sha256) "
+                             f"between the two engines: **{'yes' if same else 'NO' if same is not None else '?'}**.")
         if "addmm_s" in lm:
             lines.append(f"- LoRA matmuls alone ({lm['linears']} linears, r={lm['r']}, float32 addmm, {lm['threads']} "
                          f"thread(s), in memory): **{lm['addmm_s']} s** ({lm['gflop']} GFLOP at {lm['gflops_per_s']} "
@@ -462,7 +509,7 @@ def main(argv=None) -> int:
                      matmuls=not args.no_matmuls) is None:
                 skipped[size] = "inputs not generated (disk space) or no room for an export; see the run's output"
     results = [json.loads(p.read_text()) for p in sorted(RESULTS_DIR.glob("*.json"))
-               if not p.name.startswith("zero3-") and p.name != "skipped.json"]
+               if not p.name.startswith(("zero3-", "profile-")) and p.name != "skipped.json"]
     skip_file = RESULTS_DIR / "skipped.json"
     if skip_file.is_file():
         skipped = {**json.loads(skip_file.read_text()), **skipped}
@@ -470,7 +517,8 @@ def main(argv=None) -> int:
         skipped.pop(r["size"], None)
     import zero3  # the DeepSpeed ZeRO-3 section (zero3.py run)
 
-    text = render(results, skipped) + "\n".join(["", *zero3.render_results(), *zero3.SMALL_FOLDERS])
+    text = render(results, skipped) + "\n".join(["", *render_profiles(), *zero3.render_results(),
+                                                  *zero3.SMALL_FOLDERS])
     (HERE / "RESULTS.md").write_text(text.rstrip("\n") + "\n")
     print(f"wrote {HERE / 'RESULTS.md'}")
     return 0
