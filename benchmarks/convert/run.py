@@ -331,6 +331,8 @@ def render_profiles() -> list[str]:
                 top = ", ".join(f"{c} {sec}" for c, sec in list(cats.items())[:6])
                 lines.append(f"| {name} (x{v['threads']}) | {v['user_s']} | {v['sys_s']} | {top or '-'} |")
             lines.append("")
+        for para in pr.get("summary", []):  # written by hand after a run
+            lines += [para, ""]
     return lines
 
 
