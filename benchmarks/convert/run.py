@@ -358,7 +358,15 @@ def render(results: list[dict], skipped: dict[str, str]) -> str:
         "```bash",
         ".venv/bin/python benchmarks/convert/generate.py --size 3b --size 7b --out /tmp/maskport-bench",
         ".venv/bin/python benchmarks/convert/run.py --size 3b --size 7b --root /tmp/maskport-bench",
+        "# as in the 2026-12-06 run (issue 18): the engine before measured in every repeat, shards compared, no",
+        "# naive baseline, no extra --sha256 run",
+        ".venv/bin/python benchmarks/convert/run.py --size 3b --size 7b --root /tmp/maskport-bench --no-baseline \\",
+        "    --no-sha256-run --compare-rev f5c5f64",
         "```",
+        "",
+        "Each size needs room for its inputs plus one export (~10 + 9 GB at 3B, ~20 + 17 GB at 7B); the 7B inputs can "
+        "be generated after the 3B run and its inputs deleted. On a shared machine, read the load averages in the "
+        "tables and the user/sys CPU seconds before the wall times.",
         "",
         "Inputs are written by `generate.py` at the real shapes with random values: a Qwen2.5-VL-{3B,7B}-Instruct-"
         "shaped base folder (bf16 sharded safetensors, the hub's config and tokenizer size), Meta's "
