@@ -39,9 +39,9 @@ Memory and speed (see ``benchmarks/convert/``):
   conversion took 35% fewer CPU seconds and 1.96x instead of 2.79x the plain copy on a busy 2-core machine;
 - every output is checked for NaN/inf before it is written (:func:`check_finite`): a merge checks each block by
   its minimum and maximum right after computing it (in the caches, on the merge threads); other outputs are
-  checked in chunks the same way. ``isfinite(x).all()``, used before, was the largest single cost of a 3B
-  conversion (~13x slower for bfloat16: it writes a bool tensor). See ``benchmarks/convert/RESULTS.md`` for
-  a profile of where the time goes.
+  checked in chunks the same way. ``isfinite(x).all()``, used before, was the largest single cost on the
+  computing thread of a 3B conversion (for bfloat16 it runs at ~0.2 GB/s here: it writes a bool tensor). See
+  ``benchmarks/convert/RESULTS.md`` for a profile of where the time goes.
 """
 
 from __future__ import annotations
@@ -637,8 +637,9 @@ _FINITE_CHUNK = 1 << 22  # elements checked at a time (bounded extra memory)
 
 # dtypes whose finiteness is read off a chunk's minimum and maximum: ``torch.aminmax`` propagates NaN (documented),
 # and a chunk without NaN holds an infinity exactly when its minimum or maximum is one. One vectorised reduction
-# and no temporary, where ``isfinite(x).all()`` writes a bool tensor first: on the benchmark machine ~13x faster
-# for bfloat16 (4.6 vs 60 ms per 45 MB), which made the check the largest cost of a 3B conversion
+# and no temporary, where ``isfinite(x).all()`` writes a bool tensor first: for bfloat16 on the benchmark machine
+# (busy) ~20x faster on data in the caches (0.4 vs 9.2 ms per 2 MB) and 3-4x on data from memory (20 vs 60-90 ms
+# per 45 MB); the old check was the largest single cost on the computing thread of a 3B conversion
 _MINMAX_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 
