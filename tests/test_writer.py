@@ -133,3 +133,19 @@ def test_a_merge_overflowing_the_output_dtype_is_refused(tmp_path, dtype):
                                  scaling=scaling)], srcs, out_dtype=dtype)
     with pytest.raises(NonFiniteOutput, match="layer0.weight"):
         write_shards(plan, tmp_path, max_shard_size=10**9)
+
+
+def test_merge_threads_do_not_change_the_shards(tmp_path, monkeypatch):
+    """write_shards with its merges shared out between 3 threads writes the same bytes as with one."""
+    from maskport.convert import ops, writer
+
+    monkeypatch.setattr(ops, "MERGE_BLOCK_BYTES", 4 * 32 * 5)  # 13 blocks of 5 rows for the 64-row merge
+    digests = []
+    for workers in (1, 3):
+        monkeypatch.setattr(writer, "MERGE_WORKERS", workers)
+        plan, _, _ = make_plan()
+        out = tmp_path / str(workers)
+        out.mkdir()
+        write_shards(plan, out, max_shard_size=10**9)
+        digests.append(hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest())
+    assert digests[0] == digests[1]

@@ -41,7 +41,7 @@ def lora_merge(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float
 
 
 def lora_merge_rows(out: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
-                    block_bytes: int = MERGE_BLOCK_BYTES, executor: Executor | None = None,
+                    block_bytes: int | None = None, executor: Executor | None = None,
                     workers: int = 1, nonfinite: list | None = None) -> torch.Tensor:
     """:func:`lora_merge` written into ``out`` (any float dtype, the shape of ``w``; it may be ``w`` itself), a
     block of rows at a time: each block is up-cast, merged in float32 and cast to ``out``'s dtype while it is
@@ -61,6 +61,7 @@ def lora_merge_rows(out: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torc
     if tuple(out.shape) != tuple(w.shape) or not out.is_contiguous():
         raise ValueError(f"lora_merge_rows needs a contiguous {tuple(w.shape)} output, got {tuple(out.shape)}")
     rows, cols = w.shape
+    block_bytes = MERGE_BLOCK_BYTES if block_bytes is None else block_bytes
     step = max(1, min(rows, block_bytes // (4 * max(1, cols))))
     a32 = a.float()
     blocks = -(-rows // step)

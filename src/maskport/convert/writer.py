@@ -31,12 +31,11 @@ Memory and speed (see ``benchmarks/convert/``):
   mapped at a time), so the sha256 is that of the bytes in the file, and hashing (~1.5 GB/s here) overlaps the
   writer's time in ``write``, where the kernel throttles it to the disk's speed;
 - the reader, writer and hasher threads run at a lower priority (nice +10) than the computing threads;
-- a LoRA merge's row blocks are shared out between :data:`MERGE_WORKERS` threads (one per core; the computing
-  thread and an executor's), each computing with one torch thread: every block is the same calls on the same
-  shapes whichever thread takes it, so the bytes do not depend on the number of threads (an earlier engine
-  measured a second OpenMP thread inside each ``addmm`` as slower on a 2-core machine; whole blocks per thread
-  split no block between cores). Measured together with the cheaper NaN/inf check below, not separately: a 3B
-  conversion took 35% fewer CPU seconds and 1.96x instead of 2.79x the plain copy on a busy 2-core machine;
+- a LoRA merge's row blocks are shared out between :data:`MERGE_WORKERS` threads (cores - 1: the computing
+  thread and an executor's; on 2 cores the computing thread alone, which measured faster than two there), each
+  computing with one torch thread: every block is the same calls on the same shapes whichever thread takes it,
+  so the bytes do not depend on the number of threads (an earlier engine measured a second OpenMP thread inside
+  each ``addmm`` as slower on a 2-core machine);
 - every output is checked for NaN/inf before it is written (:func:`check_finite`): a merge checks each block by
   its minimum and maximum right after computing it (in the caches, on the merge threads); other outputs are
   checked in chunks the same way. ``isfinite(x).all()``, used before, was the largest single cost on the
@@ -261,12 +260,15 @@ def _cores() -> int:
 
 
 def _merge_workers() -> int:
-    """Threads that share a LoRA merge's row blocks: one per core this process may run on (at most 16), each
-    computing with one torch thread; ``MASKPORT_MERGE_THREADS`` overrides (1: the computing thread alone)."""
+    """Threads that share a LoRA merge's row blocks: one fewer than the cores this process may run on (at least
+    one, at most 16; the reader, writer and hasher need the rest), each computing with one torch thread;
+    ``MASKPORT_MERGE_THREADS`` overrides. On the 2-core benchmark machine (load average 2-5) one thread was faster
+    than two: 3B conversion 20.3/21.4/23.5 s with one, 24.0/24.2/27.9 s with two (the I/O threads, in the kernel
+    ~18 s of a conversion, then compete with both merge threads)."""
     env = os.environ.get("MASKPORT_MERGE_THREADS", "").strip()
     if env.isdigit() and int(env) > 0:
         return min(int(env), 64)
-    return max(1, min(_cores(), 16))
+    return max(1, min(_cores() - 1, 16))
 
 
 MERGE_WORKERS = _merge_workers()
