@@ -307,13 +307,13 @@ def _cpu_total(x: dict) -> str:
 
 
 def render_profiles() -> list[str]:
-    """The profile section, from ``results/profile-<size>.json`` (``profile.py``)."""
+    """The profile section, from ``results/profile-<size>.json`` (``time_profile.py``)."""
     lines: list[str] = []
     for path in sorted(RESULTS_DIR.glob("profile-*.json")):
         pr = json.loads(path.read_text())
         size = pr["size"].upper()
-        lines += [f"## Where the time goes: {size} shape (profile.py)", "",
-                  "Reproduce: `.venv/bin/python benchmarks/convert/profile.py --size "
+        lines += [f"## Where the time goes: {size} shape (time_profile.py)", "",
+                  "Reproduce: `.venv/bin/python benchmarks/convert/time_profile.py --size "
                   f"{pr['size']} --root /tmp/maskport-bench --py-spy PATH [--compare-rev REV]` (py-spy installed "
                   "anywhere, e.g. `pip install py-spy` into a scratch venv). One conversion per engine for the CPU "
                   "seconds per thread (`/proc/<pid>/task/*/stat`), a second one under `py-spy record --threads "

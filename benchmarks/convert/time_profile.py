@@ -1,7 +1,10 @@
 """Where a conversion's time goes: CPU seconds per thread, and what each thread spends them on.
 
-    python benchmarks/convert/profile.py --size 3b --root /tmp/maskport-bench --py-spy /path/to/py-spy
-    python benchmarks/convert/profile.py --size 3b --root /tmp/maskport-bench --py-spy ... --compare-rev REV
+(Named time_profile, not profile: a profile.py beside the benchmark scripts would shadow the standard library
+module that torch imports.)
+
+    python benchmarks/convert/time_profile.py --size 3b --root /tmp/maskport-bench --py-spy /path/to/py-spy
+    python benchmarks/convert/time_profile.py --size 3b --root /tmp/maskport-bench --py-spy ... --compare-rev REV
 
 Runs ``maskport convert mmengine-to-hf`` once on ``generate.py``'s inputs (warm cache, as ``run.py``) and records:
 
