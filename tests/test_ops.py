@@ -89,3 +89,52 @@ def test_lora_merge_rows_refuses_a_wrong_output():
     w = torch.zeros(4, 3)
     with pytest.raises(ValueError, match="contiguous"):
         ops.lora_merge_rows(torch.zeros(3, 4).t(), w, torch.zeros(2, 3), torch.zeros(4, 2), 1.0)
+
+
+@pytest.mark.parametrize("workers", [2, 3, 8])
+def test_lora_merge_rows_shared_out_between_threads_gives_the_same_bytes(workers):
+    """Row blocks shared out between threads (the writer's executor): bit-identical to one thread, in place too,
+    for a block count that does not divide evenly; a failing block's error reaches the caller after every thread
+    is done."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(301, 64, generator=g).to(torch.bfloat16)
+    a = torch.randn(8, 64, generator=g).to(torch.bfloat16)
+    b = torch.randn(301, 8, generator=g).to(torch.bfloat16)
+    block = 4 * 64 * 10  # 10 rows a block: 31 blocks, the last one short
+    one = ops.lora_merge_rows(torch.empty(301, 64), w, a, b, 1.7, block_bytes=block)
+    with ThreadPoolExecutor(workers - 1) as ex:
+        many = ops.lora_merge_rows(torch.empty(301, 64), w, a, b, 1.7, block_bytes=block, executor=ex, workers=workers)
+        assert torch.equal(one.view(torch.int32), many.view(torch.int32))
+        w2 = w.clone()
+        ops.lora_merge_rows(w2, w2, a, b, 1.7, block_bytes=block, executor=ex, workers=workers)
+        assert torch.equal(w2.view(torch.int16), one.to(torch.bfloat16).view(torch.int16))
+        with pytest.raises(RuntimeError):  # B's rows do not fit A: every block's addmm fails
+            ops.lora_merge_rows(torch.empty(301, 64), w, a, b[:, :4], 1.7, block_bytes=block, executor=ex,
+                                workers=workers)
+
+
+def test_lora_merge_rows_reports_the_blocks_holding_nan_or_inf():
+    from concurrent.futures import ThreadPoolExecutor
+
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(50, 16, generator=g).to(torch.bfloat16)
+    a, b = torch.randn(4, 16, generator=g), torch.randn(50, 4, generator=g)
+    found: list = []
+    ops.lora_merge_rows(torch.empty(50, 16, dtype=torch.bfloat16), w, a, b, 0.5, block_bytes=4 * 16 * 10,
+                        nonfinite=found)
+    assert found == []
+    w[13, 3], w[41, 0] = float("inf"), float("nan")  # blocks 1 and 4 (10 rows each)
+    with ThreadPoolExecutor(1) as ex:
+        for kw in ({}, {"executor": ex, "workers": 2}):
+            found = []
+            ops.lora_merge_rows(torch.empty(50, 16, dtype=torch.bfloat16), w, a, b, 0.5, block_bytes=4 * 16 * 10,
+                                nonfinite=found, **kw)
+            assert sorted(found) == [1, 4]
+    # finite inputs whose merge exceeds the output dtype's range: found in the output dtype
+    w2 = torch.full((20, 16), 60000.0)
+    found = []
+    ops.lora_merge_rows(torch.empty(20, 16, dtype=torch.float16), w2, torch.ones(4, 16), torch.ones(20, 4), 2000.0,
+                        block_bytes=4 * 16 * 10, nonfinite=found)
+    assert sorted(found) == [0, 1]

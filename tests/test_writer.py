@@ -90,3 +90,62 @@ def test_checksums_are_optional_and_do_not_change_the_bytes(tmp_path):
         data = (tmp_path / "a" / sa.filename).read_bytes()
         assert data == (tmp_path / "b" / sb.filename).read_bytes()
         assert hashlib.sha256(data).hexdigest() == sb.sha256
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_all_finite_agrees_with_isfinite(dtype, monkeypatch):
+    """The writer's finiteness check (chunk minimum/maximum) against ``torch.isfinite``, for one NaN, +inf or -inf
+    at every position of the vector lanes, at both ends, across a chunk boundary, and for tensors without any."""
+    from maskport.convert import writer
+
+    monkeypatch.setattr(writer, "_FINITE_CHUNK", 1000)  # several chunks, a short last one
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(3001, generator=g).to(dtype)
+    assert writer.all_finite(base) and writer.all_finite(base[:3000].reshape(1000, 3)[:, 1])  # strided
+    assert writer.all_finite(torch.empty(0, dtype=dtype))
+    big = torch.full((5,), torch.finfo(dtype).max, dtype=dtype)  # the largest finite values are finite
+    assert writer.all_finite(big) and writer.all_finite(-big)
+    positions = [*range(70), 999, 1000, 1001, 1500, 2999, 3000]
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for pos in positions:
+            t = base.clone()
+            t[pos] = bad
+            assert bool(torch.isfinite(t).all()) is False
+            assert writer.all_finite(t) is False, (bad, pos)
+            assert writer.all_finite(t.reshape(3001, 1)) is False, (bad, pos)
+    t = base.clone()
+    t[5], t[2000] = float("inf"), float("-inf")  # both ends of the range: neither hides the other
+    assert writer.all_finite(t) is False
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_merge_overflowing_the_output_dtype_is_refused(tmp_path, dtype):
+    """Finite inputs whose LoRA merge leaves the output dtype's range (checked block by block during the merge):
+    NonFiniteOutput naming the tensor, as for any other step."""
+    from maskport.errors import NonFiniteOutput
+
+    w = torch.full((64, 32), 1.0, dtype=dtype)
+    lora = {"A": torch.ones(4, 32, dtype=dtype), "B": torch.ones(64, 4, dtype=dtype)}
+    srcs = {"base": StateDictSource("base", "/b", {"layer0.weight": w}, "b"),
+            "ck": StateDictSource("ck", "/c", lora, "c")}
+    scaling = float(torch.finfo(dtype).max) / 2  # 4 * max / 2 = 2 * max: inf after the cast (finite in float32)
+    plan = build_plan([LoraMerge(target="layer0.weight", base="base:layer0.weight", a="ck:A", b="ck:B",
+                                 scaling=scaling)], srcs, out_dtype=dtype)
+    with pytest.raises(NonFiniteOutput, match="layer0.weight"):
+        write_shards(plan, tmp_path, max_shard_size=10**9)
+
+
+def test_merge_threads_do_not_change_the_shards(tmp_path, monkeypatch):
+    """write_shards with its merges shared out between 3 threads writes the same bytes as with one."""
+    from maskport.convert import ops, writer
+
+    monkeypatch.setattr(ops, "MERGE_BLOCK_BYTES", 4 * 32 * 5)  # 13 blocks of 5 rows for the 64-row merge
+    digests = []
+    for workers in (1, 3):
+        monkeypatch.setattr(writer, "MERGE_WORKERS", workers)
+        plan, _, _ = make_plan()
+        out = tmp_path / str(workers)
+        out.mkdir()
+        write_shards(plan, out, max_shard_size=10**9)
+        digests.append(hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest())
+    assert digests[0] == digests[1]

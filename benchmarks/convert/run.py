@@ -102,6 +102,17 @@ def warm(files: list[Path]) -> float:
     return round(res / total, 3) if total else 1.0
 
 
+def file_sha256(f: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    buf = bytearray(16 << 20)
+    with open(f, "rb", buffering=0) as fh:
+        while n := fh.readinto(buf):
+            h.update(memoryview(buf)[:n])
+    return h.hexdigest()
+
+
 def dir_bytes(d: Path) -> int:
     return sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
 
@@ -144,7 +155,17 @@ def copy_cmd(sources: list[Path], nbytes: int, dest: Path) -> list[str]:
     return ["sh", "-c", " && ".join(cmds)]
 
 
-def bench(size: str, root: Path, *, repeat: int, baseline: bool, log_dir: Path) -> dict | None:
+def engine_src(root: Path, rev: str) -> Path:
+    """The ``src`` folder of the repository at ``rev`` (``git archive``), to measure an older engine."""
+    dest = root / f"src-{rev}"
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    subprocess.run(f"git -C '{REPO}' archive '{rev}' src | tar -x -C '{dest}'", shell=True, check=True)
+    return dest / "src"
+
+
+def bench(size: str, root: Path, *, repeat: int, baseline: bool, log_dir: Path, compare_rev: str | None = None,
+          sha256_run: bool = True, matmuls: bool = True) -> dict | None:
     d = root / size
     if not (d / "GENERATED.json").is_file():
         print(f"[{size}] not generated in {d}: run generate.py first (or it was skipped for disk space)")
@@ -162,27 +183,51 @@ def bench(size: str, root: Path, *, repeat: int, baseline: bool, log_dir: Path) 
     res: dict = {"size": size, "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
                  "inputs": {"bytes": in_bytes, "files": {k: v for k, v in gen["bytes"].items()}},
                  "maskport": [], "copy": [], "lora_matmuls": None, "baseline": None, "baseline_bf16": None}
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    maskport = str(Path(sys.executable).with_name("maskport"))
-    for rep in range(repeat):
+    # the engine of this checkout (not whatever `maskport` is installed), and with --compare-rev an older one
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               PYTHONPATH=str(REPO / "src"))
+    maskport = [sys.executable, "-m", "maskport.cli"]
+    res["commit"] = sh(f"git -C '{REPO}' rev-parse --short HEAD")
+    older = engine_src(root, compare_rev) if compare_rev else None
+    if older is not None:
+        res["older_engine"] = {"rev": sh(f"git -C '{REPO}' rev-parse --short '{compare_rev}'"), "runs": []}
+    out_sha: dict[str, str] = {}
+
+    def convert(name: str, run_env: dict, log: str) -> "measure.Measurement":
         shutil.rmtree(out, ignore_errors=True)
         settle()
         resident = warm(in_files)
         load = loadavg()
-        m = measure.run("maskport", [maskport, "convert", "mmengine-to-hf", str(inp["ckpt"]), "--base",
-                                     str(inp["base"]), "--sam2", str(inp["sam2"]), "-o", str(out), "--no-progress"],
-                        env=env, log=log_dir / f"{size}-maskport-{rep}.log")
+        m = measure.run(name, [*maskport, "convert", "mmengine-to-hf", str(inp["ckpt"]), "--base",
+                               str(inp["base"]), "--sam2", str(inp["sam2"]), "-o", str(out), "--no-progress"],
+                        env=run_env, log=log_dir / log)
         m.extra.update(inputs_resident=resident, loadavg_before=load, loadavg_after=loadavg())
         if m.rc == 0:
             m.extra["bytes_out"] = dir_bytes(out)
             m.extra["largest_target"] = largest_tensor(out)
             rep_json = json.loads((out / "conversion_report.json").read_text())
             m.extra["targets"] = rep_json["coverage"]["targets"]
+            if older is not None:  # the two engines' shards must be byte-identical: compared by sha256
+                m.extra["shards_sha256"] = {f.name: file_sha256(f) for f in sorted(out.glob("*.safetensors"))}
+        print(f"[{size}] {name}: rc {m.rc}, {m.wall_s} s (user {m.user_s} sys {m.sys_s}), max RSS "
+              f"{(m.max_rss_kib or 0) / (1 << 20):.2f} GiB (anon {m.peak_anon_kib / (1 << 20):.2f}, file "
+              f"{m.peak_file_kib / (1 << 20):.2f}), load {load}" + ("" if m.rc == 0 else "\n" + m.stderr_tail[-2000:]))
+        return m
+
+    for rep in range(repeat):
+        m = convert("maskport", env, f"{size}-maskport-{rep}.log")
         res["maskport"].append(m.as_dict())
-        print(f"[{size}] maskport #{rep}: rc {m.rc}, {m.wall_s} s, max RSS {m.max_rss_kib / (1 << 20):.2f} GiB "
-              f"(anon {m.peak_anon_kib / (1 << 20):.2f}, file {m.peak_file_kib / (1 << 20):.2f}), load {load}")
         out_bytes = m.extra.get("bytes_out") or out_est
         shutil.rmtree(out, ignore_errors=True)
+        if older is not None:
+            o = convert(f"maskport at {compare_rev}", dict(env, PYTHONPATH=str(older)),
+                        f"{size}-maskport-{compare_rev}-{rep}.log")
+            res["older_engine"]["runs"].append(o.as_dict())
+            shutil.rmtree(out, ignore_errors=True)
+            if o.rc == 0 and m.rc == 0:
+                same = o.extra["shards_sha256"] == m.extra["shards_sha256"]
+                res["older_engine"]["identical_shards"] = same and res["older_engine"].get("identical_shards", True)
+                print(f"[{size}] shards byte-identical to the engine at {compare_rev}: {same}")
         # the plain-copy bound, same number of bytes, same (warm) conditions
         dest = root / f"copy-{size}"
         shutil.rmtree(dest, ignore_errors=True)
@@ -196,24 +241,29 @@ def bench(size: str, root: Path, *, repeat: int, baseline: bool, log_dir: Path) 
         res["copy"].append(c.as_dict())
         print(f"[{size}] copy #{rep}: {c.wall_s} s for {c.extra['bytes'] / 1e9:.2f} GB, load {load}")
         shutil.rmtree(dest, ignore_errors=True)
+    if older is not None:
+        shutil.rmtree(older.parent, ignore_errors=True)
     # the same conversion with shard checksums on (--sha256, off by default), once, for the record
     shutil.rmtree(out, ignore_errors=True)
-    settle()
-    warm(in_files)
-    load = loadavg()
-    m = measure.run("maskport --sha256", [maskport, "convert", "mmengine-to-hf", str(inp["ckpt"]), "--base",
-                                          str(inp["base"]), "--sam2", str(inp["sam2"]), "-o", str(out),
-                                          "--no-progress", "--sha256"],
-                    env=env, log=log_dir / f"{size}-maskport-sha256.log")
-    m.extra.update(loadavg_before=load, bytes_out=dir_bytes(out) if m.rc == 0 else 0)
-    res["maskport_sha256"] = m.as_dict()
-    print(f"[{size}] maskport --sha256: rc {m.rc}, {m.wall_s} s, max RSS {m.max_rss_kib / (1 << 20):.2f} GiB")
-    shutil.rmtree(out, ignore_errors=True)
-    settle()
-    p = subprocess.run([sys.executable, str(HERE / "lora_matmuls.py"), "--size", size,
-                        "--threads", str(max(1, (os.cpu_count() or 2) - 1))], capture_output=True, text=True, env=env)
-    res["lora_matmuls"] = json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else {"error": p.stderr[-2000:]}
-    print(f"[{size}] LoRA matmuls: {res['lora_matmuls']}")
+    if sha256_run:
+        settle()
+        warm(in_files)
+        load = loadavg()
+        m = measure.run("maskport --sha256", [*maskport, "convert", "mmengine-to-hf", str(inp["ckpt"]), "--base",
+                                              str(inp["base"]), "--sam2", str(inp["sam2"]), "-o", str(out),
+                                              "--no-progress", "--sha256"],
+                        env=env, log=log_dir / f"{size}-maskport-sha256.log")
+        m.extra.update(loadavg_before=load, bytes_out=dir_bytes(out) if m.rc == 0 else 0)
+        res["maskport_sha256"] = m.as_dict()
+        print(f"[{size}] maskport --sha256: rc {m.rc}, {m.wall_s} s, max RSS {m.max_rss_kib / (1 << 20):.2f} GiB")
+        shutil.rmtree(out, ignore_errors=True)
+    if matmuls:
+        settle()
+        p = subprocess.run([sys.executable, str(HERE / "lora_matmuls.py"), "--size", size, "--threads", "1"],
+                           capture_output=True, text=True, env=env)
+        res["lora_matmuls"] = (json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0
+                               else {"error": p.stderr[-2000:]})
+        print(f"[{size}] LoRA matmuls: {res['lora_matmuls']}")
     if baseline:
         for dtype, key in (("float32", "baseline"), ("bfloat16", "baseline_bf16")):
             bout = root / f"baseline-out-{size}"
@@ -248,6 +298,44 @@ def _gib(kib: int | None) -> str:
     return "-" if not kib else f"{kib / (1 << 20):.2f}"
 
 
+def _cpu(x: dict) -> str:
+    return "-" if x.get("user_s") is None else f"{x['user_s']} / {x['sys_s']}"
+
+
+def _cpu_total(x: dict) -> str:
+    return "?" if x.get("user_s") is None else f"{x['user_s'] + x['sys_s']:.1f}"
+
+
+def render_profiles() -> list[str]:
+    """The profile section, from ``results/profile-<size>.json`` (``time_profile.py``)."""
+    lines: list[str] = []
+    for path in sorted(RESULTS_DIR.glob("profile-*.json")):
+        pr = json.loads(path.read_text())
+        size = pr["size"].upper()
+        lines += [f"## Where the time goes: {size} shape (time_profile.py)", "",
+                  "Reproduce: `.venv/bin/python benchmarks/convert/time_profile.py --size "
+                  f"{pr['size']} --root /tmp/maskport-bench --py-spy PATH [--compare-rev REV]` (py-spy installed "
+                  "anywhere, e.g. `pip install py-spy` into a scratch venv). One conversion per engine for the CPU "
+                  "seconds per thread (`/proc/<pid>/task/*/stat`), a second one under `py-spy record --threads "
+                  f"--native` for what each thread does. Run {pr['date']}, commit {pr['commit']}.", ""]
+        for run in pr["runs"]:
+            cpu = run["cpu"]
+            total = sum(v["user_s"] + v["sys_s"] for v in cpu.values())
+            lines += [f"### {run['engine']}: {run['wall_s']} s wall, {total:.1f} CPU s (load average "
+                      f"{run['loadavg_before']} before, {run['loadavg_after']} after)", "",
+                      "| thread | user (s) | sys (s) | what it does (py-spy samples, s of the thread's wall time) |",
+                      "|---|---|---|---|"]
+            samples = run.get("samples", {})
+            for name, v in sorted(cpu.items(), key=lambda kv: -(kv[1]["user_s"] + kv[1]["sys_s"])):
+                cats = samples.get(name, {})
+                top = ", ".join(f"{c} {sec}" for c, sec in list(cats.items())[:6])
+                lines.append(f"| {name} (x{v['threads']}) | {v['user_s']} | {v['sys_s']} | {top or '-'} |")
+            lines.append("")
+        for para in pr.get("summary", []):  # written by hand after a run
+            lines += [para, ""]
+    return lines
+
+
 def _best(runs: list[dict]) -> dict | None:
     ok = [r for r in runs if r.get("rc") == 0]
     return min(ok, key=lambda r: r["wall_s"]) if ok else None
@@ -270,7 +358,15 @@ def render(results: list[dict], skipped: dict[str, str]) -> str:
         "```bash",
         ".venv/bin/python benchmarks/convert/generate.py --size 3b --size 7b --out /tmp/maskport-bench",
         ".venv/bin/python benchmarks/convert/run.py --size 3b --size 7b --root /tmp/maskport-bench",
+        "# as in the 2026-12-06 run (issue 18): the engine before measured in every repeat, shards compared, no",
+        "# naive baseline, no extra --sha256 run",
+        ".venv/bin/python benchmarks/convert/run.py --size 3b --size 7b --root /tmp/maskport-bench --no-baseline \\",
+        "    --no-sha256-run --compare-rev f5c5f64",
         "```",
+        "",
+        "Each size needs room for its inputs plus one export (~10 + 9 GB at 3B, ~20 + 17 GB at 7B); the 7B inputs can "
+        "be generated after the 3B run and its inputs deleted. On a shared machine, read the load averages in the "
+        "tables and the user/sys CPU seconds before the wall times.",
         "",
         "Inputs are written by `generate.py` at the real shapes with random values: a Qwen2.5-VL-{3B,7B}-Instruct-"
         "shaped base folder (bf16 sharded safetensors, the hub's config and tokenizer size), Meta's "
@@ -305,20 +401,24 @@ def render(results: list[dict], skipped: dict[str, str]) -> str:
         largest_name, largest = mk["extra"]["largest_target"]
         bound_kib = (1.5 * GIB + largest) / 1024
         lines += [
-            "| run | wall (s) | peak RSS (GiB) | RssAnon / RssFile peak (GiB) | bytes in | bytes out | load avg before |",
-            "|---|---|---|---|---|---|---|",
+            "| run | wall (s) | user / sys (s) | peak RSS (GiB) | RssAnon / RssFile peak (GiB) | bytes in | bytes out | "
+            "load avg before |",
+            "|---|---|---|---|---|---|---|---|",
         ]
-        for i, x in enumerate(r["maskport"]):
-            lines.append(f"| maskport #{i + 1} | {x['wall_s']} | {_gib(x['max_rss_kib'])} | {_gib(x['peak_anon_kib'])} / "
-                         f"{_gib(x['peak_file_kib'])} | {r['inputs']['bytes'] / 1e9:.2f} GB | "
+        older = r.get("older_engine") or {}
+        runs = [(f"maskport #{i + 1}", x) for i, x in enumerate(r["maskport"])]
+        runs += [(f"maskport at {older['rev']} (engine before) #{i + 1}", x) for i, x in enumerate(older.get("runs", []))]
+        for label, x in runs:
+            lines.append(f"| {label} | {x['wall_s']} | {_cpu(x)} | {_gib(x['max_rss_kib'])} | "
+                         f"{_gib(x['peak_anon_kib'])} / {_gib(x['peak_file_kib'])} | {r['inputs']['bytes'] / 1e9:.2f} GB | "
                          f"{x['extra'].get('bytes_out', 0) / 1e9:.2f} GB | {x['extra']['loadavg_before']} |")
         if r.get("maskport_sha256"):
             x = r["maskport_sha256"]
-            lines.append(f"| maskport --sha256 | {x['wall_s']} | {_gib(x['max_rss_kib'])} | {_gib(x['peak_anon_kib'])} / "
+            lines.append(f"| maskport --sha256 | {x['wall_s']} | {_cpu(x)} | {_gib(x['max_rss_kib'])} | {_gib(x['peak_anon_kib'])} / "
                          f"{_gib(x['peak_file_kib'])} | {r['inputs']['bytes'] / 1e9:.2f} GB | "
                          f"{x['extra'].get('bytes_out', 0) / 1e9:.2f} GB | {x['extra']['loadavg_before']} |")
         for i, x in enumerate(r["copy"]):
-            lines.append(f"| plain copy #{i + 1} | {x['wall_s']} | {_gib(x['max_rss_kib'])} | - | "
+            lines.append(f"| plain copy #{i + 1} | {x['wall_s']} | {_cpu(x)} | {_gib(x['max_rss_kib'])} | - | "
                          f"{x['extra']['bytes'] / 1e9:.2f} GB | {x['extra']['bytes'] / 1e9:.2f} GB | "
                          f"{x['extra']['loadavg_before']} |")
         for key, label in (("baseline", "naive baseline (fp32, official)"),
@@ -329,7 +429,7 @@ def render(results: list[dict], skipped: dict[str, str]) -> str:
             killed = x.get("oom")
             status = (f"**out of memory**" if killed else ("ok" if x.get("rc") == 0 else f"failed (rc {x.get('rc')})"))
             rss = x["max_rss_kib"] or x["peak_rss_kib"]
-            lines.append(f"| {label}: {status} | {x['wall_s']}{' (killed)' if killed else ''} | "
+            lines.append(f"| {label}: {status} | {x['wall_s']}{' (killed)' if killed else ''} | {_cpu(x)} | "
                          f"{_gib(rss)}{'+ (killed)' if killed else ''} | {_gib(x['peak_anon_kib'])} / "
                          f"{_gib(x['peak_file_kib'])} | {r['inputs']['bytes'] / 1e9:.2f} GB | "
                          f"{x['extra'].get('bytes_out', 0) / 1e9:.2f} GB | {x['extra']['loadavg_before']} |")
@@ -379,7 +479,14 @@ def render(results: list[dict], skipped: dict[str, str]) -> str:
             lines.append("- time target: baseline not run.")
         if cp:
             lines.append(f"- **distance to the plain-copy bound**: {mk['wall_s']} / {cp['wall_s']} s = "
-                         f"**{mk['wall_s'] / cp['wall_s']:.2f} x** the copy (aim: <= 2 x).")
+                         f"**{mk['wall_s'] / cp['wall_s']:.2f} x** the copy (aim: <= 2 x; best of each, same session).")
+            ob = _best(older.get("runs", []))
+            if ob:
+                same = older.get("identical_shards")
+                lines.append(f"- the engine before ({older['rev']}) in the same session: {ob['wall_s']} / "
+                             f"{cp['wall_s']} s = **{ob['wall_s'] / cp['wall_s']:.2f} x** the copy; CPU (user + sys) "
+                             f"{_cpu_total(ob)} s against {_cpu_total(mk)} s now; shards byte-identical (sha256) "
+                             f"between the two engines: **{'yes' if same else 'NO' if same is not None else '?'}**.")
         if "addmm_s" in lm:
             lines.append(f"- LoRA matmuls alone ({lm['linears']} linears, r={lm['r']}, float32 addmm, {lm['threads']} "
                          f"thread(s), in memory): **{lm['addmm_s']} s** ({lm['gflop']} GFLOP at {lm['gflops_per_s']} "
@@ -396,6 +503,10 @@ def main(argv=None) -> int:
     ap.add_argument("--root", type=Path, default=Path("/tmp/maskport-bench"))
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--compare-rev", help="also measure the engine of this git revision in every repeat (interleaved; "
+                                          "its shards are checked byte-identical by sha256)")
+    ap.add_argument("--no-sha256-run", action="store_true", help="skip the extra run with --sha256")
+    ap.add_argument("--no-matmuls", action="store_true", help="skip lora_matmuls.py")
     ap.add_argument("--render", action="store_true", help="only write RESULTS.md from results/*.json")
     args = ap.parse_args(argv)
     skipped: dict[str, str] = {}
@@ -403,10 +514,12 @@ def main(argv=None) -> int:
         log_dir = args.root / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
         for size in args.size or ["3b", "7b"]:
-            if bench(size, args.root, repeat=args.repeat, baseline=not args.no_baseline, log_dir=log_dir) is None:
+            if bench(size, args.root, repeat=args.repeat, baseline=not args.no_baseline, log_dir=log_dir,
+                     compare_rev=args.compare_rev, sha256_run=not args.no_sha256_run,
+                     matmuls=not args.no_matmuls) is None:
                 skipped[size] = "inputs not generated (disk space) or no room for an export; see the run's output"
     results = [json.loads(p.read_text()) for p in sorted(RESULTS_DIR.glob("*.json"))
-               if not p.name.startswith("zero3-") and p.name != "skipped.json"]
+               if not p.name.startswith(("zero3-", "profile-")) and p.name != "skipped.json"]
     skip_file = RESULTS_DIR / "skipped.json"
     if skip_file.is_file():
         skipped = {**json.loads(skip_file.read_text()), **skipped}
@@ -414,7 +527,8 @@ def main(argv=None) -> int:
         skipped.pop(r["size"], None)
     import zero3  # the DeepSpeed ZeRO-3 section (zero3.py run)
 
-    text = render(results, skipped) + "\n".join(["", *zero3.render_results(), *zero3.SMALL_FOLDERS])
+    text = render(results, skipped) + "\n".join(["", *render_profiles(), *zero3.render_results(),
+                                                  *zero3.SMALL_FOLDERS])
     (HERE / "RESULTS.md").write_text(text.rstrip("\n") + "\n")
     print(f"wrote {HERE / 'RESULTS.md'}")
     return 0

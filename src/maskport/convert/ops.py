@@ -7,6 +7,8 @@ whole conversion can be checked before any tensor data is read.
 
 from __future__ import annotations
 
+import itertools
+from concurrent.futures import Executor
 from typing import Sequence
 
 import torch
@@ -39,24 +41,65 @@ def lora_merge(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float
 
 
 def lora_merge_rows(out: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
-                    block_bytes: int = MERGE_BLOCK_BYTES) -> torch.Tensor:
+                    block_bytes: int | None = None, executor: Executor | None = None,
+                    workers: int = 1, nonfinite: list | None = None) -> torch.Tensor:
     """:func:`lora_merge` written into ``out`` (any float dtype, the shape of ``w``; it may be ``w`` itself), a
     block of rows at a time: each block is up-cast, merged in float32 and cast to ``out``'s dtype while it is
     still in the caches. A whole-matrix float32 copy of ``w`` would cross memory three more times; on machines
     with little memory bandwidth that costs more than the matrix product. Every row gets the same float32 values
-    whatever ``out``'s dtype (the blocks do not depend on it)."""
+    whatever ``out``'s dtype (the blocks do not depend on it).
+
+    ``executor`` with ``workers`` > 1: the blocks are shared out between the calling thread and ``workers - 1``
+    tasks of ``executor`` (each takes the next block not yet taken; torch releases the GIL in its kernels), so a
+    merge uses several cores even where torch computes with one thread. Every block is computed by the same
+    calls on the same shapes (each thread has its own float32 block buffer) whichever thread takes it, so the
+    result does not depend on ``workers``; the function returns once every block is written.
+
+    ``nonfinite``: a list to which the index of every written block holding a NaN or an infinity (in ``out``'s
+    dtype) is appended; each block is checked right after it is written, while it is still in the caches, by its
+    minimum and maximum (``torch.aminmax`` propagates NaN), so the writer need not read the output again."""
     if tuple(out.shape) != tuple(w.shape) or not out.is_contiguous():
         raise ValueError(f"lora_merge_rows needs a contiguous {tuple(w.shape)} output, got {tuple(out.shape)}")
     rows, cols = w.shape
+    block_bytes = MERGE_BLOCK_BYTES if block_bytes is None else block_bytes
     step = max(1, min(rows, block_bytes // (4 * max(1, cols))))
     a32 = a.float()
-    tmp = torch.empty((step, cols), dtype=torch.float32)
-    for i in range(0, rows, step):
-        j = min(rows, i + step)
-        t = tmp[: j - i]
-        t.copy_(w[i:j])
-        t.addmm_(b[i:j].float(), a32, alpha=scaling)
-        out[i:j].copy_(t)
+    blocks = -(-rows // step)
+    taken = itertools.count()  # next() on it is atomic (the GIL): each block index is handed out once
+    failed: list[bool] = []    # set when a thread fails: the others stop at their next block
+
+    def merge_blocks() -> None:
+        tmp = torch.empty((step, cols), dtype=torch.float32)
+        try:
+            for k in taken:
+                if k >= blocks or failed:
+                    return
+                i = k * step
+                j = min(rows, i + step)
+                t = tmp[: j - i]
+                t.copy_(w[i:j])
+                t.addmm_(b[i:j].float(), a32, alpha=scaling)
+                out[i:j].copy_(t)
+                if nonfinite is not None:
+                    lo, hi = torch.aminmax(out[i:j])
+                    if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
+                        nonfinite.append(k)
+        except BaseException:
+            failed.append(True)
+            raise
+
+    helpers = [executor.submit(merge_blocks) for _ in range(min(workers, blocks) - 1)] if executor else []
+    try:
+        merge_blocks()
+    finally:
+        errors = []
+        for f in helpers:  # every helper is done before the buffers are handed on (or back, on an error)
+            try:
+                f.result()
+            except BaseException as exc:  # noqa: BLE001 - re-raised once every helper is done
+                errors.append(exc)
+    if errors:
+        raise errors[0]
     return out
 
 
@@ -229,8 +272,11 @@ class LoraMerge(Op):
     def compute(self, xs):
         return [lora_merge(xs[0], xs[1], xs[2], self._scaling())]
 
-    def compute_into(self, out: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return lora_merge_rows(out, w, a, b, self._scaling())
+    def compute_into(self, out: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                     executor: Executor | None = None, workers: int = 1,
+                     nonfinite: list | None = None) -> torch.Tensor:
+        return lora_merge_rows(out, w, a, b, self._scaling(), executor=executor, workers=workers,
+                               nonfinite=nonfinite)
 
     def describe(self):
         return f"lora_merge(scaling={self.scaling})"

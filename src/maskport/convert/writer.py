@@ -30,9 +30,17 @@ Memory and speed (see ``benchmarks/convert/``):
   itself, following the writer through read-only mappings of the written bytes (no copy; one 64 MiB window
   mapped at a time), so the sha256 is that of the bytes in the file, and hashing (~1.5 GB/s here) overlaps the
   writer's time in ``write``, where the kernel throttles it to the disk's speed;
-- the reader, writer and hasher threads run at a lower priority (nice +10) than the computing thread;
-- meanwhile torch computes with one thread fewer than the machine has cores (at least one): on a 2-core
-  laptop a second OpenMP thread only competes with the I/O (measured: slower).
+- the reader, writer and hasher threads run at a lower priority (nice +10) than the computing threads;
+- a LoRA merge's row blocks are shared out between :data:`MERGE_WORKERS` threads (cores - 1: the computing
+  thread and an executor's; on 2 cores the computing thread alone, which measured faster than two there), each
+  computing with one torch thread: every block is the same calls on the same shapes whichever thread takes it,
+  so the bytes do not depend on the number of threads (an earlier engine measured a second OpenMP thread inside
+  each ``addmm`` as slower on a 2-core machine);
+- every output is checked for NaN/inf before it is written (:func:`check_finite`): a merge checks each block by
+  its minimum and maximum right after computing it (in the caches, on the merge threads); other outputs are
+  checked in chunks the same way. ``isfinite(x).all()``, used before, was the largest single cost on the
+  computing thread of a 3B conversion (for bfloat16 it runs at ~0.2 GB/s here: it writes a bool tensor). See
+  ``benchmarks/convert/RESULTS.md`` for a profile of where the time goes.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ import os
 import queue
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -241,6 +250,28 @@ class _Pool:
 
 
 IO_NICENESS = int(os.environ.get("MASKPORT_IO_NICENESS", "10"))
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def _merge_workers() -> int:
+    """Threads that share a LoRA merge's row blocks: one fewer than the cores this process may run on (at least
+    one, at most 16; the reader, writer and hasher need the rest), each computing with one torch thread;
+    ``MASKPORT_MERGE_THREADS`` overrides. On the 2-core benchmark machine (load average 2-5) one thread was faster
+    than two: 3B conversion 20.3/21.4/23.5 s with one, 24.0/24.2/27.9 s with two (the I/O threads, in the kernel
+    ~18 s of a conversion, then compete with both merge threads)."""
+    env = os.environ.get("MASKPORT_MERGE_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return min(int(env), 64)
+    return max(1, min(_cores() - 1, 16))
+
+
+MERGE_WORKERS = _merge_workers()
 
 
 def lower_thread_priority(niceness: int = IO_NICENESS) -> None:
@@ -489,7 +520,7 @@ def _step_buffer_plan(ps: PlannedStep, plan: Plan) -> tuple[list[int], int, str]
         acc = [4 * n] if out_dtype == torch.float32 and w.dtype != torch.float32 else [0]
         extra = [] if out_dtype in (torch.float32, w.dtype) else [outs[0]]
         a = ps.input_infos[1]
-        work = ops.MERGE_BLOCK_BYTES + 4 * (a.nbytes // torch.empty((), dtype=a.dtype).element_size())
+        work = ops.MERGE_BLOCK_BYTES * MERGE_WORKERS + 4 * (a.nbytes // torch.empty((), dtype=a.dtype).element_size())
         return ins + acc + extra, work, "lora"  # work: the float32 row block and A in float32
     if isinstance(step.op, ops.Identity) and len(step.inputs) == 1 and len(outs) == 1:
         same = ps.input_infos[0].dtype == ps.output_infos[0].dtype
@@ -544,6 +575,7 @@ class _Loaded:
     bufs: list[torch.Tensor | None]
     reserve: int
     kind: str
+    finite: bool = False  # the outputs are known to hold no NaN/inf (checked while they were computed)
 
     @property
     def held(self) -> list[torch.Tensor]:
@@ -583,7 +615,10 @@ def _compute_step(ld: _Loaded) -> list[torch.Tensor]:
             dst = _view(bufs[3], info)  # None (then allocated) when it was too small to pool
         else:
             dst = _view(bufs[4] if len(bufs) > 4 else None, info)
-        outs = [step.op.compute_into(dst, w, a, b)]
+        nonfinite: list | None = [] if dst.dtype in _MINMAX_DTYPES and dst.numel() else None
+        outs = [step.op.compute_into(dst, w, a, b, executor=getattr(_prefetched, "executor", None),
+                                     workers=MERGE_WORKERS, nonfinite=nonfinite)]
+        ld.finite = nonfinite is not None and not nonfinite  # checked block by block during the merge
     elif ld.kind == "cast-read":  # read in the output dtype already
         _check_shape(step.targets[0], xs[0], info)
         outs = [xs[0]]
@@ -602,13 +637,27 @@ def _compute_step(ld: _Loaded) -> list[torch.Tensor]:
 _FINITE_CHUNK = 1 << 22  # elements checked at a time (bounded extra memory)
 
 
+# dtypes whose finiteness is read off a chunk's minimum and maximum: ``torch.aminmax`` propagates NaN (documented),
+# and a chunk without NaN holds an infinity exactly when its minimum or maximum is one. One vectorised reduction
+# and no temporary, where ``isfinite(x).all()`` writes a bool tensor first: for bfloat16 on the benchmark machine
+# (busy) ~20x faster on data in the caches (0.4 vs 9.2 ms per 2 MB) and 3-4x on data from memory (20 vs 60-90 ms
+# per 45 MB); the old check was the largest single cost on the computing thread of a 3B conversion
+_MINMAX_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+
 def all_finite(t: torch.Tensor) -> bool:
     """Whether a tensor holds no NaN/inf (checked in chunks of :data:`_FINITE_CHUNK` elements)."""
     if not (t.is_floating_point() or t.is_complex()):
         return True
     flat = t.reshape(-1)
+    minmax = t.dtype in _MINMAX_DTYPES
     for i in range(0, flat.numel(), _FINITE_CHUNK):
-        if not bool(torch.isfinite(flat[i:i + _FINITE_CHUNK]).all()):
+        chunk = flat[i:i + _FINITE_CHUNK]
+        if minmax:
+            lo, hi = torch.aminmax(chunk)
+            if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
+                return False
+        elif not bool(torch.isfinite(chunk).all()):
             return False
     return True
 
@@ -713,7 +762,12 @@ def write_shards(
     shards = assign_shards(plan, max_shard_size, write_order(plan))
     pool = _Pool(max(budget or 0, pool_budget(plan)))
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 2) - 1)))
+    # the merges' blocks are shared out between MERGE_WORKERS threads of one torch thread each (the same block
+    # calls whatever the number of threads); the other ops compute with one torch thread too
+    torch.set_num_threads(1)
+    executor = ThreadPoolExecutor(MERGE_WORKERS - 1, thread_name_prefix="maskport-merge") if MERGE_WORKERS > 1 \
+        else None
+    _prefetched.executor = executor
     writer = _Worker("maskport-write")
     hasher = _ShardHasher() if checksums else None
     reader = _Reader([ps for s in shards for ps in s.steps], plan, pool)
@@ -766,7 +820,7 @@ def write_shards(
                 finally:
                     _prefetched.step = None
                 nbytes = sum(i.nbytes for i in ps.output_infos)
-                if ld.kind != "passthrough":  # a byte copy holds what its input holds
+                if ld.kind != "passthrough" and not ld.finite:  # a byte copy holds what its input holds
                     check_finite(ps, plan, outs)
                 if ld.kind == "passthrough":
                     src, offset, _ = _file_span(ps, plan)
@@ -816,6 +870,9 @@ def write_shards(
             hasher.stop()
         raise
     finally:
+        _prefetched.executor = None
+        if executor is not None:
+            executor.shutdown(wait=True)
         torch.set_num_threads(threads)
         for fd in fds.values():
             os.close(fd)
