@@ -251,7 +251,7 @@ def convert_released_folder(
     log=print,
     **inputs: Any,
 ) -> ConversionResult:
-    """Convert a released HF folder of a family (e.g. ByteDance/Sa2VA-4B: remote-code ``Sa2VAChatModel``) into
+    """Convert a released HF folder of a family (a published model folder, often with remote code) into
     maskport's native export (stock transformers classes, quantizable, verifiable), with no training checkpoint.
     ``command``: the convert command whose families are tried (``FamilySpec.released_command``).
 

@@ -157,8 +157,8 @@ def reshape_shapes(shape: Shape, new: Sequence[int]) -> Shape:
 # InternLM2-style fused qkv, rows grouped per key-value head: [kv0: q*groups, k, v][kv1: ...] (see
 # maskport.families.sa2va_internvl.internlm2_llama for the layout and its source)
 def split_wqkv(x: torch.Tensor, num_heads: int, num_kv_heads: int) -> list[torch.Tensor]:
-    """InternLM2's fused ``wqkv`` weight ``[(H + 2*KV) * d, in]`` (or bias ``[(H + 2*KV) * d]``) -> Llama's
-    ``q [H*d, ...]``, ``k [KV*d, ...]``, ``v [KV*d, ...]`` (rows gathered per key-value group, see the module
+    """A fused qkv weight ``[(H + 2*KV) * d, in]`` grouped per key-value head (or bias ``[(H + 2*KV) * d]``) ->
+    separate ``q [H*d, ...]``, ``k [KV*d, ...]``, ``v [KV*d, ...]`` (rows gathered per key-value group, see the module
     docstring)."""
     groups, d = _groups_and_head_dim(tuple(x.shape), num_heads, num_kv_heads)
     rest = tuple(x.shape[1:])
@@ -176,7 +176,7 @@ def split_wqkv_shapes(shape: tuple[int, ...], num_heads: int, num_kv_heads: int)
 
 
 def concat_wqkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, num_kv_heads: int) -> torch.Tensor:
-    """The inverse of :func:`split_wqkv`: Llama's ``q``, ``k``, ``v`` -> InternLM2's fused ``wqkv`` (rows grouped per
+    """The inverse of :func:`split_wqkv`: separate ``q``, ``k``, ``v`` -> one fused qkv (rows grouped per
     key-value head: that head's ``groups`` query heads, then its key head, then its value head)."""
     shape = concat_wqkv_shapes(tuple(q.shape), tuple(k.shape), tuple(v.shape), num_heads, num_kv_heads)
     groups, d = num_heads // num_kv_heads, q.shape[0] // num_heads
@@ -347,8 +347,8 @@ class Duplicate(Op):
 
 
 class GroupedQkvSplit(Op):
-    """A fused qkv whose rows are grouped per key-value head (InternLM2's ``wqkv``) -> q, k, v in the
-    grouped-query (Llama) layout: :func:`split_wqkv`."""
+    """A fused qkv whose rows are grouped per key-value head -> separate q, k, v in the grouped-query layout:
+    :func:`split_wqkv`."""
 
     label = "split_wqkv"
 
@@ -363,8 +363,8 @@ class GroupedQkvSplit(Op):
 
 
 class GroupedQkvConcat(Op):
-    """The inverse of :class:`GroupedQkvSplit`: q, k, v (Llama's layout) -> the fused qkv grouped per key-value
-    head (InternLM2's ``wqkv``): :func:`concat_wqkv`."""
+    """The inverse of :class:`GroupedQkvSplit`: separate q, k, v projections -> one fused qkv projection grouped
+    per key-value head: :func:`concat_wqkv`."""
 
     label = "concat_wqkv"
 

@@ -1,6 +1,6 @@
 """``OverlaySource``: one source seen through another that replaces some of its tensors.
 
-Used for chained fine-tunes (Sa2VA's ``pretrained_pth``): a run that started from an earlier full checkpoint
+Used for chained fine-tunes (a training config that names an earlier checkpoint to start from): a run that started from an earlier full checkpoint
 trained on top of *those* weights, not the base folder's, so the earlier checkpoint's tensors take the base's
 place. The replaced base tensors are not silently hidden: :func:`overlay` also returns a view of them, which the
 family drops with a stated reason, so the coverage report still accounts for every tensor of every input.
